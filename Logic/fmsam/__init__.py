@@ -1,0 +1,21 @@
+"""FM-SAM registration engine: a SAM-trained, uniGradICON-style registration foundation model.
+
+Slicer-free; the Slicer module and the ``fmsam`` command line both call :func:`register`.
+
+    >>> import fmsam
+    >>> result = fmsam.register("fixed.nii.gz", "moving.nii.gz")
+    >>> result.report["folding_percent"], result.transform
+"""
+from .errors import Cancelled, InputError
+
+__version__ = "0.1.0"
+
+
+def register(*args, **kwargs):
+    """See :func:`fmsam.register.register` (imported lazily so that ``import fmsam`` is cheap)."""
+    from .register import register as _register
+
+    return _register(*args, **kwargs)
+
+
+__all__ = ["register", "InputError", "Cancelled", "__version__"]

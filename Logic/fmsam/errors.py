@@ -1,0 +1,13 @@
+"""Errors the engine raises for problems the user can fix.
+
+The command line turns :class:`InputError` into exit code 2 and a one-line message; the Slicer
+module shows the same message in a dialog. Anything else is a bug and keeps its traceback.
+"""
+
+
+class InputError(ValueError):
+    """An input (image, label map, transform or weights file) cannot be used as given."""
+
+
+class Cancelled(RuntimeError):
+    """The caller asked a running registration to stop (raised from a progress callback)."""

@@ -1,0 +1,60 @@
+"""Running the network on a pre-aligned pair: device choice, network grid, CUDA fallback."""
+import warnings
+
+import numpy as np
+import torch
+
+from .layers import resize
+from .networks import network_grid_shape
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def cuda_usable():
+    try:
+        return torch.cuda.is_available() and torch.cuda.device_count() > 0
+    except Exception:  # broken driver installs raise here rather than returning False
+        return False
+
+
+def choose_device(name="auto"):
+    """'auto' -> CUDA when usable, else CPU. Asking for CUDA without a usable GPU is an error."""
+    from .errors import InputError
+
+    if name not in DEVICES:
+        raise InputError("device must be one of %s, not %r" % (", ".join(DEVICES), name))
+    if name == "auto":
+        return torch.device("cuda" if cuda_usable() else "cpu")
+    if name == "cuda" and not cuda_usable():
+        raise InputError("device 'cuda' was requested but no usable CUDA GPU was found")
+    return torch.device(name)
+
+
+def grid_for(fixed_image, config):
+    """Network grid (D, H, W) for a fixed SimpleITK image, at the voxel budget of training."""
+    size = np.array(fixed_image.GetSize()[::-1], dtype=np.float64)       # k, j, i
+    spacing = np.array(fixed_image.GetSpacing()[::-1], dtype=np.float64)
+    budget = int(np.prod(config.get("grid", (64, 80, 80))))
+    return network_grid_shape(size * spacing, voxels=budget)
+
+
+def to_network_grid(voxels_kji, grid, device):
+    """A (k, j, i) numpy volume as a (1, 1, D, H, W) tensor resized to the network grid."""
+    tensor = torch.from_numpy(np.array(voxels_kji, dtype=np.float32))[None, None]  # own, writable copy
+    return resize(tensor.to(device), grid)
+
+
+def run_with_cpu_fallback(function, device, *args):
+    """Call ``function(device, *args)``; on CUDA out-of-memory, warn and run it on the CPU.
+
+    Returns ``(result, device actually used)``.
+    """
+    try:
+        return function(device, *args), device
+    except torch.cuda.OutOfMemoryError:
+        if device.type != "cuda":
+            raise
+        torch.cuda.empty_cache()
+        warnings.warn("CUDA ran out of memory; running on the CPU instead")
+        cpu = torch.device("cpu")
+        return function(cpu, *args), cpu

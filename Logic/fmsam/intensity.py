@@ -1,0 +1,41 @@
+"""Intensity normalisation to the [0, 1] range the network was trained on.
+
+MR has no absolute scale, so it is scaled between two percentiles. CT is in Hounsfield units, so a
+fixed window keeps tissue contrast comparable between scans (as uniGradICON does).
+"""
+import numpy as np
+
+#: Hounsfield window mapped to [0, 1] for CT.
+CT_WINDOW_HU = (-1000.0, 1000.0)
+#: Percentiles mapped to 0 and 1 for MR (and anything else that is not CT).
+MR_PERCENTILES = (0.5, 99.5)
+
+MODALITIES = ("auto", "mr", "ct")
+
+
+def detect_modality(voxels):
+    """'ct' when the image looks like Hounsfield units (a good share of air near -1000), else 'mr'."""
+    voxels = np.asarray(voxels)
+    if voxels.min() > -500:
+        return "mr"
+    return "ct" if np.percentile(voxels, 1.0) < -500 else "mr"
+
+
+def normalise(voxels, modality="auto"):
+    """Return ``(normalised float32 array in [0, 1], modality used)``.
+
+    ``modality`` is 'auto', 'mr' or 'ct'; 'auto' calls :func:`detect_modality`.
+    """
+    if modality not in MODALITIES:
+        raise ValueError("modality must be one of %s, not %r" % (", ".join(MODALITIES), modality))
+    voxels = np.asarray(voxels, dtype=np.float32)
+    if modality == "auto":
+        modality = detect_modality(voxels)
+    if modality == "ct":
+        low, high = CT_WINDOW_HU
+    else:
+        low, high = np.percentile(voxels, MR_PERCENTILES)
+        if high <= low:  # mostly-constant image: fall back to the full range
+            low, high = float(voxels.min()), float(voxels.max())
+    scaled = (voxels - np.float32(low)) / np.float32(high - low)
+    return np.clip(scaled, 0.0, 1.0).astype(np.float32), modality

@@ -1,0 +1,52 @@
+"""Differentiable spatial operations on the network grid.
+
+Displacement tensors have shape ``(N, 3, D, H, W)`` with channels ordered ``(x, y, z)`` (= ``i, j, k``
+of the grid, matching ``torch.nn.functional.grid_sample``) and values in *normalised* coordinates:
+the grid spans [-1, 1] along each axis, first and last voxel centres at -1 and 1
+(``align_corners=True``). Normalised displacements do not depend on the grid's resolution, so a
+field can be resized to another grid over the same extent without rescaling its values.
+
+A displacement ``u`` maps a point ``x`` of the fixed image to ``x + u(x)`` in the moving image; the
+moving image warped into the fixed frame is ``moving(x + u(x))``.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def identity_grid(shape, device=None, dtype=torch.float32):
+    """Normalised coordinates of the voxel centres of a ``(D, H, W)`` grid: ``(1, D, H, W, 3)``."""
+    axes = [torch.linspace(-1.0, 1.0, n, device=device, dtype=dtype) for n in shape]
+    z, y, x = torch.meshgrid(*axes, indexing="ij")
+    return torch.stack([x, y, z], dim=-1).unsqueeze(0)
+
+
+def warp(volume, displacement, mode="bilinear", padding_mode="zeros"):
+    """Sample ``volume`` (N, C, D', H', W') at ``x + displacement(x)`` for every point x of the
+    displacement's grid; returns (N, C, D, H, W). ``mode='nearest'`` for label maps."""
+    grid = identity_grid(displacement.shape[2:], displacement.device, displacement.dtype)
+    grid = grid + displacement.permute(0, 2, 3, 4, 1)
+    return F.grid_sample(volume, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+
+
+def compose(outer, inner):
+    """Displacement of the map ``x -> outer_map(inner_map(x))``: ``inner(x) + outer(x + inner(x))``."""
+    return inner + warp(outer, inner, padding_mode="border")
+
+
+def resize(volume, shape, mode="trilinear"):
+    """Resample a (N, C, D, H, W) volume or displacement to ``shape`` over the same extent."""
+    if tuple(volume.shape[2:]) == tuple(shape):
+        return volume
+    if mode == "nearest":
+        # 'nearest' in interpolate ignores align_corners; sampling keeps voxel centres aligned.
+        zero = torch.zeros((volume.shape[0], 3) + tuple(shape), device=volume.device)
+        return warp(volume.float(), zero, mode="nearest", padding_mode="border").to(volume.dtype)
+    return F.interpolate(volume, size=tuple(shape), mode=mode, align_corners=True)
+
+
+def normalised_to_voxels(displacement):
+    """Convert a normalised displacement to voxel units of its own grid (same shape)."""
+    sizes = displacement.shape[2:]  # D, H, W
+    half_extent = torch.tensor([(sizes[2] - 1) / 2.0, (sizes[1] - 1) / 2.0, (sizes[0] - 1) / 2.0],
+                               device=displacement.device, dtype=displacement.dtype)
+    return displacement * half_extent.view(1, 3, 1, 1, 1)

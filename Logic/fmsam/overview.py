@@ -1,0 +1,67 @@
+"""The overview picture: fixed, moving, warped, checkerboard and the Jacobian map (one slice each)."""
+import numpy as np
+import SimpleITK as sitk
+
+
+def _display_slices(image, spacing_kji):
+    """Middle axial slice and its aspect ratio, from a (k, j, i) array."""
+    array = sitk.GetArrayViewFromImage(image) if isinstance(image, sitk.Image) else image
+    middle = array.shape[0] // 2
+    return np.asarray(array[middle], dtype=np.float64), spacing_kji[1] / spacing_kji[2]
+
+
+def _window(array):
+    low, high = np.percentile(array, [1, 99])
+    return low, high if high > low else low + 1
+
+
+def checkerboard(first, second, tiles=8):
+    """Alternate square tiles of two equally shaped 2D arrays."""
+    rows, cols = np.indices(first.shape)
+    mask = ((rows * tiles // first.shape[0]) + (cols * tiles // first.shape[1])) % 2 == 0
+    return np.where(mask, first, second)
+
+
+def write_overview(path, fixed, moving_on_fixed, warped, jacobian, report):
+    """Write a PNG with five panels; the Jacobian uses a diverging map centred on 1 (blue:
+    contraction, red: expansion) with folding (det <= 0) drawn in black."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap, TwoSlopeNorm
+
+    spacing_kji = fixed.GetSpacing()[::-1]
+    panels = []
+    for title, image in (("fixed", fixed), ("moving (unregistered)", moving_on_fixed),
+                         ("warped moving", warped)):
+        panels.append((title, *_display_slices(image, spacing_kji)))
+    fixed_slice, aspect = panels[0][1], panels[0][2]
+    normalise = lambda a: (a - _window(a)[0]) / (_window(a)[1] - _window(a)[0])  # noqa: E731
+    board = checkerboard(np.clip(normalise(fixed_slice), 0, 1), np.clip(normalise(panels[2][1]), 0, 1))
+    jacobian_slice = _display_slices(jacobian, spacing_kji)[0]
+
+    figure, axes = plt.subplots(1, 5, figsize=(17, 4.2))
+    for axis, (title, array, _) in zip(axes[:3], panels):
+        low, high = _window(array)
+        axis.imshow(array, cmap="gray", vmin=low, vmax=high, aspect=aspect, origin="lower")
+        axis.set_title(title)
+    axes[3].imshow(board, cmap="gray", vmin=0, vmax=1, aspect=aspect, origin="lower")
+    axes[3].set_title("checkerboard fixed / warped")
+    colours = plt.get_cmap("RdBu_r")(np.linspace(0, 1, 256))
+    colours[0] = (0, 0, 0, 1)  # the lowest bin (det <= 0 after clipping) is black: folding
+    cmap = ListedColormap(colours)
+    shown = axes[4].imshow(np.clip(jacobian_slice, 1e-3, 2.0), cmap=cmap,
+                           norm=TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=2.0), aspect=aspect,
+                           origin="lower")
+    axes[4].set_title("det J (folding %.3f %%)" % report["folding_percent"])
+    figure.colorbar(shown, ax=axes[4], fraction=0.046, pad=0.04, label="det J (1 = volume kept)")
+    for axis in axes:
+        axis.axis("off")
+    summary = "total %.1f s on %s" % (report["seconds"]["total"], report["device"])
+    if "dice_after" in report:
+        summary += "   Dice affine %.3f -> registered %.3f" % (report["dice_affine"], report["dice_after"])
+    figure.suptitle(summary)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)

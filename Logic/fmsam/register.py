@@ -1,0 +1,197 @@
+"""The registration pipeline: two volumes in, one fixed-to-moving displacement field out.
+
+Stages: read and check inputs -> normalise intensities -> affine pre-alignment -> network ->
+(optional) instance optimisation -> compose affine and deformable parts into one LPS field on the
+fixed grid -> warp moving image (and labels) -> Jacobian determinant and its statistics.
+"""
+import time
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import fields
+from .errors import InputError
+from .imageio import check_same_grid, load_label_map, load_scalar_volume
+from .intensity import normalise
+from .jacobian import jacobian_determinant, jacobian_statistics
+from .metrics import labels_in_both, mean_dice
+from .prealign import affine_prealign, identity_affine
+
+#: Axis layout (DICOM orientation code) of the images the bundled model was trained on (IXI).
+TRAINING_ORIENTATION = "PSR"
+
+STAGES = ("prepare", "affine", "network", "instance_optimisation", "compose", "warp", "jacobian")
+
+
+class RegistrationResult:
+    """Everything a registration produced. Images are SimpleITK images on the fixed grid (LPS)."""
+
+    def __init__(self, **values):
+        self.fixed = values["fixed"]                      # fixed image as read
+        self.field = values["field"]                      # (k, j, i, 3) LPS mm, fixed -> moving
+        self.affine = values["affine"]                    # sitk affine part (fixed -> moving)
+        self.warped = values["warped"]                    # moving resampled onto the fixed grid
+        self.warped_labels = values.get("warped_labels")  # or None
+        self.jacobian = values["jacobian"]                # float32 image of det(J)
+        self.report = values["report"]                    # dict of figures (JSON-ready)
+
+    @property
+    def transform(self):
+        """The mapping as a new ``sitk.DisplacementFieldTransform`` (LPS, fixed -> moving)."""
+        return fields.field_transform(self.field, self.fixed)
+
+    @property
+    def field_image(self):
+        return fields.field_image(self.field, self.fixed)
+
+
+class _Stages:
+    """Times each stage and forwards progress as ``callback(stage, fraction_of_stage)``."""
+
+    def __init__(self, callback):
+        self.callback = callback
+        self.seconds = {}
+        self._stage, self._start = None, None
+
+    def begin(self, stage):
+        self.end()
+        self._stage, self._start = stage, time.perf_counter()
+        self.update(0.0)
+
+    def update(self, fraction):
+        if self.callback is not None:
+            self.callback(self._stage, fraction)
+
+    def end(self):
+        if self._stage is not None:
+            self.seconds[self._stage] = round(time.perf_counter() - self._start, 3)
+            self.update(1.0)
+            self._stage = None
+
+
+def _normalised_image(image, modality):
+    voxels, used = normalise(sitk.GetArrayViewFromImage(image), modality)
+    result = sitk.GetImageFromArray(voxels)
+    result.CopyInformation(image)
+    return result, used
+
+
+def orientation_of(image):
+    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
+
+
+def reorient(image, orientation):
+    """The same voxels with axes permuted/flipped to ``orientation`` (no interpolation)."""
+    return image if orientation_of(image) == orientation else sitk.DICOMOrient(image, orientation)
+
+
+def back_to_grid(field, field_grid, fixed_image):
+    """A field computed on the reoriented grid, returned to the fixed image's own voxel order."""
+    if orientation_of(field_grid) == orientation_of(fixed_image):
+        return field
+    restored = sitk.DICOMOrient(fields.field_image(field, field_grid), orientation_of(fixed_image))
+    return sitk.GetArrayFromImage(restored).astype(np.float64)
+
+
+def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True, io_steps=0,
+             device="auto", weights=None, modality="auto", progress=None, model=None):
+    """Register ``moving`` to ``fixed`` and return a :class:`RegistrationResult`.
+
+    ``fixed``/``moving``: paths (NIfTI, NRRD, MHA) or SimpleITK images, any size, spacing,
+    orientation and pixel type. ``fixed_labels``/``moving_labels``: optional label maps on their
+    image's grid, for the Dice report and the warped label map. ``prealign``: affine pre-alignment
+    on/off. ``io_steps``: instance-optimisation steps (0 = off). ``device``: 'auto', 'cpu' or
+    'cuda'. ``weights``: a weights file (default: bundled model). ``modality``: 'auto', 'mr' or 'ct'
+    for both images, or a (fixed, moving) pair. ``progress(stage, fraction)``: called often; it may
+    raise :class:`fmsam.errors.Cancelled` to stop. ``model``: an already loaded
+    ``(network, config)`` to reuse across calls.
+    """
+    import torch
+
+    from .inference import choose_device, grid_for, run_with_cpu_fallback, to_network_grid
+    from .instance_optimisation import instance_optimise
+    from .weights import load_model
+
+    if io_steps < 0:
+        raise InputError("io_steps must be 0 or more, not %r" % io_steps)
+    stages = _Stages(progress)
+    total_start = time.perf_counter()
+
+    stages.begin("prepare")
+    fixed_image = load_scalar_volume(fixed, "fixed image")
+    moving_image = load_scalar_volume(moving, "moving image")
+    fixed_label_map = moving_label_map = None
+    if fixed_labels is not None:
+        fixed_label_map = load_label_map(fixed_labels, "fixed label map")
+        check_same_grid(fixed_image, fixed_label_map, "fixed label map")
+    if moving_labels is not None:
+        moving_label_map = load_label_map(moving_labels, "moving label map")
+        check_same_grid(moving_image, moving_label_map, "moving label map")
+    torch_device = choose_device(device)
+    network, config = model if model is not None else load_model(weights, "cpu")
+    fixed_modality, moving_modality = (modality, modality) if isinstance(modality, str) else modality
+    fixed_normalised, fixed_modality = _normalised_image(fixed_image, fixed_modality)
+    moving_normalised, moving_modality = _normalised_image(moving_image, moving_modality)
+
+    stages.begin("affine")
+    affine = affine_prealign(fixed_normalised, moving_normalised) if prealign else identity_affine()
+    # The network learned anatomy in the axis layout of its training images; a pure permutation or
+    # flip of the fixed grid (no resampling) presents any input the same way.
+    network_fixed = reorient(fixed_normalised, config.get("orientation", TRAINING_ORIENTATION))
+    moving_on_fixed = fields.resample(moving_normalised, network_fixed, affine)
+
+    report = {}
+    stages.begin("network")
+    grid = grid_for(network_fixed, config)
+
+    def predict(run_device):
+        network.to(run_device)
+        fixed_net = to_network_grid(sitk.GetArrayViewFromImage(network_fixed), grid, run_device)
+        moving_net = to_network_grid(sitk.GetArrayViewFromImage(moving_on_fixed), grid, run_device)
+        with torch.no_grad():
+            displacement = network(fixed_net, moving_net)
+        if io_steps:
+            stages.begin("instance_optimisation")
+            displacement, losses = instance_optimise(network, config, fixed_net, moving_net,
+                                                     io_steps, progress=stages.update)
+            report["io_loss_before"], report["io_loss_after"] = losses[0], losses[-1]
+        return displacement.cpu()
+
+    displacement, used_device = run_with_cpu_fallback(predict, torch_device)
+
+    stages.begin("compose")
+    deformable_index = fields.network_to_fixed_index_displacement(displacement, network_fixed.GetSize())
+    field = fields.compose_fixed_to_moving(network_fixed, affine, deformable_index)
+    field = back_to_grid(field, network_fixed, fixed_image)
+    transform = fields.field_transform(field, fixed_image)
+
+    stages.begin("warp")
+    warped = fields.resample(moving_image, fixed_image, transform)
+    warped_labels = None
+    if moving_label_map is not None:
+        warped_labels = fields.resample(moving_label_map, fixed_image, transform, nearest=True)
+    if fixed_label_map is not None and moving_label_map is not None:
+        fixed_array = sitk.GetArrayViewFromImage(fixed_label_map)
+        labels = labels_in_both(fixed_array, sitk.GetArrayViewFromImage(moving_label_map))
+        affine_labels = fields.resample(moving_label_map, fixed_image, affine, nearest=True)
+        report["dice_affine"] = mean_dice(fixed_array, sitk.GetArrayViewFromImage(affine_labels), labels)
+        report["dice_after"] = mean_dice(fixed_array, sitk.GetArrayViewFromImage(warped_labels), labels)
+        report["dice_labels"] = int(len(labels))
+
+    stages.begin("jacobian")
+    determinant = jacobian_determinant(field, fixed_image)
+    jacobian = sitk.GetImageFromArray(determinant.astype(np.float32))
+    jacobian.CopyInformation(fixed_image)
+    stages.end()
+
+    report.update(jacobian_statistics(determinant))
+    seconds = dict(stages.seconds)
+    seconds["total"] = round(time.perf_counter() - total_start, 3)
+    report.update({
+        "seconds": seconds, "device": used_device.type, "requested_device": device,
+        "prealign": bool(prealign), "io_steps": int(io_steps), "network_grid": list(grid),
+        "modality": {"fixed": fixed_modality, "moving": moving_modality},
+        "fixed_size": list(fixed_image.GetSize()), "fixed_spacing": list(fixed_image.GetSpacing()),
+    })
+    return RegistrationResult(fixed=fixed_image, field=field, affine=affine, warped=warped,
+                              warped_labels=warped_labels, jacobian=jacobian, report=report)

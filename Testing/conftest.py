@@ -1,0 +1,36 @@
+"""Shared fixtures: the bundled sample pair, registered once per test session through the CLI."""
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "Logic"))
+SAMPLE = os.path.join(ROOT, "Testing", "Data", "ixi_sample")
+
+
+def sample(subject, kind="T1"):
+    folder = "T1" if kind == "T1" else "labels"
+    return os.path.join(SAMPLE, folder, "%s_%s.nii.gz" % (subject, kind))
+
+
+FIXED, MOVING = "IXI012-HH-1211", "IXI013-HH-1212"
+
+
+@pytest.fixture(scope="session")
+def sample_paths():
+    return {"fixed": sample(FIXED), "moving": sample(MOVING),
+            "fixed_labels": sample(FIXED, "labels"), "moving_labels": sample(MOVING, "labels")}
+
+
+@pytest.fixture(scope="session")
+def registered_sample(tmp_path_factory, sample_paths):
+    """Output folder of ``fmsam register`` on the sample pair, with labels."""
+    from fmsam.cli import main
+
+    out = str(tmp_path_factory.mktemp("registered") / "out")
+    code = main(["register", sample_paths["fixed"], sample_paths["moving"], "--out", out,
+                 "--fixed-labels", sample_paths["fixed_labels"],
+                 "--moving-labels", sample_paths["moving_labels"], "--device", "cpu"])
+    assert code == 0
+    return out

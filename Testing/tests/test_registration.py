@@ -1,0 +1,137 @@
+"""End to end on the bundled sample pair: CLI outputs, Dice above affine, smoothness, warp and
+jacobian commands agreeing with register, self-registration, determinism."""
+import json
+import os
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+import fmsam
+from fmsam.cli import main
+
+
+def test_register_writes_every_output(registered_sample):
+    names = sorted(os.listdir(registered_sample))
+    assert names == ["jacobian.nii.gz", "overview.png", "report.json", "transform.h5",
+                     "warped.nii.gz", "warped_labels.nii.gz"]
+    with open(os.path.join(registered_sample, "report.json")) as handle:
+        report = json.load(handle)
+    for key in ("device", "folding_percent", "jacobian_min", "jacobian_max", "dice_affine",
+                "dice_after", "log_jacobian_std"):
+        assert key in report
+    for stage in ("prepare", "affine", "network", "compose", "warp", "jacobian", "total"):
+        assert report["seconds"][stage] >= 0
+    assert report["device"] == "cpu"
+    with open(os.path.join(registered_sample, "overview.png"), "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dice_rises_above_affine_without_folding(registered_sample):
+    with open(os.path.join(registered_sample, "report.json")) as handle:
+        report = json.load(handle)
+    assert report["dice_affine"] > 0.3          # the affine step did its job on this pair
+    assert report["dice_after"] > report["dice_affine"] + 0.03
+    assert report["folding_percent"] < 0.1
+    assert report["jacobian_min"] > 0 or report["folding_percent"] < 0.1
+
+
+def test_outputs_lie_on_the_fixed_grid(registered_sample, sample_paths):
+    fixed = sitk.ReadImage(sample_paths["fixed"])
+    for name in ("warped.nii.gz", "jacobian.nii.gz", "warped_labels.nii.gz"):
+        image = sitk.ReadImage(os.path.join(registered_sample, name))
+        assert image.GetSize() == fixed.GetSize()
+        np.testing.assert_allclose(image.GetOrigin(), fixed.GetOrigin(), atol=1e-4)
+        np.testing.assert_allclose(image.GetDirection(), fixed.GetDirection(), atol=1e-6)
+    moving_labels = sitk.ReadImage(sample_paths["moving_labels"])
+    warped_labels = sitk.ReadImage(os.path.join(registered_sample, "warped_labels.nii.gz"))
+    assert set(np.unique(sitk.GetArrayViewFromImage(warped_labels))) <= \
+        set(np.unique(sitk.GetArrayViewFromImage(moving_labels)))
+
+
+def test_warp_command_reproduces_registered_outputs(registered_sample, sample_paths, tmp_path):
+    transform = os.path.join(registered_sample, "transform.h5")
+    for source, name, extra in ((sample_paths["moving"], "warped.nii.gz", []),
+                                (sample_paths["moving_labels"], "warped_labels.nii.gz", ["--nearest"])):
+        out = str(tmp_path / name)
+        assert main(["warp", source, "--transform", transform, "--reference", sample_paths["fixed"],
+                     "--out", out] + extra) == 0
+        expected = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(registered_sample, name)))
+        np.testing.assert_allclose(sitk.GetArrayFromImage(sitk.ReadImage(out)), expected, atol=1e-4)
+
+
+def test_jacobian_command_reproduces_registered_map(registered_sample, tmp_path):
+    out = str(tmp_path / "jac.nii.gz")
+    assert main(["jacobian", os.path.join(registered_sample, "transform.h5"), "--out", out]) == 0
+    expected = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(registered_sample, "jacobian.nii.gz")))
+    np.testing.assert_allclose(sitk.GetArrayFromImage(sitk.ReadImage(out)), expected, atol=1e-4)
+
+
+def test_written_transform_is_what_resampling_used(registered_sample, sample_paths):
+    """transform.h5 read by SimpleITK maps voxel centres to points where the moving labels equal
+    the warped labels (nearest neighbour), i.e. the file is the mapping the outputs were made with."""
+    transform = sitk.ReadTransform(os.path.join(registered_sample, "transform.h5"))
+    fixed = sitk.ReadImage(sample_paths["fixed"])
+    moving_labels = sitk.ReadImage(sample_paths["moving_labels"])
+    warped = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(registered_sample, "warped_labels.nii.gz")))
+    rng = np.random.default_rng(0)
+    agree = 0
+    for _ in range(200):
+        index = [int(rng.integers(0, n)) for n in fixed.GetSize()]
+        point = transform.TransformPoint(fixed.TransformIndexToPhysicalPoint(index))
+        continuous = moving_labels.TransformPhysicalPointToContinuousIndex(point)
+        nearest = [int(np.floor(c + 0.5)) for c in continuous]
+        inside = all(0 <= n < s for n, s in zip(nearest, moving_labels.GetSize()))
+        value = moving_labels[nearest] if inside else 0
+        agree += value == warped[index[2], index[1], index[0]]
+    assert agree >= 198  # exact up to ties at half-voxel boundaries
+
+
+def test_image_registered_to_itself_barely_moves(sample_paths):
+    result = fmsam.register(sample_paths["fixed"], sample_paths["fixed"], device="cpu")
+    magnitude = np.linalg.norm(result.field, axis=-1)
+    fixed = sitk.GetArrayFromImage(sitk.ReadImage(sample_paths["fixed"]))
+    head = fixed > np.percentile(fixed, 60)
+    assert np.mean(magnitude[head]) < 0.5        # mm, voxels are 2 mm
+    assert np.percentile(magnitude[head], 99) < 1.5
+    assert result.report["folding_percent"] == 0.0
+
+
+def test_cpu_results_are_deterministic(sample_paths):
+    first = fmsam.register(sample_paths["fixed"], sample_paths["moving"], device="cpu")
+    second = fmsam.register(sample_paths["fixed"], sample_paths["moving"], device="cpu")
+    assert first.field.tobytes() == second.field.tobytes()
+    assert sitk.GetArrayViewFromImage(first.warped).tobytes() == \
+        sitk.GetArrayViewFromImage(second.warped).tobytes()
+
+
+def test_instance_optimisation_lowers_the_loss_without_folding(sample_paths):
+    base = fmsam.register(sample_paths["fixed"], sample_paths["moving"], sample_paths["fixed_labels"],
+                          sample_paths["moving_labels"], device="cpu")
+    tuned = fmsam.register(sample_paths["fixed"], sample_paths["moving"], sample_paths["fixed_labels"],
+                           sample_paths["moving_labels"], device="cpu", io_steps=5)
+    assert tuned.report["io_steps"] == 5
+    assert tuned.report["seconds"]["instance_optimisation"] > 0
+    assert tuned.report["io_loss_after"] < tuned.report["io_loss_before"]
+    assert tuned.report["dice_after"] >= base.report["dice_after"] - 0.005
+    assert tuned.report["folding_percent"] < 0.1
+
+
+def test_progress_reports_stages_and_can_cancel(sample_paths):
+    seen = []
+
+    def progress(stage, fraction):
+        seen.append(stage)
+        if stage == "network":
+            raise fmsam.Cancelled()
+
+    with pytest.raises(fmsam.Cancelled):
+        fmsam.register(sample_paths["fixed"], sample_paths["moving"], device="cpu", progress=progress)
+    assert seen[0] == "prepare" and "affine" in seen and seen[-1] == "network"
+
+
+def test_no_affine_and_image_objects(sample_paths):
+    fixed = sitk.ReadImage(sample_paths["fixed"])
+    result = fmsam.register(fixed, fixed, prealign=False, device="cpu")
+    assert result.report["prealign"] is False
+    assert np.mean(np.linalg.norm(result.field, axis=-1)) < 0.5

@@ -1,0 +1,76 @@
+"""SAM moves the weights by rho along the normalised gradient and restores them; losses behave."""
+import torch
+
+from fmsam.layers import compose, identity_grid, warp
+from fmsam.losses import gradient_inverse_consistency, local_ncc_loss
+from fmsam.networks import UNet
+from fmsam.sam import SAM
+
+
+def _gradient_of_loss(network, fixed, moving):
+    network.zero_grad()
+    network(fixed, moving).pow(2).mean().backward()
+
+
+def test_sam_perturbs_by_rho_along_normalised_gradient_and_restores():
+    torch.manual_seed(0)
+    network = UNet((4, 8))
+    torch.nn.init.normal_(network.head.weight, std=0.1)  # a non-zero output, so gradients flow
+    fixed, moving = torch.rand(1, 1, 8, 8, 8), torch.rand(1, 1, 8, 8, 8)
+    before = [p.detach().clone() for p in network.parameters()]
+    _gradient_of_loss(network, fixed, moving)
+    gradients = [p.grad.detach().clone() for p in network.parameters()]
+    norm = torch.sqrt(sum((g ** 2).sum() for g in gradients))
+    sam = SAM(network.parameters(), torch.optim.SGD(network.parameters(), lr=0.1), rho=0.05)
+    sam.perturb()
+    moved = [p.detach() - b for p, b in zip(network.parameters(), before)]
+    total = torch.sqrt(sum((m ** 2).sum() for m in moved))
+    assert abs(total.item() - 0.05) < 1e-6
+    for m, g in zip(moved, gradients):
+        torch.testing.assert_close(m, 0.05 * g / norm, atol=1e-7, rtol=1e-5)
+    assert all(p.grad is None for p in network.parameters())
+    sam.restore()
+    for p, b in zip(network.parameters(), before):
+        assert torch.equal(p.detach(), b)
+
+
+def test_sam_step_uses_gradient_at_perturbed_weights():
+    torch.manual_seed(1)
+    network = UNet((4, 8))
+    torch.nn.init.normal_(network.head.weight, std=0.1)
+    fixed, moving = torch.rand(1, 1, 8, 8, 8), torch.rand(1, 1, 8, 8, 8)
+    before = [p.detach().clone() for p in network.parameters()]
+    sam = SAM(network.parameters(), torch.optim.SGD(network.parameters(), lr=0.5), rho=0.05)
+    _gradient_of_loss(network, fixed, moving)
+    sam.perturb()
+    _gradient_of_loss(network, fixed, moving)
+    perturbed_gradients = [p.grad.detach().clone() for p in network.parameters()]
+    sam.step()
+    for p, b, g in zip(network.parameters(), before, perturbed_gradients):
+        torch.testing.assert_close(p.detach(), b - 0.5 * g)
+
+
+def test_local_ncc_is_zero_for_identical_and_sign_free():
+    image = torch.rand(1, 1, 12, 12, 12)
+    assert local_ncc_loss(image, image).item() < 5e-3  # eps in the denominator
+    assert local_ncc_loss(image, 1.0 - image).item() < 5e-3      # inverted contrast still matches
+    assert local_ncc_loss(image, torch.rand(1, 1, 12, 12, 12)).item() > 0.5
+
+
+def test_gradicon_zero_for_exact_inverses_and_positive_otherwise():
+    shape = (10, 12, 14)
+    shift = torch.zeros(1, 3, *shape)
+    shift[:, 0] = 0.1  # a translation; its inverse is the opposite translation
+    assert gradient_inverse_consistency(shift, -shift).item() < 1e-10
+    wobble = 0.05 * torch.sin(3 * identity_grid(shape)[..., :1].permute(0, 4, 1, 2, 3)).repeat(1, 3, 1, 1, 1)
+    assert gradient_inverse_consistency(wobble, wobble).item() > 1e-4
+
+
+def test_warp_and_compose_follow_the_documented_convention():
+    shape = (6, 7, 8)
+    volume = identity_grid(shape)[..., 0][:, None]  # the x coordinate itself
+    shift = torch.zeros(1, 3, *shape)
+    shift[:, 0] = 0.25
+    warped = warp(volume, shift, padding_mode="border")
+    torch.testing.assert_close(warped[..., :4], volume[..., :4] + 0.25)  # moving(x + u(x))
+    torch.testing.assert_close(compose(shift, shift)[:, 0, :, :, :4], torch.full((1, 6, 7, 4), 0.5))

@@ -1,0 +1,72 @@
+"""Training data: cached template-aligned IXI subjects on the network grid, random pairs, augmentation.
+
+Every random draw comes from a generator seeded by (seed, step), so a resumed run draws exactly the
+pairs and augmentations the uninterrupted run would have drawn.
+"""
+import json
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fmsam.layers import resize
+
+
+class SubjectCache:
+    """Images (float32, [0, 1]) and label maps of cached subjects, resized to the network grid."""
+
+    def __init__(self, cache_dir, subjects, grid_shape, with_labels=False):
+        self.subjects = list(subjects)
+        images, labels = [], []
+        for subject in self.subjects:
+            data = np.load(os.path.join(cache_dir, subject + ".npz"))
+            image = torch.from_numpy(data["image"].astype(np.float32))[None, None]
+            images.append(resize(image, grid_shape)[0])
+            if with_labels:
+                label = torch.from_numpy(data["labels"].astype(np.int64))[None, None]
+                labels.append(resize(label, grid_shape, mode="nearest")[0])
+        self.images = torch.stack(images)          # (S, 1, D, H, W)
+        self.labels = torch.stack(labels) if with_labels else None
+
+    def __len__(self):
+        return len(self.subjects)
+
+
+def read_split(cache_dir):
+    with open(os.path.join(cache_dir, "template.json")) as handle:
+        return json.load(handle)
+
+
+def _random_affine_grid(generator, shape, max_degrees, max_scale, max_shift):
+    """A random affine sampling grid (1, D, H, W, 3) in normalised coordinates."""
+    def uniform(low, high, n=3):
+        return low + (high - low) * torch.rand(n, generator=generator)
+
+    angles = uniform(-max_degrees, max_degrees) * math.pi / 180.0
+    cx, cy, cz = torch.cos(angles)
+    sx, sy, sz = torch.sin(angles)
+    rotate_x = torch.tensor([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    rotate_y = torch.tensor([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rotate_z = torch.tensor([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    matrix = rotate_z @ rotate_y @ rotate_x @ torch.diag(uniform(1 - max_scale, 1 + max_scale))
+    theta = torch.cat([matrix, uniform(-max_shift, max_shift).view(3, 1)], dim=1)
+    return F.affine_grid(theta[None], (1, 1) + tuple(shape), align_corners=True)
+
+
+def sample_pair(cache, seed, step, augment=True):
+    """Draw the (fixed, moving) pair for a training step: two distinct subjects, a joint left-right
+    flip, a small random affine on the moving image, and random gamma on each image."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    first, second = torch.randperm(len(cache), generator=generator)[:2].tolist()
+    fixed = cache.images[first:first + 1].clone()
+    moving = cache.images[second:second + 1].clone()
+    if not augment:
+        return fixed, moving
+    if torch.rand(1, generator=generator).item() < 0.5:
+        fixed, moving = fixed.flip(-1), moving.flip(-1)
+    grid = _random_affine_grid(generator, moving.shape[2:], 8.0, 0.08, 0.06)
+    moving = F.grid_sample(moving, grid, align_corners=True)
+    gammas = torch.exp(torch.empty(2).uniform_(-0.35, 0.35, generator=generator))
+    return fixed.clamp_min(0).pow(gammas[0]), moving.clamp_min(0).pow(gammas[1])

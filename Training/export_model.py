@@ -1,0 +1,49 @@
+"""Turn a training checkpoint into the bundled model: weights file, checksum and manifest.
+
+    python Training/export_model.py --checkpoint Training/runs/sam/best.pt \\
+        --out Logic/fmsam/weights/fmsam_sam_v1.pt
+
+The manifest (``weights/manifest.json``) names the file and its SHA-256, which
+``fmsam.weights.load_model`` verifies; the model card (MODEL_CARD.md) is written by hand from the
+run's config and the ``fmsam evaluate`` results.
+"""
+import argparse
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "Logic"))
+
+import torch  # noqa: E402
+
+from fmsam.networks import build_network  # noqa: E402
+from fmsam.weights import MANIFEST, save_weights  # noqa: E402
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--out", required=True, help="weights file inside Logic/fmsam/weights/")
+    parser.add_argument("--no-manifest", action="store_true",
+                        help="only write the weights and .sha256 (for a model that is not bundled)")
+    args = parser.parse_args(argv)
+    state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    config = dict(state["config"])
+    network = build_network(config)
+    network.load_state_dict(state["network"])
+    checksum = save_weights(args.out, network, config)
+    print("wrote %s (sha256 %s, step %d, validation Dice %.4f)"
+          % (args.out, checksum, state["step"], state["best_dice"]))
+    if not args.no_manifest:
+        manifest = {"file": os.path.basename(args.out), "sha256": checksum, "config": config,
+                    "training_step": state["step"], "training_validation_dice": state["best_dice"],
+                    "parameters": sum(p.numel() for p in network.parameters())}
+        with open(MANIFEST, "w") as handle:
+            json.dump(manifest, handle, indent=1)
+        print("updated %s" % MANIFEST)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""Train the FM-SAM registration network with Sharpness-Aware Minimisation (or plain Adam).
+
+Runs as ``python Training/train.py ...`` and as
+``Slicer --no-main-window --python-script Training/train.py ...`` (no Slicer import; exits with
+a status code). A run directory holds ``config.json``, ``log.csv`` (loss every step, validation
+Dice every ``--val-every`` steps), ``latest.pt`` (checkpoint, written atomically) and
+``best.pt``. Running the same command again resumes exactly where the checkpoint left off.
+
+Example (the bundled model; see Logic/fmsam/weights/MODEL_CARD.md for the exact command)::
+
+    python Training/prepare_data.py --data ../shared/data/ixi --cache Training/cache
+    python Training/train.py --cache Training/cache --run Training/runs/sam --steps 1500
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import random
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", "Logic"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from data import SubjectCache, read_split, sample_pair  # noqa: E402
+from fmsam.layers import warp  # noqa: E402
+from fmsam.losses import symmetric_registration_loss  # noqa: E402
+from fmsam.metrics import mean_dice  # noqa: E402
+from fmsam.networks import build_network  # noqa: E402
+from fmsam.sam import SAM  # noqa: E402
+
+LOG_FIELDS = ["step", "loss", "similarity", "regulariser", "lr", "seconds", "val_dice",
+              "val_dice_identity"]
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description="Train the FM-SAM registration network.")
+    parser.add_argument("--cache", required=True, help="folder written by prepare_data.py")
+    parser.add_argument("--run", required=True, help="run folder (created; resumed if it exists)")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--optimizer", choices=["sam", "asam", "adam"], default="sam")
+    parser.add_argument("--rho", type=float, default=0.05, help="SAM neighbourhood radius")
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--warmup", type=int, default=50, help="linear warm-up steps")
+    parser.add_argument("--gradicon-weight", type=float, default=1.5)
+    parser.add_argument("--ncc-window", type=int, default=5)
+    parser.add_argument("--clip-norm", type=float, default=10.0)
+    parser.add_argument("--grid", default="64,80,80", help="network grid D,H,W")
+    parser.add_argument("--coarse-channels", default="16,32,64,64")
+    parser.add_argument("--fine-channels", default="16,32,32,64")
+    parser.add_argument("--no-augment", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--val-every", type=int, default=100)
+    parser.add_argument("--val-pairs", type=int, default=10)
+    parser.add_argument("--checkpoint-every", type=int, default=25)
+    parser.add_argument("--max-minutes", type=float, default=0,
+                        help="stop cleanly (checkpoint written) after this long; 0: no limit")
+    return parser.parse_args(argv)
+
+
+def _ints(text):
+    return [int(v) for v in text.split(",")]
+
+
+def network_config(args):
+    return {"architecture": "TwoStepNet", "coarse_channels": _ints(args.coarse_channels),
+            "fine_channels": _ints(args.fine_channels), "grid": _ints(args.grid),
+            "ncc_window": args.ncc_window, "gradicon_weight": args.gradicon_weight}
+
+
+def learning_rate(args, step):
+    """Linear warm-up, then cosine decay to a tenth of ``--lr`` at ``--steps``."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+    return args.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def validation_pairs(count):
+    """Ordered pairs (i, i+offset) over the validation subjects, deterministic."""
+    pairs, offset = [], 1
+    while len(pairs) < count:
+        pairs += [(i, (i + offset) % 10) for i in range(10)]
+        offset += 1
+    return pairs[:count]
+
+
+@torch.no_grad()
+def validate(network, val_cache, pairs, device):
+    network.eval()
+    registered, identity = [], []
+    for first, second in pairs:
+        fixed = val_cache.images[first:first + 1].to(device)
+        moving = val_cache.images[second:second + 1].to(device)
+        displacement = network(fixed, moving)
+        moving_labels = val_cache.labels[second:second + 1].float().to(device)
+        warped_labels = warp(moving_labels, displacement, mode="nearest").long().cpu().numpy()
+        fixed_labels = val_cache.labels[first].numpy()
+        common = np.intersect1d(np.unique(fixed_labels), np.unique(moving_labels.cpu().numpy()))
+        registered.append(mean_dice(fixed_labels, warped_labels, common))
+        identity.append(mean_dice(fixed_labels, moving_labels.long().cpu().numpy(), common))
+    network.train()
+    return float(np.mean(registered)), float(np.mean(identity))
+
+
+def save_checkpoint(path, network, optimizer, step, best_dice, config):
+    state = {"network": network.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+             "best_dice": best_dice, "config": config}
+    temporary = path + ".partial"
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def choose_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = choose_device(args.device)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    os.makedirs(args.run, exist_ok=True)
+    config = network_config(args)
+    config_path = os.path.join(args.run, "config.json")
+    run_settings = dict(vars(args), network=config)
+    if os.path.exists(config_path):
+        with open(config_path) as handle:
+            previous = json.load(handle)
+        changed = [k for k in ("optimizer", "rho", "lr", "steps", "seed", "grid", "warmup",
+                               "coarse_channels", "fine_channels", "gradicon_weight", "no_augment")
+                   if previous.get(k) != run_settings.get(k)]
+        if changed:
+            print("error: %s was started with other settings (%s); use a new --run folder"
+                  % (args.run, ", ".join(changed)), file=sys.stderr)
+            return 2
+    with open(config_path, "w") as handle:
+        json.dump(run_settings, handle, indent=1)
+
+    split = read_split(args.cache)
+    grid = tuple(config["grid"])
+    train_cache = SubjectCache(args.cache, split["train"], grid)
+    val_cache = SubjectCache(args.cache, split["val"], grid, with_labels=True)
+    pairs = validation_pairs(args.val_pairs)
+
+    network = build_network(config).to(device)
+    base = torch.optim.Adam(network.parameters(), lr=args.lr)
+    optimizer = SAM(network.parameters(), base, rho=args.rho, adaptive=args.optimizer == "asam") \
+        if args.optimizer in ("sam", "asam") else None
+    state_holder = optimizer if optimizer is not None else base
+
+    checkpoint_path = os.path.join(args.run, "latest.pt")
+    log_path = os.path.join(args.run, "log.csv")
+    step, best_dice = 0, -1.0
+    if os.path.exists(checkpoint_path):
+        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        network.load_state_dict(state["network"])
+        state_holder.load_state_dict(state["optimizer"])
+        step, best_dice = state["step"], state["best_dice"]
+        print("resumed %s at step %d" % (args.run, step), flush=True)
+        _truncate_log(log_path, step)
+    new_log = not os.path.exists(log_path)
+    log_file = open(log_path, "a", newline="")
+    log = csv.DictWriter(log_file, LOG_FIELDS)
+    if new_log:
+        log.writeheader()
+
+    def pair_loss(fixed, moving):
+        both = network(torch.cat([fixed, moving]), torch.cat([moving, fixed]))
+        return symmetric_registration_loss(fixed, moving, both[:1], both[1:],
+                                           args.gradicon_weight, args.ncc_window)
+
+    started, start_step = time.time(), step
+    network.train()
+    while step < args.steps:
+        tic = time.time()
+        for group in base.param_groups:
+            group["lr"] = learning_rate(args, step)
+        fixed, moving = sample_pair(train_cache, args.seed, step, augment=not args.no_augment)
+        fixed, moving = fixed.to(device), moving.to(device)
+        loss, similarity, regulariser = pair_loss(fixed, moving)
+        loss.backward()
+        if optimizer is not None:
+            optimizer.perturb()
+            pair_loss(fixed, moving)[0].backward()
+            optimizer.step(clip_norm=args.clip_norm)
+        else:
+            torch.nn.utils.clip_grad_norm_(network.parameters(), args.clip_norm)
+            base.step()
+            base.zero_grad(set_to_none=True)
+        step += 1
+        row = {"step": step, "loss": "%.6f" % loss.item(), "similarity": "%.6f" % similarity.item(),
+               "regulariser": "%.6f" % regulariser.item(), "lr": "%.3g" % learning_rate(args, step - 1),
+               "seconds": "%.3f" % (time.time() - tic), "val_dice": "", "val_dice_identity": ""}
+        if step % args.val_every == 0 or step == args.steps:
+            dice, dice_identity = validate(network, val_cache, pairs, device)
+            row["val_dice"], row["val_dice_identity"] = "%.4f" % dice, "%.4f" % dice_identity
+            if dice > best_dice:
+                best_dice = dice
+                save_checkpoint(os.path.join(args.run, "best.pt"), network, state_holder, step,
+                                best_dice, config)
+            print("step %d  validation Dice %.4f (template-aligned %.4f)" % (step, dice, dice_identity),
+                  flush=True)
+        log.writerow(row)
+        if step % args.checkpoint_every == 0 or step == args.steps:
+            log_file.flush()
+            save_checkpoint(checkpoint_path, network, state_holder, step, best_dice, config)
+        elapsed = time.time() - started
+        if step % 10 == 0 or step == args.steps:
+            per_step = elapsed / (step - start_step)
+            print("step %d/%d  loss %.4f  sim %.4f  reg %.4f  %.2fs/step  ETA %.0f min"
+                  % (step, args.steps, loss.item(), similarity.item(), regulariser.item(), per_step,
+                     per_step * (args.steps - step) / 60), flush=True)
+        if args.max_minutes and elapsed > args.max_minutes * 60 and step < args.steps:
+            save_checkpoint(checkpoint_path, network, state_holder, step, best_dice, config)
+            print("stopping after %.1f min at step %d; run again to resume" % (elapsed / 60, step))
+            break
+    log_file.close()
+    return 0
+
+
+def _truncate_log(log_path, step):
+    """Drop log rows written after the checkpoint, so a resumed run logs each step once."""
+    if not os.path.exists(log_path):
+        return
+    with open(log_path, newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= step]
+    with open(log_path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, LOG_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
