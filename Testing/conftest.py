@@ -17,6 +17,12 @@ def sample(subject, kind="T1"):
 FIXED, MOVING = "IXI012-HH-1211", "IXI013-HH-1212"
 
 
+def file_digests(paths):
+    import hashlib
+
+    return {key: hashlib.sha256(open(path, "rb").read()).hexdigest() for key, path in paths.items()}
+
+
 @pytest.fixture(scope="session")
 def sample_paths():
     return {"fixed": sample(FIXED), "moving": sample(MOVING),
@@ -24,7 +30,12 @@ def sample_paths():
 
 
 @pytest.fixture(scope="session")
-def registered_sample(tmp_path_factory, sample_paths):
+def input_digests_before(sample_paths):
+    return file_digests(sample_paths)
+
+
+@pytest.fixture(scope="session")
+def registered_sample(tmp_path_factory, sample_paths, input_digests_before):
     """Output folder of ``fmsam register`` on the sample pair, with labels."""
     from fmsam.cli import main
 

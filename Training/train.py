@@ -9,7 +9,7 @@ Dice every ``--val-every`` steps), ``latest.pt`` (checkpoint, written atomically
 Example (the bundled model; see Logic/fmsam/weights/MODEL_CARD.md for the exact command)::
 
     python Training/prepare_data.py --data ../shared/data/ixi --cache Training/cache
-    python Training/train.py --cache Training/cache --run Training/runs/sam --steps 1500
+    python Training/train.py --cache Training/cache --run Training/runs/sam_v1
 """
 import argparse
 import csv
@@ -27,10 +27,10 @@ sys.path.insert(0, os.path.join(HERE, "..", "Logic"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from data import SubjectCache, read_split, sample_pair  # noqa: E402
-from fmsam.layers import warp  # noqa: E402
+from training_data import SubjectCache, read_split, sample_pair, sampling_offset  # noqa: E402
+from fmsam.layers import resize, warp  # noqa: E402
 from fmsam.losses import symmetric_registration_loss  # noqa: E402
-from fmsam.metrics import mean_dice  # noqa: E402
+from fmsam.metrics import labels_in_both, mean_dice  # noqa: E402
 from fmsam.networks import build_network  # noqa: E402
 from fmsam.sam import SAM  # noqa: E402
 
@@ -42,17 +42,17 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description="Train the FM-SAM registration network.")
     parser.add_argument("--cache", required=True, help="folder written by prepare_data.py")
     parser.add_argument("--run", required=True, help="run folder (created; resumed if it exists)")
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=900)
     parser.add_argument("--optimizer", choices=["sam", "asam", "adam"], default="sam")
     parser.add_argument("--rho", type=float, default=0.05, help="SAM neighbourhood radius")
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--warmup", type=int, default=50, help="linear warm-up steps")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=20, help="linear warm-up steps")
     parser.add_argument("--gradicon-weight", type=float, default=1.5)
     parser.add_argument("--ncc-window", type=int, default=5)
     parser.add_argument("--clip-norm", type=float, default=10.0)
     parser.add_argument("--grid", default="64,80,80", help="network grid D,H,W")
     parser.add_argument("--coarse-channels", default="16,32,64,64")
-    parser.add_argument("--fine-channels", default="16,32,32,64")
+    parser.add_argument("--fine-channels", default="8,16,32,64")
     parser.add_argument("--no-augment", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
@@ -83,29 +83,30 @@ def learning_rate(args, step):
     return args.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def validation_pairs(count):
-    """Ordered pairs (i, i+offset) over the validation subjects, deterministic."""
-    pairs, offset = [], 1
-    while len(pairs) < count:
-        pairs += [(i, (i + offset) % 10) for i in range(10)]
-        offset += 1
-    return pairs[:count]
+def validation_pairs(count, subjects):
+    """Up to ``count`` distinct ordered pairs (i, i + offset) of the validation subjects,
+    deterministic; a single validation subject is paired with itself."""
+    pairs = [(i, (i + offset) % subjects) for offset in range(1, subjects) for i in range(subjects)]
+    return pairs[:count] or [(0, 0)]
 
 
 @torch.no_grad()
 def validate(network, val_cache, pairs, device):
+    """Mean Dice of the validation pairs before and after registration, at the cache's full
+    resolution: the displacement is upsampled as in ``fmsam.register``, and labels are warped by
+    nearest neighbour there (on the coarse network grid, sub-voxel motion would not show)."""
     network.eval()
     registered, identity = [], []
     for first, second in pairs:
         fixed = val_cache.images[first:first + 1].to(device)
         moving = val_cache.images[second:second + 1].to(device)
-        displacement = network(fixed, moving)
-        moving_labels = val_cache.labels[second:second + 1].float().to(device)
-        warped_labels = warp(moving_labels, displacement, mode="nearest").long().cpu().numpy()
-        fixed_labels = val_cache.labels[first].numpy()
-        common = np.intersect1d(np.unique(fixed_labels), np.unique(moving_labels.cpu().numpy()))
+        fixed_labels = val_cache.labels[first][0].numpy()
+        moving_labels = val_cache.labels[second:second + 1].float()
+        displacement = resize(network(fixed, moving).cpu(), fixed_labels.shape)
+        warped_labels = warp(moving_labels, displacement, mode="nearest").long().numpy()
+        common = labels_in_both(fixed_labels, moving_labels.numpy())
         registered.append(mean_dice(fixed_labels, warped_labels, common))
-        identity.append(mean_dice(fixed_labels, moving_labels.long().cpu().numpy(), common))
+        identity.append(mean_dice(fixed_labels, moving_labels.long().numpy(), common))
     network.train()
     return float(np.mean(registered)), float(np.mean(identity))
 
@@ -153,7 +154,7 @@ def main(argv=None):
     grid = tuple(config["grid"])
     train_cache = SubjectCache(args.cache, split["train"], grid)
     val_cache = SubjectCache(args.cache, split["val"], grid, with_labels=True)
-    pairs = validation_pairs(args.val_pairs)
+    pairs = validation_pairs(args.val_pairs, len(val_cache))
 
     network = build_network(config).to(device)
     base = torch.optim.Adam(network.parameters(), lr=args.lr)
@@ -177,10 +178,10 @@ def main(argv=None):
     if new_log:
         log.writeheader()
 
-    def pair_loss(fixed, moving):
+    def pair_loss(fixed, moving, offset):
         both = network(torch.cat([fixed, moving]), torch.cat([moving, fixed]))
         return symmetric_registration_loss(fixed, moving, both[:1], both[1:],
-                                           args.gradicon_weight, args.ncc_window)
+                                           args.gradicon_weight, args.ncc_window, offset)
 
     started, start_step = time.time(), step
     network.train()
@@ -190,11 +191,12 @@ def main(argv=None):
             group["lr"] = learning_rate(args, step)
         fixed, moving = sample_pair(train_cache, args.seed, step, augment=not args.no_augment)
         fixed, moving = fixed.to(device), moving.to(device)
-        loss, similarity, regulariser = pair_loss(fixed, moving)
+        offset = sampling_offset(args.seed, step, grid)
+        loss, similarity, regulariser = pair_loss(fixed, moving, offset)
         loss.backward()
         if optimizer is not None:
-            optimizer.perturb()
-            pair_loss(fixed, moving)[0].backward()
+            optimizer.perturb()  # same pair, augmentation and offset in both passes
+            pair_loss(fixed, moving, offset)[0].backward()
             optimizer.step(clip_norm=args.clip_norm)
         else:
             torch.nn.utils.clip_grad_norm_(network.parameters(), args.clip_norm)

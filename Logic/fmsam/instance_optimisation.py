@@ -1,47 +1,57 @@
-"""Instance optimisation: fine-tune a copy of the network on the one pair being registered.
+"""Instance optimisation: refine the network's result on the one pair being registered.
 
-As in uniGradICON, the network weights (not the field) are optimised for a few steps with the
-training loss (local NCC both ways plus GradICON), which keeps the result inverse-consistent and
-smooth. The bundled weights are never changed.
+The forward (fixed -> moving) and backward (moving -> fixed) fields the network predicts are
+refined together for a few Adam steps with the training loss (local NCC both ways plus GradICON),
+so the result stays inverse-consistent. The refinements are additive corrections stored on a grid
+of half the network grid's resolution and upsampled: that keeps them smooth without adding a term
+to the loss. uniGradICON fine-tunes the network weights instead; on a CPU one such step costs two
+network passes (about 1.5 s here), while a step on the fields costs a few warps (about 0.1 s), so
+many more steps fit in the same time.
 """
-import copy
-
 import torch
 
-from .losses import symmetric_registration_loss
+from .layers import resize
+from .losses import random_subvoxel_offset, symmetric_registration_loss
+
+#: Adam step size in normalised coordinates (0.002 is about 0.08 voxel on an 80-voxel axis).
+DEFAULT_LEARNING_RATE = 2e-3
 
 
-def instance_optimise(network, config, fixed, moving, steps, learning_rate=2e-5, progress=None):
-    """Return ``(displacement (1, 3, D, H, W), losses)`` after ``steps`` Adam steps on this pair;
-    ``losses`` holds the training loss before each step and after the last.
+def instance_optimise(forward, backward, fixed, moving, steps, config,
+                      learning_rate=DEFAULT_LEARNING_RATE, progress=None):
+    """Return ``(refined forward displacement (1, 3, D, H, W), losses)``.
 
-    ``fixed`` and ``moving`` are (1, 1, D, H, W) tensors on the network grid; ``progress(fraction)``
-    is called after every step and may raise :class:`fmsam.errors.Cancelled`.
+    ``forward``/``backward``: the network's displacements for (fixed, moving) and (moving, fixed);
+    ``fixed``/``moving``: (1, 1, D, H, W) images on the network grid. ``losses`` holds the loss
+    before each step and after the last. ``progress(fraction)`` is called after every step and may
+    raise :class:`fmsam.errors.Cancelled`.
     """
-    tuned = copy.deepcopy(network)
-    tuned.train()
-    for parameter in tuned.parameters():
-        parameter.requires_grad_(True)
-    optimiser = torch.optim.Adam(tuned.parameters(), lr=learning_rate)
-    both_fixed, both_moving = torch.cat([fixed, moving]), torch.cat([moving, fixed])
+    shape = forward.shape[2:]
+    coarse = [max(2, (n + 1) // 2) for n in shape]
+    corrections = torch.zeros((2, 3) + tuple(coarse), device=forward.device, requires_grad=True)
+    optimiser = torch.optim.Adam([corrections], lr=learning_rate)
+    start = torch.cat([forward, backward]).detach()
 
-    def loss_of(model):
-        both = model(both_fixed, both_moving)
-        return symmetric_registration_loss(fixed, moving, both[:1], both[1:],
+    generator = torch.Generator().manual_seed(0)  # same offsets every run: deterministic output
+
+    def loss_now(offset=None):
+        both = start + resize(corrections, shape)
+        loss = symmetric_registration_loss(fixed, moving, both[:1], both[1:],
                                            config.get("gradicon_weight", 1.5),
-                                           config.get("ncc_window", 5))[0]
+                                           config.get("ncc_window", 5), offset)[0]
+        return loss, both
 
     losses = []
-    for step in range(steps):
-        with torch.enable_grad():
-            loss = loss_of(tuned)
+    with torch.enable_grad():
+        for step in range(steps):
+            loss, _ = loss_now(random_subvoxel_offset(shape, generator))
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
-        losses.append(float(loss.detach()))
-        if progress is not None:
-            progress((step + 1) / steps)
-    tuned.eval()
+            losses.append(float(loss.detach()))
+            if progress is not None:
+                progress((step + 1) / steps)
     with torch.no_grad():
-        losses.append(float(loss_of(tuned)))
-        return tuned(fixed, moving), losses
+        loss, both = loss_now()
+    losses.append(float(loss))
+    return both[:1], losses

@@ -44,9 +44,19 @@ def resize(volume, shape, mode="trilinear"):
     return F.interpolate(volume, size=tuple(shape), mode=mode, align_corners=True)
 
 
-def normalised_to_voxels(displacement):
-    """Convert a normalised displacement to voxel units of its own grid (same shape)."""
+def _half_extent(displacement):
+    """Voxels per normalised unit along (x, y, z) of the displacement's own grid, (1, 3, 1, 1, 1)."""
     sizes = displacement.shape[2:]  # D, H, W
     half_extent = torch.tensor([(sizes[2] - 1) / 2.0, (sizes[1] - 1) / 2.0, (sizes[0] - 1) / 2.0],
                                device=displacement.device, dtype=displacement.dtype)
-    return displacement * half_extent.view(1, 3, 1, 1, 1)
+    return half_extent.clamp_min(0.5).view(1, 3, 1, 1, 1)
+
+
+def normalised_to_voxels(displacement):
+    """Convert a normalised displacement to voxel units of its own grid (same shape)."""
+    return displacement * _half_extent(displacement)
+
+
+def voxels_to_normalised(displacement):
+    """Convert a displacement in voxel units of its own grid to normalised coordinates."""
+    return displacement / _half_extent(displacement)

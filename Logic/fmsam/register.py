@@ -150,10 +150,12 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
         moving_net = to_network_grid(sitk.GetArrayViewFromImage(moving_on_fixed), grid, run_device)
         with torch.no_grad():
             displacement = network(fixed_net, moving_net)
+            if io_steps:
+                backward = network(moving_net, fixed_net)
         if io_steps:
             stages.begin("instance_optimisation")
-            displacement, losses = instance_optimise(network, config, fixed_net, moving_net,
-                                                     io_steps, progress=stages.update)
+            displacement, losses = instance_optimise(displacement, backward, fixed_net, moving_net,
+                                                     io_steps, config, progress=stages.update)
             report["io_loss_before"], report["io_loss_after"] = losses[0], losses[-1]
         return displacement.cpu()
 

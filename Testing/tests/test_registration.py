@@ -135,3 +135,27 @@ def test_no_affine_and_image_objects(sample_paths):
     result = fmsam.register(fixed, fixed, prealign=False, device="cpu")
     assert result.report["prealign"] is False
     assert np.mean(np.linalg.norm(result.field, axis=-1)) < 0.5
+
+
+def test_evaluate_writes_one_row_per_pair(sample_paths, tmp_path):
+    import csv
+
+    pairs = tmp_path / "pairs.csv"
+    with open(pairs, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["fixed", "moving", "fixed_labels", "moving_labels"])
+        writer.writerow([sample_paths["moving"], sample_paths["fixed"], sample_paths["moving_labels"],
+                         sample_paths["fixed_labels"]])
+    results = tmp_path / "results.csv"
+    assert main(["evaluate", "--pairs", str(pairs), "--out", str(results), "--device", "cpu"]) == 0
+    with open(results, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 1
+    assert float(rows[0]["dice_after"]) > float(rows[0]["dice_affine"]) + 0.03
+    assert float(rows[0]["folding_percent"]) < 0.1 and float(rows[0]["seconds"]) > 0
+
+
+def test_evaluate_rejects_a_pairs_file_without_columns(tmp_path):
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("a,b\n1,2\n")
+    assert main(["evaluate", "--pairs", str(pairs), "--out", str(tmp_path / "r.csv")]) == 2

@@ -50,11 +50,12 @@ def test_sam_step_uses_gradient_at_perturbed_weights():
         torch.testing.assert_close(p.detach(), b - 0.5 * g)
 
 
-def test_local_ncc_is_zero_for_identical_and_sign_free():
+def test_local_ncc_is_zero_for_identical_and_signed():
     image = torch.rand(1, 1, 12, 12, 12)
     assert local_ncc_loss(image, image).item() < 5e-3  # eps in the denominator
-    assert local_ncc_loss(image, 1.0 - image).item() < 5e-3      # inverted contrast still matches
-    assert local_ncc_loss(image, torch.rand(1, 1, 12, 12, 12)).item() > 0.5
+    assert local_ncc_loss(image, 0.5 * image + 0.2).item() < 5e-3  # invariant to linear rescaling
+    assert local_ncc_loss(image, 1.0 - image).item() > 1.99  # inverted contrast is penalised
+    assert 0.8 < local_ncc_loss(image, torch.rand(1, 1, 12, 12, 12)).item() < 1.2
 
 
 def test_gradicon_zero_for_exact_inverses_and_positive_otherwise():
@@ -74,3 +75,27 @@ def test_warp_and_compose_follow_the_documented_convention():
     warped = warp(volume, shift, padding_mode="border")
     torch.testing.assert_close(warped[..., :4], volume[..., :4] + 0.25)  # moving(x + u(x))
     torch.testing.assert_close(compose(shift, shift)[:, 0, :, :, :4], torch.full((1, 6, 7, 4), 0.5))
+
+
+def test_jittered_similarity_has_no_translation_bias_at_zero_displacement():
+    """Against itself, an image's similarity is best at zero displacement, so the mean gradient
+    with respect to a translation must vanish. Trilinear sampling at voxel centres gives a biased
+    one-sided gradient there; the randomly shifted sampling grid removes the bias on average."""
+    from fmsam.losses import jittered_similarity, random_subvoxel_offset
+
+    torch.manual_seed(0)
+    image = torch.nn.functional.avg_pool3d(torch.rand(1, 1, 30, 34, 38), 5, 1, 2)  # smooth texture
+    shape = image.shape[2:]
+
+    def translation_gradient(offset):
+        shift = torch.zeros(1, 3, 1, 1, 1, requires_grad=True)
+        jittered_similarity(image, image, shift.expand(1, 3, *shape), offset).backward()
+        return shift.grad.view(3)
+
+    unjittered = translation_gradient(None)
+    generator = torch.Generator().manual_seed(1)
+    jittered = torch.stack([translation_gradient(random_subvoxel_offset(shape, generator))
+                            for _ in range(64)])
+    mean, sem = jittered.mean(0), jittered.std(0) / 8.0
+    assert unjittered.abs().max() > 5 * sem.max()       # the bias this guards against is real
+    assert (mean.abs() < 4 * sem + 1e-6).all(), (mean, sem)

@@ -12,10 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from fmsam.layers import resize
+from fmsam.losses import random_subvoxel_offset
 
 
 class SubjectCache:
-    """Images (float32, [0, 1]) and label maps of cached subjects, resized to the network grid."""
+    """Images (float32, [0, 1]) of cached subjects resized to the network grid, and optionally
+    their label maps at the cache's full resolution (for validation Dice)."""
 
     def __init__(self, cache_dir, subjects, grid_shape, with_labels=False):
         self.subjects = list(subjects)
@@ -25,8 +27,7 @@ class SubjectCache:
             image = torch.from_numpy(data["image"].astype(np.float32))[None, None]
             images.append(resize(image, grid_shape)[0])
             if with_labels:
-                label = torch.from_numpy(data["labels"].astype(np.int64))[None, None]
-                labels.append(resize(label, grid_shape, mode="nearest")[0])
+                labels.append(torch.from_numpy(data["labels"].astype(np.int64))[None])
         self.images = torch.stack(images)          # (S, 1, D, H, W)
         self.labels = torch.stack(labels) if with_labels else None
 
@@ -70,3 +71,9 @@ def sample_pair(cache, seed, step, augment=True):
     moving = F.grid_sample(moving, grid, align_corners=True)
     gammas = torch.exp(torch.empty(2).uniform_(-0.35, 0.35, generator=generator))
     return fixed.clamp_min(0).pow(gammas[0]), moving.clamp_min(0).pow(gammas[1])
+
+
+def sampling_offset(seed, step, shape):
+    """The step's sub-voxel shift of the similarity's sampling grid (see fmsam.losses)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step + 500_000_000)
+    return random_subvoxel_offset(shape, generator)
