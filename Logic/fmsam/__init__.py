@@ -12,8 +12,8 @@ __version__ = "0.1.0"
 
 
 def register(*args, **kwargs):
-    """See :func:`fmsam.register.register` (imported lazily so that ``import fmsam`` is cheap)."""
-    from .register import register as _register
+    """See :func:`fmsam.pipeline.register` (imported lazily so that ``import fmsam`` is cheap)."""
+    from .pipeline import register as _register
 
     return _register(*args, **kwargs)
 

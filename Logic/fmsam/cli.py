@@ -69,7 +69,7 @@ def _progress_printer(quiet):
         if quiet or stage == state["stage"]:
             return
         state["stage"] = stage
-        print("  %s ..." % stage.replace("_", " "), file=sys.stderr, flush=True)
+        print("  %s ..." % stage.replace("_", " "), flush=True)
 
     return progress
 
@@ -77,7 +77,7 @@ def _progress_printer(quiet):
 def _register(args):
     from .imageio import read_image
     from .outputs import write_outputs
-    from .register import register
+    from .pipeline import register
 
     result = register(args.fixed, args.moving, args.fixed_labels, args.moving_labels,
                       prealign=not args.no_affine, io_steps=args.io_steps, device=args.device,

@@ -34,7 +34,7 @@ def read_pairs(path):
 def evaluate_pairs(pairs_csv, out_csv, device="auto", io_steps=0, weights=None, prealign=True,
                    show_progress=True):
     """Register every pair, write one result row each to ``out_csv``, print the means; returns rows."""
-    from .register import register
+    from .pipeline import register
     from .weights import load_model
 
     pairs = read_pairs(pairs_csv)

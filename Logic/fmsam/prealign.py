@@ -28,8 +28,19 @@ def _registration(shrink_factors, smoothing_sigmas, iterations, sampling):
 def affine_prealign(fixed, moving, iterations=100, sampling=0.15):
     """Affinely register ``moving`` to ``fixed`` (both normalised float32 SimpleITK images).
 
-    Returns an ``sitk.AffineTransform`` (fixed LPS point -> moving LPS point).
+    Returns an ``sitk.AffineTransform`` (fixed LPS point -> moving LPS point). Runs on one ITK
+    thread: the multi-threaded metric adds partial sums in varying order, and the transform then
+    differed in the last bits from run to run (outputs were not reproducible byte for byte).
     """
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    try:
+        return _affine_prealign(fixed, moving, iterations, sampling)
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+
+
+def _affine_prealign(fixed, moving, iterations, sampling):
     rigid = sitk.CenteredTransformInitializer(
         fixed, moving, sitk.VersorRigid3DTransform(),
         sitk.CenteredTransformInitializerFilter.MOMENTS)

@@ -3,7 +3,9 @@
     python Testing/Benchmarks/make_pairs.py --data ../shared/data/ixi --split val \\
         --out Testing/Benchmarks/ixi_val_pairs.csv
 
-All ordered pairs (fixed != moving) of the split's subjects, paths relative to the CSV.
+All ordered pairs (fixed != moving) of the split's subjects, or with ``--offsets 1,2,3`` only the
+pairs (i, i + offset): each subject is then fixed and moving equally often. Paths are relative to
+the CSV.
 """
 import argparse
 import csv
@@ -16,7 +18,7 @@ def main(argv=None):
     parser.add_argument("--data", default=os.path.join("..", "shared", "data", "ixi"))
     parser.add_argument("--split", default="val")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--limit", type=int, default=0, help="keep only the first N pairs")
+    parser.add_argument("--offsets", default="", help="e.g. 1,2,3: pairs (i, i+offset) only")
     args = parser.parse_args(argv)
     with open(os.path.join(args.data, args.split + ".txt")) as handle:
         subjects = [line.strip() for line in handle if line.strip()]
@@ -25,9 +27,12 @@ def main(argv=None):
     def relative(*parts):
         return os.path.relpath(os.path.join(os.path.abspath(args.data), *parts), base)
 
-    pairs = [(f, m) for f in subjects for m in subjects if f != m]
-    if args.limit:
-        pairs = pairs[:args.limit]
+    if args.offsets:
+        count = len(subjects)
+        pairs = [(subjects[i], subjects[(i + int(offset)) % count])
+                 for offset in args.offsets.split(",") for i in range(count)]
+    else:
+        pairs = [(f, m) for f in subjects for m in subjects if f != m]
     with open(args.out, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["fixed", "moving", "fixed_labels", "moving_labels"])

@@ -29,8 +29,9 @@ def bad_files(tmp_path_factory):
     files["flat2d"] = good[0]
     paths = {}
     for name, array in files.items():
-        paths[name] = str(folder / (name + ".nii.gz"))
+        paths[name] = str(folder / (name + ".mha"))  # MetaImage keeps NaN (NIfTI writing drops it)
         sitk.WriteImage(_image(array), paths[name])
+    assert np.isnan(sitk.GetArrayViewFromImage(sitk.ReadImage(paths["nan"]))).any()
     paths["vector"] = str(folder / "vector.nii.gz")
     sitk.WriteImage(_image(rng.random((12, 14, 16, 3)).astype(np.float32), vector=True), paths["vector"])
     paths["4d"] = str(folder / "4d.nii.gz")
