@@ -57,8 +57,8 @@ def _random_affine_grid(generator, shape, max_degrees, max_scale, max_shift):
 
 
 def sample_pair(cache, seed, step, augment=True):
-    """Draw the (fixed, moving) pair for a training step: two distinct subjects, a joint left-right
-    flip, a small random affine on the moving image, and random gamma on each image."""
+    """Draw the (fixed, moving) pair for a training step: two distinct subjects, a joint flip along
+    the array's last axis (anterior-posterior for IXI's PSR layout), a small random affine on the moving image, and random gamma on each image."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     first, second = torch.randperm(len(cache), generator=generator)[:2].tolist()
     fixed = cache.images[first:first + 1].clone()

@@ -20,12 +20,17 @@ def identity_grid(shape, device=None, dtype=torch.float32):
     return torch.stack([x, y, z], dim=-1).unsqueeze(0)
 
 
+def sample_at(volume, points, mode="bilinear", padding_mode="zeros"):
+    """Sample ``volume`` (N, C, D', H', W') at normalised points (N, D, H, W, 3), ordered (x, y, z);
+    returns (N, C, D, H, W). ``mode='nearest'`` for label maps."""
+    return F.grid_sample(volume, points, mode=mode, padding_mode=padding_mode, align_corners=True)
+
+
 def warp(volume, displacement, mode="bilinear", padding_mode="zeros"):
     """Sample ``volume`` (N, C, D', H', W') at ``x + displacement(x)`` for every point x of the
     displacement's grid; returns (N, C, D, H, W). ``mode='nearest'`` for label maps."""
     grid = identity_grid(displacement.shape[2:], displacement.device, displacement.dtype)
-    grid = grid + displacement.permute(0, 2, 3, 4, 1)
-    return F.grid_sample(volume, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+    return sample_at(volume, grid + displacement.permute(0, 2, 3, 4, 1), mode, padding_mode)
 
 
 def compose(outer, inner):
@@ -33,15 +38,12 @@ def compose(outer, inner):
     return inner + warp(outer, inner, padding_mode="border")
 
 
-def resize(volume, shape, mode="trilinear"):
-    """Resample a (N, C, D, H, W) volume or displacement to ``shape`` over the same extent."""
+def resize(volume, shape):
+    """Resample a (N, C, D, H, W) volume or displacement to ``shape`` over the same extent
+    (trilinear, voxel centres of the first and last voxels kept in place)."""
     if tuple(volume.shape[2:]) == tuple(shape):
         return volume
-    if mode == "nearest":
-        # 'nearest' in interpolate ignores align_corners; sampling keeps voxel centres aligned.
-        zero = torch.zeros((volume.shape[0], 3) + tuple(shape), device=volume.device)
-        return warp(volume.float(), zero, mode="nearest", padding_mode="border").to(volume.dtype)
-    return F.interpolate(volume, size=tuple(shape), mode=mode, align_corners=True)
+    return F.interpolate(volume, size=tuple(shape), mode="trilinear", align_corners=True)
 
 
 def _half_extent(displacement):

@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from .layers import compose, identity_grid, normalised_to_voxels, warp
+from .layers import compose, identity_grid, normalised_to_voxels, sample_at, warp
 
 
 def local_ncc_loss(fixed, warped, window=5, eps=1e-7):
@@ -68,10 +68,9 @@ def jittered_similarity(fixed, moving, displacement, offset=None, window=5):
     grid = identity_grid(fixed.shape[2:], fixed.device, fixed.dtype) + \
         offset.to(fixed.device, fixed.dtype).view(1, 1, 1, 1, 3)
     grid = grid.expand(fixed.shape[0], -1, -1, -1, -1)
-    fixed_sampled = F.grid_sample(fixed, grid, align_corners=True, padding_mode="border")
-    displacement_sampled = F.grid_sample(displacement, grid, align_corners=True, padding_mode="border")
-    warped = F.grid_sample(moving, grid + displacement_sampled.permute(0, 2, 3, 4, 1),
-                           align_corners=True, padding_mode="zeros")
+    fixed_sampled = sample_at(fixed, grid, padding_mode="border")
+    displacement_sampled = sample_at(displacement, grid, padding_mode="border")
+    warped = sample_at(moving, grid + displacement_sampled.permute(0, 2, 3, 4, 1))
     return local_ncc_loss(fixed_sampled, warped, window)
 
 

@@ -150,9 +150,9 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
         moving_net = to_network_grid(sitk.GetArrayViewFromImage(moving_on_fixed), grid, run_device)
         with torch.no_grad():
             displacement = network(fixed_net, moving_net)
-            if io_steps:
-                backward = network(moving_net, fixed_net)
         if io_steps:
+            with torch.no_grad():
+                backward = network(moving_net, fixed_net)
             stages.begin("instance_optimisation")
             displacement, losses = instance_optimise(displacement, backward, fixed_net, moving_net,
                                                      io_steps, config, progress=stages.update)
