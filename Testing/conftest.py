@@ -6,6 +6,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "Logic"))
+sys.path.insert(0, os.path.join(ROOT, "FMSAMRegistration"))
 SAMPLE = os.path.join(ROOT, "Testing", "Data", "ixi_sample")
 
 

@@ -24,6 +24,9 @@ def _add_register(commands):
     parser.add_argument("--modality", choices=["auto", "mr", "ct"], default="auto",
                         help="intensity normalisation (default: detected per image)")
     parser.add_argument("--quiet", action="store_true", help="print only the summary line")
+    parser.add_argument("--scene", metavar="OUT.mrb",
+                        help="also write a Slicer scene bundle (inputs, transform, warped volume, "
+                        "Jacobian map with its colours); needs slicer-core or Slicer's Python")
 
 
 def _add_warp(commands):
@@ -79,11 +82,22 @@ def _register(args):
     from .outputs import write_outputs
     from .pipeline import register
 
+    if args.scene:
+        try:
+            from FMSAMRegistrationLib.scene_export import check_scene_path
+        except ImportError as error:
+            raise InputError("--scene needs Slicer's MRML classes in Python (pip install slicer-core on "
+                             "Python 3.10+, or run fmsam from Slicer's Python): %s" % error) from None
+        check_scene_path(args.scene)
     result = register(args.fixed, args.moving, args.fixed_labels, args.moving_labels,
                       prealign=not args.no_affine, io_steps=args.io_steps, device=args.device,
                       weights=args.weights, modality=args.modality,
                       progress=_progress_printer(args.quiet))
     write_outputs(result, args.out, moving=read_image(args.moving))
+    if args.scene:
+        from FMSAMRegistrationLib.scene_export import write_registration_scene
+        write_registration_scene(args.scene, result, args.fixed, args.moving, args.fixed_labels,
+                                 args.moving_labels)
     report = result.report
     line = "registered in %.1f s on %s; folding %.4f %%; det J %.3f..%.3f" % (
         report["seconds"]["total"], report["device"], report["folding_percent"],

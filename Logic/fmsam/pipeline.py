@@ -130,14 +130,16 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
     torch_device = choose_device(device)
     network, config = model if model is not None else load_model(weights, "cpu")
     fixed_modality, moving_modality = (modality, modality) if isinstance(modality, str) else modality
-    fixed_normalised, fixed_modality = _normalised_image(fixed_image, fixed_modality)
-    moving_normalised, moving_modality = _normalised_image(moving_image, moving_modality)
+    # Both images are brought to the axis layout of the training images by a pure permutation or
+    # flip of their grids (no resampling): the network learned anatomy in that layout, and the
+    # result no longer depends on how a reader stored the voxels (Slicer flips some NIfTI axes).
+    layout = config.get("orientation", TRAINING_ORIENTATION)
+    network_fixed, fixed_modality = _normalised_image(reorient(fixed_image, layout), fixed_modality)
+    moving_normalised, moving_modality = _normalised_image(reorient(moving_image, layout), moving_modality)
 
     stages.begin("affine")
-    affine = affine_prealign(fixed_normalised, moving_normalised) if prealign else identity_affine()
-    # The network learned anatomy in the axis layout of its training images; a pure permutation or
-    # flip of the fixed grid (no resampling) presents any input the same way.
-    network_fixed = reorient(fixed_normalised, config.get("orientation", TRAINING_ORIENTATION))
+    affine = (affine_prealign(network_fixed, moving_normalised, progress=stages.update) if prealign
+              else identity_affine())
     moving_on_fixed = fields.resample(moving_normalised, network_fixed, affine)
 
     report = {}
@@ -175,7 +177,9 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
     if fixed_label_map is not None and moving_label_map is not None:
         fixed_array = sitk.GetArrayViewFromImage(fixed_label_map)
         labels = labels_in_both(fixed_array, sitk.GetArrayViewFromImage(moving_label_map))
+        initial_labels = fields.resample(moving_label_map, fixed_image, sitk.Transform(), nearest=True)
         affine_labels = fields.resample(moving_label_map, fixed_image, affine, nearest=True)
+        report["dice_initial"] = mean_dice(fixed_array, sitk.GetArrayViewFromImage(initial_labels), labels)
         report["dice_affine"] = mean_dice(fixed_array, sitk.GetArrayViewFromImage(affine_labels), labels)
         report["dice_after"] = mean_dice(fixed_array, sitk.GetArrayViewFromImage(warped_labels), labels)
         report["dice_labels"] = int(len(labels))

@@ -5,6 +5,8 @@ resampling direction), so ``sitk.Resample(moving, fixed, transform)`` aligns mov
 """
 import SimpleITK as sitk
 
+from .errors import Cancelled
+
 #: Seed for the metric's random sampling: the same inputs always give the same transform.
 SAMPLING_SEED = 20250510
 
@@ -25,28 +27,62 @@ def _registration(shrink_factors, smoothing_sigmas, iterations, sampling):
     return method
 
 
-def affine_prealign(fixed, moving, iterations=100, sampling=0.15):
+def affine_prealign(fixed, moving, iterations=100, sampling=0.15, progress=None):
     """Affinely register ``moving`` to ``fixed`` (both normalised float32 SimpleITK images).
 
-    Returns an ``sitk.AffineTransform`` (fixed LPS point -> moving LPS point). Runs on one ITK
+    Returns an ``sitk.AffineTransform`` (fixed LPS point -> moving LPS point). ``progress(fraction)``
+    is called every optimiser iteration; when it raises :class:`Cancelled` the optimiser stops at
+    that iteration and the exception is raised again here. Runs on one ITK
     thread: the multi-threaded metric adds partial sums in varying order, and the transform then
     differed in the last bits from run to run (outputs were not reproducible byte for byte).
     """
     threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     try:
-        return _affine_prealign(fixed, moving, iterations, sampling)
+        return _affine_prealign(fixed, moving, iterations, sampling, _Progress(progress, iterations))
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
 
 
-def _affine_prealign(fixed, moving, iterations, sampling):
+class _Progress:
+    """Forwards optimiser iterations as a fraction of the worst case (every level runs to the
+    iteration limit), and turns a :class:`Cancelled` raised by the callback into a stopped
+    optimiser: SimpleITK does not propagate exceptions out of its commands."""
+
+    LEVELS = 5  # two rigid levels, three affine levels
+
+    def __init__(self, callback, iterations):
+        self.callback, self.total = callback, float(iterations * self.LEVELS)
+        self.done, self.cancelled = 0, None
+
+    def watch(self, method):
+        if self.callback is not None:
+            method.AddCommand(sitk.sitkIterationEvent, lambda: self._iteration(method))
+
+    def _iteration(self, method):
+        self.done += 1
+        if self.cancelled is not None:
+            return
+        try:
+            self.callback(min(self.done / self.total, 0.99))
+        except Cancelled as cancelled:
+            self.cancelled = cancelled
+            method.StopRegistration()
+
+    def execute(self, method, fixed, moving):
+        self.watch(method)
+        method.Execute(fixed, moving)
+        if self.cancelled is not None:
+            raise self.cancelled
+
+
+def _affine_prealign(fixed, moving, iterations, sampling, progress):
     rigid = sitk.CenteredTransformInitializer(
         fixed, moving, sitk.VersorRigid3DTransform(),
         sitk.CenteredTransformInitializerFilter.MOMENTS)
     method = _registration([4, 2], [2.0, 1.0], iterations, sampling)
     method.SetInitialTransform(rigid, inPlace=True)
-    method.Execute(fixed, moving)
+    progress.execute(method, fixed, moving)
 
     affine = sitk.AffineTransform(3)
     affine.SetCenter(rigid.GetCenter())
@@ -54,7 +90,7 @@ def _affine_prealign(fixed, moving, iterations, sampling):
     affine.SetTranslation(rigid.GetTranslation())
     method = _registration([4, 2, 1], [2.0, 1.0, 0.0], iterations, sampling)
     method.SetInitialTransform(affine, inPlace=True)
-    method.Execute(fixed, moving)
+    progress.execute(method, fixed, moving)
     return affine
 
 

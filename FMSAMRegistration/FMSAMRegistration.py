@@ -1,0 +1,317 @@
+"""FM-SAM Registration: deformable registration with a SAM-trained foundation model.
+
+Module, widget and self-test only. Everything the widget does lives in FMSAMRegistrationLib (no
+qt/ctk there, tested on slicer-core's MRML), and the registration in the Slicer-free engine fmsam.
+"""
+import logging
+import os
+
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLNode, vtkMRMLScalarVolumeNode, vtkMRMLTransformNode
+from slicer.i18n import tr as _
+from slicer.parameterNodeWrapper import parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
+
+from FMSAMRegistrationLib import FMSAMRegistrationLogic as _RegistrationLogic
+from FMSAMRegistrationLib import ProcessingState
+from FMSAMRegistrationLib.torch_support import MISSING, cuda_usable, torch_problem
+
+POLL_MILLISECONDS = 200
+
+
+class FMSAMRegistration(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("FM-SAM Registration")
+        self.parent.categories = [_("Registration")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["FMSAMRegistration developers"]
+        self.parent.helpText = _(
+            "Deformable registration of two volumes with a registration foundation model trained with "
+            "Sharpness-Aware Minimization. Pick the fixed and moving volumes and click Register: the "
+            "result is a grid transform (fixed to moving, as ITK writes it), the moving volume warped "
+            "onto the fixed grid, and a Jacobian-determinant map (green = folding). "
+            "See the <a href='https://github.com/fmsam/SlicerFMSAMRegistration#readme'>README</a>.")
+        self.parent.acknowledgementText = _(
+            "Method: Hu et al., Improving Generalization of Medical Image Registration Foundation Model, "
+            "IJCNN 2025 (arXiv 2505.06527). Network in the style of uniGradICON. Bundled model trained "
+            "on IXI brain MRI (CC BY-SA 3.0) with DLMUSE labels.")
+
+
+@parameterNodeWrapper
+class FMSAMRegistrationParameterNode:
+    fixedVolume: vtkMRMLScalarVolumeNode
+    movingVolume: vtkMRMLScalarVolumeNode
+    fixedSegmentation: vtkMRMLNode
+    movingSegmentation: vtkMRMLNode
+    prealign: bool = True
+    mode: str = "fast"
+    device: str = "auto"
+    outputTransform: vtkMRMLTransformNode
+    createWarpedVolume: bool = True
+    warpedVolume: vtkMRMLScalarVolumeNode
+    createJacobian: bool = True
+    jacobianVolume: vtkMRMLScalarVolumeNode
+
+
+class FMSAMRegistrationLogic(ScriptedLoadableModuleLogic, _RegistrationLogic):
+    """The library's logic with the scripted-module plumbing (parameter node) added."""
+
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+        _RegistrationLogic.__init__(self)
+
+    def getParameterNode(self):
+        return FMSAMRegistrationParameterNode(super().getParameterNode())
+
+
+class FMSAMRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    MODES = (("fast", "Fast (network only)"), ("accurate", "Accurate (+ instance optimisation)"))
+
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._job = None
+        self._timer = None
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/FMSAMRegistration.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = FMSAMRegistrationLogic()
+
+        for value, title in self.MODES:
+            self.ui.modeComboBox.addItem(title, value)
+        self._fillDevices()
+        self.ui.progressBar.setVisible(False)
+        self._timer = qt.QTimer()
+        self._timer.setInterval(POLL_MILLISECONDS)
+        self._timer.connect("timeout()", self._poll)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.modeComboBox.connect("currentIndexChanged(int)", self._onModeChanged)
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self._onDeviceChanged)
+        self.initializeParameterNode()
+
+    def _fillDevices(self):
+        self.ui.deviceComboBox.clear()
+        self.ui.deviceComboBox.addItem("Auto (CUDA when usable, else CPU)", "auto")
+        if cuda_usable():
+            self.ui.deviceComboBox.addItem("CUDA", "cuda")
+        self.ui.deviceComboBox.addItem("CPU", "cpu")
+
+    # -- parameter node (the template's pattern) ---------------------------------------------------
+    def cleanup(self):
+        if self._job is not None:
+            self._job.cancel()
+        self.removeObservers()
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
+
+    def onSceneStartClose(self, caller, event):
+        if self._job is not None:
+            self._job.cancel()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.fixedVolume:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first is not None and not first.IsA("vtkMRMLLabelMapVolumeNode"):
+                self._parameterNode.fixedVolume = first
+
+    def setParameterNode(self, inputParameterNode):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
+            self._updateGui()
+
+    def _onModeChanged(self, index):
+        if self._parameterNode:
+            self._parameterNode.mode = self.ui.modeComboBox.itemData(index)
+
+    def _onDeviceChanged(self, index):
+        if self._parameterNode and index >= 0:
+            self._parameterNode.device = self.ui.deviceComboBox.itemData(index)
+
+    def _missing(self):
+        """What stops a run, in words ('' when it can run)."""
+        parameters = self._parameterNode
+        if parameters is None:
+            return _("No scene")
+        if not parameters.fixedVolume:
+            return _("Select a fixed volume")
+        if not parameters.movingVolume:
+            return _("Select a moving volume")
+        if bool(parameters.fixedSegmentation) != bool(parameters.movingSegmentation):
+            return _("Select segmentations for both volumes, or for neither")
+        return ""
+
+    def _updateGui(self, caller=None, event=None):
+        parameters = self._parameterNode
+        if parameters is None:
+            return
+        for combo, value in ((self.ui.modeComboBox, parameters.mode), (self.ui.deviceComboBox, parameters.device)):
+            index = combo.findData(value)
+            if index >= 0 and combo.currentIndex != index:
+                combo.currentIndex = index
+        self.ui.warpedVolumeSelector.enabled = parameters.createWarpedVolume
+        self.ui.jacobianVolumeSelector.enabled = parameters.createJacobian
+        self._updateButton()
+
+    def _updateButton(self):
+        state = self.logic.state if self.logic else ProcessingState.IDLE
+        button = self.ui.applyButton
+        if state == ProcessingState.RUNNING:
+            button.text, button.enabled, button.toolTip = _("Cancel"), True, _("Stop the registration")
+        elif state == ProcessingState.CANCELLING:
+            button.text, button.enabled, button.toolTip = _("Cancelling..."), False, ""
+        else:
+            missing = self._missing()
+            button.text = _("Register") if not missing else missing
+            button.enabled = not missing
+            button.toolTip = _("Register the moving volume to the fixed volume") if not missing else missing
+
+    # -- running -------------------------------------------------------------------------------------
+    def onApplyButton(self):
+        if self._job is not None:
+            self._job.cancel()
+            self._updateButton()
+            return
+        if not self._ensureTorch():
+            return
+        parameters = self._parameterNode
+        self.ui.resultsLabel.text = ""
+        with slicer.util.tryWithErrorDisplay(_("Registration could not start."), waitCursor=True):
+            self._job = self.logic.start(
+                parameters.fixedVolume, parameters.movingVolume,
+                fixedSegmentationNode=parameters.fixedSegmentation,
+                movingSegmentationNode=parameters.movingSegmentation,
+                prealign=parameters.prealign, device=parameters.device, mode=parameters.mode,
+                outputTransformNode=parameters.outputTransform,
+                createWarpedVolume=parameters.createWarpedVolume, warpedVolumeNode=parameters.warpedVolume,
+                createJacobian=parameters.createJacobian, jacobianVolumeNode=parameters.jacobianVolume)
+        if self._job is None:
+            return
+        self.ui.progressBar.setVisible(True)
+        self._timer.start()
+        self._poll()
+
+    def _poll(self):
+        job = self._job
+        if job is None:
+            self._timer.stop()
+            return
+        self.ui.progressBar.value = int(100 * job.fraction)
+        self.ui.statusLabel.text = job.status
+        self._updateButton()
+        if job.running:
+            return
+        self._timer.stop()
+        self._job = None
+        self.ui.progressBar.setVisible(False)
+        self.ui.statusLabel.text = ""
+        from fmsam.errors import Cancelled
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Registration failed."), waitCursor=True):
+                try:
+                    outcome = job.finish()
+                except Cancelled:
+                    self.ui.statusLabel.text = _("Cancelled; the scene was left as it was.")
+                    return
+                self.ui.resultsLabel.text = outcome.summary()
+                logging.info(outcome.summary())
+                # The widget's node selectors pick up the new nodes, so a second run overwrites
+                # them only if the user leaves them selected.
+                self._parameterNode.outputTransform = None
+        finally:
+            self._updateButton()
+
+    def _ensureTorch(self):
+        """Install PyTorch through the PyTorch extension when it is missing (one confirmation)."""
+        problem = torch_problem()
+        if problem == MISSING:
+            try:
+                import PyTorchUtils
+            except ImportError:
+                slicer.util.errorDisplay(_("This module needs PyTorch. Install the 'PyTorch' extension "
+                                           "from the Extensions Manager, restart Slicer, and try again."))
+                return False
+            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+            if torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=">=2.0") is None:
+                return False
+            problem = torch_problem()
+            self._fillDevices()
+        if problem is not None:
+            slicer.util.errorDisplay(problem)
+            return False
+        return True
+
+
+class FMSAMRegistrationTest(ScriptedLoadableModuleTest):
+    """Registers the bundled sample pair inside Slicer and checks what a user would see."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_RegisterSamplePair()
+
+    def _sampleFile(self, *parts):
+        moduleDir = os.path.dirname(slicer.modules.fmsamregistration.path)
+        for root in (os.path.join(moduleDir, "Resources", "SampleData"),
+                     os.path.join(moduleDir, "..", "Testing", "Data", "ixi_sample")):
+            path = os.path.join(root, *parts)
+            if os.path.exists(path):
+                return path
+        raise AssertionError("sample data %s not found beside the module" % os.path.join(*parts))
+
+    def test_RegisterSamplePair(self):
+        import numpy as np
+
+        self.delayDisplay("Loading the sample pair")
+        fixed = slicer.util.loadVolume(self._sampleFile("T1", "IXI012-HH-1211_T1.nii.gz"))
+        moving = slicer.util.loadVolume(self._sampleFile("T1", "IXI013-HH-1212_T1.nii.gz"))
+        fixedLabels = slicer.util.loadLabelVolume(self._sampleFile("labels", "IXI012-HH-1211_labels.nii.gz"))
+        movingLabels = slicer.util.loadLabelVolume(self._sampleFile("labels", "IXI013-HH-1212_labels.nii.gz"))
+        movingBefore = slicer.util.arrayFromVolume(moving).copy()
+
+        self.delayDisplay("Registering")
+        outcome = FMSAMRegistrationLogic().register(fixed, moving, fixedSegmentationNode=fixedLabels,
+                                                    movingSegmentationNode=movingLabels)
+        self.assertTrue(outcome.transformNode.IsA("vtkMRMLGridTransformNode"))
+        self.assertLess(outcome.foldingPercent, 0.1)
+        before, affine, after = outcome.dice
+        self.assertGreater(after, affine)
+        self.assertGreater(affine, before)
+        self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(moving), movingBefore))
+        colorNode = outcome.jacobianVolumeNode.GetDisplayNode().GetColorNode()
+        self.assertIn("Jacobian", colorNode.GetName())
+        self.delayDisplay("Test passed: " + outcome.summary())

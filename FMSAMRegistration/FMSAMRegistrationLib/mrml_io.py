@@ -1,0 +1,213 @@
+"""MRML nodes to and from the engine's SimpleITK images, in memory (no temporary files).
+
+Frames: MRML volumes carry ``IJKToRAS`` (RAS millimetres) and may sit under a parent transform;
+the engine works in LPS. The conversion between the two is ``fmsam.geometry``'s (the one place
+that converts LPS and RAS); this module only reads and writes nodes.
+
+A volume under a *linear* parent transform is read in world coordinates, exactly as hardening a
+copy of it would give (the voxels are not resampled, only the grid is moved). A volume under a
+non-linear transform is refused: hardening it would resample it, which the user should choose.
+"""
+import numpy as np
+import SimpleITK as sitk
+import slicer
+import vtk
+from vtk.util import numpy_support
+
+from fmsam.errors import InputError
+from fmsam.geometry import grid_from_ijk_to_ras, index_to_ras, lps_to_ras_points
+
+
+def _array_from_matrix(matrix):
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=np.float64)
+
+
+def _matrix_from_array(array):
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(array[r][c]))
+    return matrix
+
+
+def world_ijk_to_ras(node, what):
+    """The node's IJK-to-world (RAS) matrix, through its linear parent transforms (4x4 array)."""
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(ijk_to_ras)
+    matrix = _array_from_matrix(ijk_to_ras)
+    parent = node.GetParentTransformNode()
+    if parent is None:
+        return matrix
+    if not parent.IsTransformToWorldLinear():
+        raise InputError(
+            "the %s '%s' is under the non-linear transform '%s': harden it (Data module, right-click "
+            "the volume > Harden transform) or move the volume out of the transform first"
+            % (what, node.GetName(), parent.GetName()))
+    to_world = vtk.vtkMatrix4x4()
+    parent.GetMatrixTransformToWorld(to_world)
+    return _array_from_matrix(to_world) @ matrix
+
+
+def image_from_volume_node(node, what="volume"):
+    """A SimpleITK image (LPS, world coordinates) holding a copy of a scalar volume node's voxels."""
+    if node is None:
+        raise InputError("no %s was given" % what)
+    if not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
+        raise InputError("the %s '%s' is a %s, not a scalar volume" % (what, node.GetName(), node.GetClassName()))
+    image_data = node.GetImageData()
+    if image_data is None or image_data.GetNumberOfPoints() == 0:
+        raise InputError("the %s '%s' has no voxels" % (what, node.GetName()))
+    if image_data.GetNumberOfScalarComponents() != 1:
+        raise InputError("the %s '%s' has %d components per voxel; pick a single-component (scalar) "
+                         "volume" % (what, node.GetName(), image_data.GetNumberOfScalarComponents()))
+    voxels_kji = slicer.util.arrayFromVolume(node)
+    image = sitk.GetImageFromArray(np.array(voxels_kji, copy=True))  # the engine never sees the node's memory
+    image.CopyInformation(grid_from_ijk_to_ras(world_ijk_to_ras(node, what), image.GetSize()))
+    return image
+
+
+def label_image_from_node(node, reference_volume_node, what, segment_values=None, scene=None):
+    """A label map (SimpleITK, uint16, LPS) on ``reference_volume_node``'s grid.
+
+    ``node`` is a label map volume (its own grid, which must be the reference's) or a
+    segmentation (exported onto the reference grid; segment ``name -> label value`` from
+    ``segment_values``, so that two segmentations get matching values).
+    """
+    if node.IsA("vtkMRMLLabelMapVolumeNode"):
+        image_data = node.GetImageData()
+        if image_data is None or image_data.GetNumberOfPoints() == 0:
+            raise InputError("the %s '%s' has no voxels" % (what, node.GetName()))
+        voxels = np.array(slicer.util.arrayFromVolume(node), copy=True)
+        image = sitk.GetImageFromArray(voxels.astype(np.uint16))
+        image.CopyInformation(grid_from_ijk_to_ras(world_ijk_to_ras(node, what), image.GetSize()))
+        return image
+    if not node.IsA("vtkMRMLSegmentationNode"):
+        raise InputError("the %s '%s' is a %s; pick a segmentation or a label map volume"
+                         % (what, node.GetName(), node.GetClassName()))
+    return _segmentation_to_label_image(node, reference_volume_node, what, segment_values, scene)
+
+
+def segment_names(segmentation_node):
+    segmentation = segmentation_node.GetSegmentation()
+    return [segmentation.GetNthSegment(index).GetName() for index in range(segmentation.GetNumberOfSegments())]
+
+
+def _segmentation_to_label_image(node, reference_volume_node, what, segment_values, scene):
+    """Export the segments named in ``segment_values`` to a temporary label map node (removed
+    again before returning) on the reference volume's grid."""
+    if node.GetParentTransformNode() is not None and not node.GetParentTransformNode().IsTransformToWorldLinear():
+        raise InputError("the %s '%s' is under a non-linear transform; harden it first" % (what, node.GetName()))
+    scene = scene or node.GetScene()
+    segmentation = node.GetSegmentation()
+    wanted = segment_values or {name: value for value, name in enumerate(segment_names(node), start=1)}
+    ids, values = vtk.vtkStringArray(), []
+    for index in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(index)
+        if segment.GetName() in wanted:
+            ids.InsertNextValue(segmentation.GetNthSegmentID(index))
+            values.append(wanted[segment.GetName()])
+    if not values:
+        raise InputError("the %s '%s' has no segments to compare" % (what, node.GetName()))
+    existing = {scene.GetNthNode(index).GetID() for index in range(scene.GetNumberOfNodes())}
+    temporary = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__fmsam_export")
+    try:
+        exported = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+            node, ids, temporary, reference_volume_node,
+            slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY)
+        if not exported:
+            raise InputError("the %s '%s' could not be exported onto the grid of '%s'"
+                             % (what, node.GetName(), reference_volume_node.GetName()))
+        exported_values = np.array(slicer.util.arrayFromVolume(temporary), copy=True)
+        # The export numbers segments 1..n in the order given; map them to the shared values.
+        lookup = np.zeros(len(values) + 1, dtype=np.uint16)
+        lookup[1:] = values
+        image = sitk.GetImageFromArray(lookup[exported_values.astype(np.int64)])
+        image.CopyInformation(grid_from_ijk_to_ras(world_ijk_to_ras(temporary, what), image.GetSize()))
+        return image
+    finally:
+        # The export adds a display node and a colour table besides the label map: remove them all.
+        added = [scene.GetNthNode(index) for index in range(scene.GetNumberOfNodes())]
+        for extra in added:
+            if extra.GetID() not in existing:
+                scene.RemoveNode(extra)
+
+
+def shared_segment_values(fixed_node, moving_node):
+    """Label values for the segments both segmentations name the same way (``name -> value``).
+
+    ``None`` when either node is a label map volume: label maps already share their values.
+    """
+    if fixed_node is None or moving_node is None:
+        return None
+    if not (fixed_node.IsA("vtkMRMLSegmentationNode") and moving_node.IsA("vtkMRMLSegmentationNode")):
+        if fixed_node.IsA("vtkMRMLSegmentationNode") or moving_node.IsA("vtkMRMLSegmentationNode"):
+            raise InputError("give two segmentations or two label maps, not one of each: their label "
+                             "values cannot be matched")
+        return None
+    moving_names = set(segment_names(moving_node))
+    shared = [name for name in segment_names(fixed_node) if name in moving_names]
+    if not shared:
+        raise InputError("the fixed and moving segmentations have no segment names in common, so "
+                         "Dice cannot be computed")
+    return {name: value for value, name in enumerate(shared, start=1)}
+
+
+def set_volume_from_image(node, image):
+    """Fill a volume node with a SimpleITK image's voxels and geometry (world RAS, no parent)."""
+    node.SetIJKToRASMatrix(_matrix_from_array(index_to_ras(image)))
+    slicer.util.updateVolumeFromArray(node, sitk.GetArrayFromImage(image))
+    return node
+
+
+def set_grid_transform_from_field(transform_node, field_lps, reference):
+    """Store a fixed-to-moving displacement field as the node's FromParent transform.
+
+    ``field_lps``: (k, j, i, 3) LPS millimetres on ``reference``'s grid (SimpleITK image). ITK
+    displacement-field files hold this resampling direction and Slicer loads them as FromParent,
+    so saving the node writes the same ``DisplacementFieldTransform`` the command line writes.
+    """
+    ijk_to_ras = index_to_ras(reference)
+    spacing = np.linalg.norm(ijk_to_ras[:3, :3], axis=0)
+    direction = np.eye(4)
+    direction[:3, :3] = ijk_to_ras[:3, :3] / spacing
+    field_ras = np.ascontiguousarray(lps_to_ras_points(field_lps).reshape(-1, 3))
+
+    grid = vtk.vtkImageData()
+    grid.SetDimensions(*reference.GetSize())
+    grid.SetOrigin(*ijk_to_ras[:3, 3])
+    grid.SetSpacing(*spacing)
+    grid.AllocateScalars(vtk.VTK_DOUBLE, 3)
+    scalars = numpy_support.numpy_to_vtk(field_ras, deep=True, array_type=vtk.VTK_DOUBLE)
+    scalars.SetName("displacement")
+    grid.GetPointData().SetScalars(scalars)
+
+    transform = slicer.vtkOrientedGridTransform()
+    transform.SetDisplacementGridData(grid)
+    transform.SetGridDirectionMatrix(_matrix_from_array(direction))
+    transform.SetInterpolationModeToLinear()  # ITK's displacement fields interpolate linearly
+    transform_node.SetAndObserveTransformFromParent(transform)
+    return transform_node
+
+
+def field_from_grid_transform_node(transform_node):
+    """(k, j, i, 3) LPS displacement (fixed -> moving) and its grid (SimpleITK image) from a node
+    written by :func:`set_grid_transform_from_field`."""
+    transform = transform_node.GetTransformFromParent()
+    if transform is None or not transform.IsA("vtkOrientedGridTransform"):
+        raise InputError("the transform '%s' holds no displacement grid as its FromParent transform"
+                         % transform_node.GetName())
+    grid = transform.GetDisplacementGrid()
+    direction = _array_from_matrix(transform.GetGridDirectionMatrix())
+    ijk_to_ras = np.eye(4)
+    ijk_to_ras[:3, :3] = direction[:3, :3] @ np.diag(grid.GetSpacing())
+    ijk_to_ras[:3, 3] = grid.GetOrigin()
+    reference = grid_from_ijk_to_ras(ijk_to_ras, grid.GetDimensions())
+    field_ras = numpy_support.vtk_to_numpy(grid.GetPointData().GetScalars())
+    size_i, size_j, size_k = grid.GetDimensions()
+    field_lps = lps_to_ras_points(field_ras).reshape(size_k, size_j, size_i, 3)
+    return field_lps, reference
+
+
+__all__ = ["image_from_volume_node", "label_image_from_node", "shared_segment_values",
+           "set_volume_from_image", "set_grid_transform_from_field", "field_from_grid_transform_node",
+           "world_ijk_to_ras", "segment_names"]

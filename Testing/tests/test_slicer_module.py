@@ -1,0 +1,329 @@
+"""The module's logic on Slicer's real MRML (PyPI slicer-core), without the Slicer application.
+
+One registration of the sample pair in a scene (as the GUI runs it) is compared with the command
+line's outputs for the same pair (``registered_sample``): transform, warped volume, Jacobian.
+"""
+import hashlib
+import os
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+slicer = pytest.importorskip("slicer", reason="needs slicer-core (pip install slicer-core)")
+
+import vtk  # noqa: E402  (slicer-core's VTK)
+
+from fmsam.errors import Cancelled, InputError  # noqa: E402
+from FMSAMRegistrationLib import FMSAMRegistrationLogic, ProcessingState, display, mrml_io  # noqa: E402
+from FMSAMRegistrationLib.scene import new_scene  # noqa: E402
+
+
+def node_digest(node):
+    """Voxels, geometry and transform parent of a volume node: what 'unchanged' means."""
+    digest = hashlib.sha256(np.ascontiguousarray(slicer.util.arrayFromVolume(node)).tobytes())
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    digest.update(np.array([matrix.GetElement(r, c) for r in range(4) for c in range(4)]).tobytes())
+    digest.update(str(node.GetTransformNodeID()).encode())
+    digest.update(str(node.GetImageData().GetScalarType()).encode())
+    return digest.hexdigest()
+
+
+def load_pair(headless, sample_paths):
+    nodes = {
+        "fixed": headless.load_volume(sample_paths["fixed"], "fixed"),
+        "moving": headless.load_volume(sample_paths["moving"], "moving"),
+        "fixed_labels": headless.load_volume(sample_paths["fixed_labels"], "fixed labels", labelmap=True),
+        "moving_labels": headless.load_volume(sample_paths["moving_labels"], "moving labels", labelmap=True),
+    }
+    return nodes
+
+
+@pytest.fixture(scope="module")
+def gui_run(sample_paths):
+    """The sample pair registered through the logic in a headless scene, with label maps."""
+    headless = new_scene()
+    nodes = load_pair(headless, sample_paths)
+    before = {key: node_digest(node) for key, node in nodes.items()}
+    logic = FMSAMRegistrationLogic(headless.scene, headless.color_logic)
+    states = []
+    job = logic.start(nodes["fixed"], nodes["moving"], fixedSegmentationNode=nodes["fixed_labels"],
+                      movingSegmentationNode=nodes["moving_labels"], device="cpu",
+                      progress=lambda stage, fraction: states.append(logic.state))
+    while job.running:
+        time.sleep(0.05)
+    outcome = job.finish()
+    return {"headless": headless, "nodes": nodes, "before": before, "outcome": outcome,
+            "logic": logic, "states": states}
+
+
+def inside_points(image, count, seed=0):
+    """Random LPS points well inside an image's grid (where ITK and VTK both interpolate)."""
+    rng = np.random.default_rng(seed)
+    size = np.array(image.GetSize(), dtype=np.float64)
+    indices = rng.uniform(1.0, size - 2.0, (count, 3))
+    return np.array([image.TransformContinuousIndexToPhysicalPoint(index.tolist()) for index in indices])
+
+
+def test_transform_node_maps_points_like_the_cli_transform(gui_run, registered_sample, sample_paths):
+    node = gui_run["outcome"].transformNode
+    assert node.IsA("vtkMRMLGridTransformNode")
+    from_parent = node.GetTransformFromParent()
+    assert from_parent.IsA("vtkOrientedGridTransform")
+    cli = sitk.ReadTransform(os.path.join(registered_sample, "transform.h5"))
+    points_lps = inside_points(sitk.ReadImage(sample_paths["fixed"]), 2000)
+    expected = np.array([cli.TransformPoint(point.tolist()) for point in points_lps])
+    mapped_ras = np.array([from_parent.TransformPoint(*point) for point in points_lps * [-1, -1, 1]])
+    error = np.abs(mapped_ras * [-1, -1, 1] - expected).max()
+    assert error < 0.01, "grid transform node and CLI transform.h5 differ by %.4f mm" % error
+    # The displacement is a real one (the test would pass for any two identity transforms otherwise).
+    assert np.abs(expected - points_lps).max() > 2.0
+
+
+def test_saved_transform_node_is_the_cli_displacement_field(gui_run, registered_sample, sample_paths, tmp_path):
+    node = gui_run["outcome"].transformNode
+    storage = node.CreateDefaultStorageNode()
+    gui_run["headless"].scene.AddNode(storage)
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    path = str(tmp_path / "from_slicer.h5")
+    storage.SetFileName(path)
+    assert storage.WriteData(node)
+    written = sitk.ReadTransform(path)  # SimpleITK reads it: a plain DisplacementFieldTransform
+    cli = sitk.ReadTransform(os.path.join(registered_sample, "transform.h5"))
+    points_lps = inside_points(sitk.ReadImage(sample_paths["fixed"]), 500, seed=1)
+    difference = max(np.abs(np.subtract(written.TransformPoint(p.tolist()), cli.TransformPoint(p.tolist()))).max()
+                     for p in points_lps)
+    assert difference < 0.01
+
+
+def test_warped_volume_matches_fmsam_warp(gui_run, registered_sample, sample_paths, tmp_path):
+    from fmsam.cli import main
+
+    out = str(tmp_path / "warped_by_cli.nii.gz")
+    assert main(["warp", sample_paths["moving"], "--transform", os.path.join(registered_sample, "transform.h5"),
+                 "--reference", sample_paths["fixed"], "--out", out]) == 0
+    by_cli = sitk.ReadImage(out, sitk.sitkFloat64)
+    by_module = mrml_io.image_from_volume_node(gui_run["outcome"].warpedVolumeNode)
+    # Slicer stores this NIfTI with a flipped first axis: compare in physical space, voxel for voxel.
+    on_cli_grid = sitk.Resample(sitk.Cast(by_module, sitk.sitkFloat64), by_cli, sitk.Transform(),
+                                sitk.sitkNearestNeighbor)
+    difference = np.abs(sitk.GetArrayFromImage(on_cli_grid) - sitk.GetArrayFromImage(by_cli))
+    value_range = float(np.ptp(sitk.GetArrayFromImage(by_cli)))
+    assert value_range > 100
+    assert difference.max() <= 1e-3 * value_range
+
+
+def test_jacobian_node_has_colours_legend_and_expected_range(gui_run, registered_sample):
+    outcome = gui_run["outcome"]
+    node = outcome.jacobianVolumeNode
+    values = slicer.util.arrayFromVolume(node)
+    assert values.min() == pytest.approx(outcome.jacobianRange[0], abs=1e-5)
+    assert values.max() == pytest.approx(outcome.jacobianRange[1], abs=1e-5)
+    assert 0.0 < values.min() < 1.0 < values.max() < 5.0
+    cli = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(registered_sample, "jacobian.nii.gz")))
+    assert values.min() == pytest.approx(cli.min(), abs=1e-3)
+    assert values.max() == pytest.approx(cli.max(), abs=1e-3)
+
+    shown = node.GetDisplayNode()
+    color_node = shown.GetColorNode()
+    assert color_node.GetName() == display.JACOBIAN_COLOR_NODE_NAME
+    assert not shown.GetAutoWindowLevel()
+    assert shown.GetWindowLevelMin() == pytest.approx(display.JACOBIAN_MIN)
+    assert shown.GetWindowLevelMax() == pytest.approx(display.JACOBIAN_MAX)
+    legend = gui_run["headless"].color_logic.GetColorLegendDisplayNode(node)
+    assert legend is not None and legend.GetTitleText() == "det J"
+
+    def color_of(value):  # the table entry Slicer's window/level picks for a det J value
+        index = int(np.floor((value - display.JACOBIAN_MIN) / display.JACOBIAN_STEP))
+        rgba = [0.0] * 4
+        color_node.GetColor(index, rgba)
+        return np.array(rgba[:3])
+
+    assert np.allclose(color_of(-0.05), display.FOLDING_RGB, atol=0.01)  # folding: green (8-bit table)
+    assert np.allclose(color_of(1.0), 1.0, atol=0.02)              # no change: white
+    assert color_of(0.3)[2] > color_of(0.3)[0] + 0.3               # contraction: blue
+    assert color_of(2.0)[0] > color_of(2.0)[2] + 0.3               # expansion: red
+    assert not np.allclose(color_of(0.01), display.FOLDING_RGB, atol=0.1)  # det J above 0 is not green
+
+
+def test_outcome_reports_dice_and_the_inputs_are_untouched(gui_run, input_digests_before, sample_paths):
+    from conftest import file_digests
+
+    outcome = gui_run["outcome"]
+    before, affine, after = outcome.dice
+    assert after > affine + 0.02 > before + 0.02
+    assert outcome.foldingPercent < 0.1
+    assert "Dice" in outcome.summary() and "Folding" in outcome.summary()
+    for key, node in gui_run["nodes"].items():
+        assert node_digest(node) == gui_run["before"][key], "input node %s was modified" % key
+    assert file_digests(sample_paths) == input_digests_before
+    assert ProcessingState.RUNNING in gui_run["states"]
+    assert gui_run["logic"].state == ProcessingState.IDLE
+
+
+def test_results_are_shown_over_the_fixed_volume(gui_run):
+    outcome, nodes = gui_run["outcome"], gui_run["nodes"]
+    composites = display.ensure_slice_views(gui_run["headless"].scene)
+    for name in ("Red", "Yellow"):
+        assert composites[name].GetBackgroundVolumeID() == nodes["fixed"].GetID()
+        assert composites[name].GetForegroundVolumeID() == outcome.warpedVolumeNode.GetID()
+        assert composites[name].GetForegroundOpacity() == pytest.approx(0.5)
+    assert composites["Green"].GetBackgroundVolumeID() == outcome.jacobianVolumeNode.GetID()
+
+
+def test_scene_bundle_round_trip_keeps_nodes_colours_and_window_level(gui_run, tmp_path):
+    outcome = gui_run["outcome"]
+    path = gui_run["headless"].write_bundle(str(tmp_path / "gui.mrb"))
+    reread = new_scene()
+    reread.read_bundle(path)
+    scene = reread.scene
+    jacobian = scene.GetFirstNodeByName(outcome.jacobianVolumeNode.GetName())
+    assert jacobian is not None
+    assert jacobian.GetDisplayNode().GetColorNode().GetName() == display.JACOBIAN_COLOR_NODE_NAME
+    assert jacobian.GetDisplayNode().GetWindowLevelMin() == pytest.approx(display.JACOBIAN_MIN)
+    assert jacobian.GetDisplayNode().GetWindowLevelMax() == pytest.approx(display.JACOBIAN_MAX)
+    assert np.allclose(slicer.util.arrayFromVolume(jacobian), slicer.util.arrayFromVolume(outcome.jacobianVolumeNode))
+    assert reread.color_logic.GetColorLegendDisplayNode(jacobian) is not None
+    transform = scene.GetFirstNodeByName(outcome.transformNode.GetName())
+    field_read, _ = mrml_io.field_from_grid_transform_node(transform)
+    field_made, _ = mrml_io.field_from_grid_transform_node(outcome.transformNode)
+    assert np.abs(field_read - field_made).max() < 1e-6
+    red = [node for node in scene.GetNodesByClass("vtkMRMLSliceCompositeNode") if node.GetLayoutName() == "Red"][0]
+    assert scene.GetNodeByID(red.GetBackgroundVolumeID()).GetName() == "fixed"
+    assert scene.GetNodeByID(red.GetForegroundVolumeID()).GetName() == outcome.warpedVolumeNode.GetName()
+
+
+def test_cli_scene_output(sample_paths, tmp_path):
+    from fmsam.cli import main
+
+    mrb = str(tmp_path / "pair.mrb")
+    assert main(["register", sample_paths["fixed"], sample_paths["moving"], "--out", str(tmp_path / "out"),
+                 "--scene", mrb, "--quiet", "--device", "cpu"]) == 0
+    reread = new_scene()
+    reread.read_bundle(mrb)
+    scene = reread.scene
+    names = {node.GetName() for node in scene.GetNodesByClass("vtkMRMLScalarVolumeNode")}
+    fixed, moving = [os.path.basename(sample_paths[key]).split(".")[0] for key in ("fixed", "moving")]
+    assert {fixed, moving, moving + " warped", "%s to %s det J" % (moving, fixed)} <= names
+    jacobian = scene.GetFirstNodeByName("%s to %s det J" % (moving, fixed))
+    assert jacobian.GetDisplayNode().GetColorNode().GetName() == display.JACOBIAN_COLOR_NODE_NAME
+    transforms = [node for node in scene.GetNodesByClass("vtkMRMLGridTransformNode")]
+    assert len(transforms) == 1
+    cli = sitk.ReadTransform(str(tmp_path / "out" / "transform.h5"))
+    field, reference = mrml_io.field_from_grid_transform_node(transforms[0])
+    cli_field = sitk.GetArrayFromImage(sitk.DisplacementFieldTransform(cli).GetDisplacementField())
+    assert field.shape == cli_field.shape and np.abs(field - cli_field).max() < 1e-4
+
+
+def test_cli_scene_refuses_a_bad_path_before_registering(sample_paths, tmp_path, capsys):
+    from fmsam.cli import main
+
+    code = main(["register", sample_paths["fixed"], sample_paths["moving"], "--out", str(tmp_path / "out"),
+                 "--scene", str(tmp_path / "scene.zip")])
+    assert code == 2 and ".mrb" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cancel_leaves_the_scene_as_it_was(sample_paths):
+    headless = new_scene()
+    nodes = load_pair(headless, sample_paths)
+    scene = headless.scene
+    ids_before = sorted(scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes()))
+    digests = {key: node_digest(node) for key, node in nodes.items()}
+    logic = FMSAMRegistrationLogic(scene, headless.color_logic)
+    cancelled_at = {}
+
+    def cancel_during_affine(stage, fraction):
+        if stage == "affine" and fraction > 0 and "time" not in cancelled_at:
+            cancelled_at["time"] = time.perf_counter()
+            job.cancel()
+
+    job = logic.prepare(nodes["fixed"], nodes["moving"], device="cpu", progress=cancel_during_affine)
+    job.start()
+    while job.running:
+        if job.cancelling:
+            assert logic.state == ProcessingState.CANCELLING
+        time.sleep(0.01)
+    stopped = time.perf_counter()
+    with pytest.raises(Cancelled):
+        job.finish()
+    assert stopped - cancelled_at["time"] < 1.0, "cancel took %.2f s" % (stopped - cancelled_at["time"])
+    assert job.stage == "affine"
+    assert sorted(scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())) == ids_before
+    assert {key: node_digest(node) for key, node in nodes.items()} == digests
+    assert logic.state == ProcessingState.IDLE
+
+
+@pytest.fixture()
+def pair_scene(sample_paths):
+    headless = new_scene()
+    return headless, load_pair(headless, sample_paths), FMSAMRegistrationLogic(headless.scene, headless.color_logic)
+
+
+def test_volume_under_a_linear_transform_is_read_in_world_coordinates(pair_scene):
+    headless, nodes, _ = pair_scene
+    moving = nodes["moving"]
+    plain = mrml_io.image_from_volume_node(moving)
+    transform = headless.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    matrix = np.eye(4)
+    matrix[:3, :3] = [[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
+    matrix[:3, 3] = [10.0, -5.0, 3.0]
+    slicer.util.updateTransformMatrixFromArray(transform, matrix)
+    moving.SetAndObserveTransformNodeID(transform.GetID())
+    moved = mrml_io.image_from_volume_node(moving)
+    # A voxel's world (RAS) position is the parent matrix applied to its untransformed position.
+    corner = np.array(plain.TransformIndexToPhysicalPoint((3, 4, 5))) * [-1, -1, 1]
+    moved_corner = np.array(moved.TransformIndexToPhysicalPoint((3, 4, 5))) * [-1, -1, 1]
+    assert np.allclose(matrix[:3, :3] @ corner + matrix[:3, 3], moved_corner, atol=1e-6)
+    assert np.array_equal(sitk.GetArrayFromImage(plain), sitk.GetArrayFromImage(moved))
+
+
+def test_refusals_say_what_is_wrong_and_change_nothing(pair_scene):
+    headless, nodes, logic = pair_scene
+    scene = headless.scene
+    count = scene.GetNumberOfNodes()
+    grid = scene.AddNewNodeByClass("vtkMRMLGridTransformNode")
+    mrml_io.set_grid_transform_from_field(grid, np.zeros((4, 4, 4, 3)), sitk.Image(4, 4, 4, sitk.sitkFloat32))
+    nodes["moving"].SetAndObserveTransformNodeID(grid.GetID())
+    with pytest.raises(InputError, match="non-linear transform"):
+        logic.register(nodes["fixed"], nodes["moving"])
+    nodes["moving"].SetAndObserveTransformNodeID(None)
+    with pytest.raises(InputError, match="not a scalar volume"):
+        logic.register(nodes["fixed"], nodes["moving_labels"])
+    with pytest.raises(InputError, match="also an input"):
+        logic.register(nodes["fixed"], nodes["moving"], warpedVolumeNode=nodes["moving"])
+    with pytest.raises(InputError, match="both a fixed and a moving"):
+        logic.register(nodes["fixed"], None)
+    with pytest.raises(InputError, match="both volumes"):
+        logic.register(nodes["fixed"], nodes["moving"], fixedSegmentationNode=nodes["fixed_labels"])
+    with pytest.raises(InputError, match="mode"):
+        logic.register(nodes["fixed"], nodes["moving"], mode="slow")
+    assert scene.GetNumberOfNodes() == count + 1  # only the grid transform made here
+    assert logic.state == ProcessingState.IDLE
+
+
+def test_segmentations_are_matched_by_segment_name(pair_scene):
+    headless, nodes, _ = pair_scene
+    scene = headless.scene
+    segmentations = {}
+    for key in ("fixed_labels", "moving_labels"):
+        segmentations[key] = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", key)
+        assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
+            nodes[key], segmentations[key])
+    # Remove a segment from the moving side: the shared names decide the label values.
+    moving_segmentation = segmentations["moving_labels"].GetSegmentation()
+    moving_segmentation.RemoveSegment(moving_segmentation.GetNthSegmentID(0))
+    values = mrml_io.shared_segment_values(segmentations["fixed_labels"], segmentations["moving_labels"])
+    assert len(values) == moving_segmentation.GetNumberOfSegments()
+    count = scene.GetNumberOfNodes()
+    exported = mrml_io.label_image_from_node(segmentations["fixed_labels"], nodes["fixed"], "fixed", values, scene)
+    assert scene.GetNumberOfNodes() == count  # the temporary export node is gone
+    original = mrml_io.label_image_from_node(nodes["fixed_labels"], nodes["fixed"], "fixed")
+    exported_array, original_array = sitk.GetArrayFromImage(exported), sitk.GetArrayFromImage(original)
+    for name, value in list(values.items())[:10]:
+        label = int(name.split("_")[-1])  # the importer names segments Label_<value>
+        assert np.array_equal(exported_array == value, original_array == label)
+    with pytest.raises(InputError, match="not one of each"):
+        mrml_io.shared_segment_values(segmentations["fixed_labels"], nodes["moving_labels"])
