@@ -12,10 +12,12 @@ fmsam evaluate --pairs Testing/Benchmarks/ixi_val_pairs30.csv --out "$out/ixi_va
 # Accurate mode (50 instance-optimisation steps)
 fmsam evaluate --pairs Testing/Benchmarks/ixi_val_pairs30.csv --out "$out/ixi_val30_io50.csv" --device cpu --io-steps 50
 # Cross-dataset: the OASIS pair, both directions, with tissue labels
+# (the label files' headers differ from their images': copies with the image geometry are used)
 o=../shared/data/oasis_pair
+python3 Testing/Benchmarks/oasis_labels_with_image_geometry.py $o "$out/oasis_labels"
 for dir in AB BA; do
   f=${dir:0:1}; m=${dir:1:1}
   fmsam register $o/image_${f}_160x192x144.nii.gz $o/image_${m}_160x192x144.nii.gz --out "$out/oasis_$dir" \
-      --fixed-labels $o/image_${f}_160x192x144_seg.nii.gz --moving-labels $o/image_${m}_160x192x144_seg.nii.gz \
+      --fixed-labels "$out/oasis_labels/seg_${f}.nii.gz" --moving-labels "$out/oasis_labels/seg_${m}.nii.gz" \
       --device cpu --quiet
 done

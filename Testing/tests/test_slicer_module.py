@@ -52,11 +52,18 @@ def gui_run(sample_paths):
     job = logic.start(nodes["fixed"], nodes["moving"], fixedSegmentationNode=nodes["fixed_labels"],
                       movingSegmentationNode=nodes["moving_labels"], device="cpu",
                       progress=lambda stage, fraction: states.append(logic.state))
+    # Poll as the widget's timer does; the longest wait between two polls is what a user of the
+    # GUI would feel (the engine runs in a thread and must not hold the main thread).
+    longest_wait, last = 0.0, time.perf_counter()
+    polls = []
     while job.running:
         time.sleep(0.05)
+        now = time.perf_counter()
+        longest_wait, last = max(longest_wait, now - last), now
+        polls.append((job.stage, job.fraction, job.status))
     outcome = job.finish()
     return {"headless": headless, "nodes": nodes, "before": before, "outcome": outcome,
-            "logic": logic, "states": states}
+            "logic": logic, "states": states, "longest_wait": longest_wait, "polls": polls}
 
 
 def inside_points(image, count, seed=0):
@@ -161,6 +168,15 @@ def test_outcome_reports_dice_and_the_inputs_are_untouched(gui_run, input_digest
     assert file_digests(sample_paths) == input_digests_before
     assert ProcessingState.RUNNING in gui_run["states"]
     assert gui_run["logic"].state == ProcessingState.IDLE
+
+
+def test_main_thread_stays_responsive_and_progress_names_the_stages(gui_run):
+    assert gui_run["longest_wait"] < 1.0, "main thread blocked for %.2f s" % gui_run["longest_wait"]
+    stages = [stage for stage, _, _ in gui_run["polls"]]
+    assert "affine" in stages and "network" in stages
+    fractions = [fraction for _, fraction, _ in gui_run["polls"]]
+    assert fractions == sorted(fractions) and 0.0 <= fractions[0] and fractions[-1] <= 1.0
+    assert any(status.startswith("Affine pre-alignment (") for _, _, status in gui_run["polls"])
 
 
 def test_results_are_shown_over_the_fixed_volume(gui_run):
