@@ -62,6 +62,8 @@ class _Progress:
     def _iteration(self, method):
         self.done += 1
         if self.cancelled is not None:
+            # StopRegistration ends the current resolution level only; stop each later one at once.
+            method.StopRegistration()
             return
         try:
             self.callback(min(self.done / self.total, 0.99))

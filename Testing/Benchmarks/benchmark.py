@@ -1,0 +1,273 @@
+"""Side-by-side benchmark: fmsam (fast, accurate), ANTs SyN, elastix and SimpleITK demons.
+
+Every method registers the same pairs; Dice (mean over labels present in both label maps), folding
+(det J <= 0, from one Jacobian: ``fmsam.jacobian``, on each method's dense fixed-to-moving field)
+and the registration's wall-clock seconds are written to ``OUT/results.csv``, one row per method
+and pair. Runs are resumable: rows already in the CSV are skipped.
+
+The classical baselines need packages that must not enter the project's environment (antspyx pins
+NumPy < 2.4), so they run from a separate virtual environment, the fmsam rows from the project's:
+
+    python3 -m venv ../bench-venv && ../bench-venv/bin/pip install antspyx==0.6.3 itk-elastix SimpleITK matplotlib
+    ../bench-venv/bin/python Testing/Benchmarks/benchmark.py run --pairs PAIRS.csv --out DIR --methods syn,demons,elastix
+    python3 Testing/Benchmarks/benchmark.py run --pairs PAIRS.csv --out DIR --methods fmsam-fast,fmsam-accurate
+    python3 Testing/Benchmarks/benchmark.py report --out DIR
+
+``report`` writes ``DIR/summary.md`` (a markdown table) and ``DIR/dice_vs_seconds.png``.
+Threads: ``--threads`` (default 2, the machine's cores) for ITK and torch alike.
+"""
+import argparse
+import csv
+import os
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "..", "Logic"))
+
+FIELDS = ("method", "pair", "fixed", "moving", "dice", "folding_percent", "jacobian_min", "seconds")
+METHODS = ("fmsam-fast", "fmsam-accurate", "syn", "elastix", "demons")
+
+
+def read_pairs(path):
+    from fmsam.evaluate import read_pairs as read
+
+    return read(path)
+
+
+def mean_dice_on_fixed(fixed_labels_path, warped_labels):
+    """Mean Dice between the fixed label map (file) and a warped label map (SimpleITK image on the
+    fixed grid), over the labels present in both the fixed and the moving label maps."""
+    import SimpleITK as sitk
+
+    from fmsam.metrics import mean_dice
+
+    fixed = sitk.GetArrayFromImage(sitk.ReadImage(fixed_labels_path))
+    return mean_dice(fixed, sitk.GetArrayFromImage(warped_labels), None)
+
+
+def folding(field_lps, reference):
+    from fmsam.jacobian import jacobian_determinant, jacobian_statistics
+
+    stats = jacobian_statistics(jacobian_determinant(field_lps, reference))
+    return stats["folding_percent"], stats["jacobian_min"]
+
+
+# -- methods: each returns (seconds of registration, warped labels image, field (k,j,i,3) LPS) ----------
+
+def run_fmsam(pair, io_steps, cache={}):
+    from fmsam.pipeline import register
+    from fmsam.weights import load_model
+
+    if "model" not in cache:
+        cache["model"] = load_model()
+    start = time.perf_counter()
+    result = register(pair["fixed"], pair["moving"], pair["fixed_labels"], pair["moving_labels"],
+                      io_steps=io_steps, device="cpu", model=cache["model"])
+    seconds = time.perf_counter() - start
+    return seconds, result.warped_labels, result.field, result.fixed
+
+
+def run_syn(pair):
+    import ants
+    import SimpleITK as sitk
+
+    fixed, moving = ants.image_read(pair["fixed"]), ants.image_read(pair["moving"])
+    start = time.perf_counter()
+    registration = ants.registration(fixed=fixed, moving=moving, type_of_transform="SyN", random_seed=1)
+    seconds = time.perf_counter() - start
+    transforms = registration["fwdtransforms"]
+    with tempfile.TemporaryDirectory() as folder:
+        warped = ants.apply_transforms(fixed=ants.image_read(pair["fixed_labels"]),
+                                       moving=ants.image_read(pair["moving_labels"]),
+                                       transformlist=transforms, interpolator="nearestNeighbor")
+        ants.image_write(warped, os.path.join(folder, "labels.nii.gz"))
+        field_path = ants.apply_transforms(fixed=fixed, moving=moving, transformlist=transforms,
+                                           compose=os.path.join(folder, "field_"))
+        field = sitk.GetArrayFromImage(sitk.ReadImage(field_path))
+        warped_labels = sitk.ReadImage(os.path.join(folder, "labels.nii.gz"))
+    reference = sitk.ReadImage(pair["fixed"])
+    return seconds, sitk.Cast(warped_labels, sitk.sitkUInt16), field, reference
+
+
+def run_elastix(pair):
+    import itk
+    import numpy as np
+    import SimpleITK as sitk
+
+    fixed = itk.imread(pair["fixed"], itk.F)
+    moving = itk.imread(pair["moving"], itk.F)
+    parameters = itk.ParameterObject.New()
+    parameters.AddParameterMap(parameters.GetDefaultParameterMap("affine"))
+    parameters.AddParameterMap(parameters.GetDefaultParameterMap("bspline"))
+    start = time.perf_counter()
+    _, result_parameters = itk.elastix_registration_method(fixed, moving, parameter_object=parameters,
+                                                           log_to_console=False)
+    seconds = time.perf_counter() - start
+    for index in range(result_parameters.GetNumberOfParameterMaps()):
+        result_parameters.SetParameter(index, "FinalBSplineInterpolationOrder", "0")
+    moving_labels = itk.imread(pair["moving_labels"], itk.F)
+    warped = itk.transformix_filter(moving_labels, result_parameters, log_to_console=False)
+    field = itk.transformix_deformation_field(moving, result_parameters)
+    reference = sitk.ReadImage(pair["fixed"])
+    warped_labels = sitk.GetImageFromArray(np.rint(itk.array_from_image(warped)).astype(np.uint16))
+    warped_labels.CopyInformation(reference)
+    return seconds, warped_labels, np.asarray(itk.array_from_image(field), dtype=np.float64), reference
+
+
+def run_demons(pair):
+    """fmsam's affine pre-alignment, then SimpleITK diffeomorphic demons on the affinely aligned
+    pair (3 levels, histogram matching), composed into one fixed-to-moving field."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from fmsam.intensity import normalise
+    from fmsam.prealign import affine_prealign
+
+    def normalised(path):
+        image = sitk.ReadImage(pair[path])
+        voxels, _ = normalise(sitk.GetArrayViewFromImage(image), "auto")
+        result = sitk.GetImageFromArray(voxels.astype(np.float32))
+        result.CopyInformation(image)
+        return result
+
+    fixed, moving = normalised("fixed"), normalised("moving")
+    start = time.perf_counter()
+    affine = affine_prealign(fixed, moving)
+    aligned = sitk.Resample(moving, fixed, affine, sitk.sitkLinear, 0.0)
+    aligned = sitk.HistogramMatching(aligned, fixed, 256, 7, True)
+    demons = sitk.DiffeomorphicDemonsRegistrationFilter()
+    demons.SetStandardDeviations(1.5)
+    demons.SetSmoothDisplacementField(True)
+    field = None
+    for shrink, iterations in ((4, 60), (2, 40), (1, 20)):
+        level_fixed = sitk.Shrink(fixed, [shrink] * 3) if shrink > 1 else fixed
+        level_moving = sitk.Shrink(aligned, [shrink] * 3) if shrink > 1 else aligned
+        initial = (sitk.Image(level_fixed.GetSize(), sitk.sitkVectorFloat64, 3) if field is None else
+                   sitk.Resample(field, level_fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64))
+        initial.CopyInformation(level_fixed)
+        demons.SetNumberOfIterations(iterations)
+        field = demons.Execute(level_fixed, level_moving, initial)
+    deformable = sitk.DisplacementFieldTransform(sitk.Image(field))
+    composite = sitk.CompositeTransform([affine, deformable])  # applied last-first: x -> affine(x + d(x))
+    dense = sitk.TransformToDisplacementField(composite, sitk.sitkVectorFloat64, fixed.GetSize(),
+                                              fixed.GetOrigin(), fixed.GetSpacing(), fixed.GetDirection())
+    seconds = time.perf_counter() - start
+    warped_labels = sitk.Resample(sitk.ReadImage(pair["moving_labels"]), fixed, composite,
+                                  sitk.sitkNearestNeighbor, 0)
+    return seconds, warped_labels, sitk.GetArrayFromImage(dense), fixed
+
+
+RUNNERS = {
+    "fmsam-fast": lambda pair: run_fmsam(pair, 0),
+    "fmsam-accurate": lambda pair: run_fmsam(pair, 50),
+    "syn": run_syn,
+    "elastix": run_elastix,
+    "demons": run_demons,
+}
+
+
+def done_rows(path):
+    if not os.path.isfile(path):
+        return set()
+    with open(path, newline="") as handle:
+        return {(row["method"], row["pair"]) for row in csv.DictReader(handle)}
+
+
+def run(args):
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
+    methods = args.methods.split(",")
+    unknown = [method for method in methods if method not in RUNNERS]
+    if unknown:
+        raise SystemExit("unknown method(s) %s; choose from %s" % (unknown, ", ".join(METHODS)))
+    if any(method.startswith("fmsam") for method in methods):
+        import torch
+        torch.set_num_threads(args.threads)
+    pairs = read_pairs(args.pairs)[: args.limit or None]
+    os.makedirs(args.out, exist_ok=True)
+    results = os.path.join(args.out, "results.csv")
+    finished = done_rows(results)
+    new_file = not os.path.isfile(results)
+    with open(results, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, FIELDS)
+        if new_file:
+            writer.writeheader()
+        for method in methods:
+            for number, pair in enumerate(pairs):
+                key = "%03d" % number
+                if (method, key) in finished:
+                    continue
+                seconds, warped_labels, field, reference = RUNNERS[method](pair)
+                folding_percent, jacobian_min = folding(field, reference)
+                row = {"method": method, "pair": key, "fixed": os.path.basename(pair["fixed"]),
+                       "moving": os.path.basename(pair["moving"]),
+                       "dice": round(mean_dice_on_fixed(pair["fixed_labels"], warped_labels), 5),
+                       "folding_percent": round(folding_percent, 5), "jacobian_min": round(jacobian_min, 4),
+                       "seconds": round(seconds, 2)}
+                writer.writerow(row)
+                handle.flush()
+                print("%-15s %s  Dice %.3f  folding %.4f %%  %.1f s" % (
+                    method, key, row["dice"], row["folding_percent"], row["seconds"]), flush=True)
+
+
+def report(args):
+    import numpy as np
+
+    with open(os.path.join(args.out, "results.csv"), newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    methods = [method for method in METHODS if any(row["method"] == method for row in rows)]
+    pair_sets = {method: {row["pair"] for row in rows if row["method"] == method} for method in methods}
+    common = set.intersection(*pair_sets.values()) if pair_sets else set()
+    lines = ["| method | pairs | mean Dice | std | folding % (mean / max) | min det J | seconds per pair |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    summary = {}
+    for method in methods:
+        chosen = [row for row in rows if row["method"] == method and row["pair"] in common]
+        dice = np.array([float(row["dice"]) for row in chosen])
+        fold = np.array([float(row["folding_percent"]) for row in chosen])
+        seconds = np.array([float(row["seconds"]) for row in chosen])
+        minimum = min(float(row["jacobian_min"]) for row in chosen)
+        summary[method] = (dice.mean(), seconds.mean())
+        lines.append("| %s | %d | %.4f | %.3f | %.4f / %.4f | %.3f | %.1f |" % (
+            method, len(chosen), dice.mean(), dice.std(), fold.mean(), fold.max(), minimum, seconds.mean()))
+    note = "Only pairs every listed method finished are counted (%d)." % len(common)
+    with open(os.path.join(args.out, "summary.md"), "w") as handle:
+        handle.write("\n".join(lines) + "\n\n" + note + "\n")
+    print("\n".join(lines) + "\n\n" + note)
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(5.5, 4))
+    for method, (dice, seconds) in summary.items():
+        axes.scatter(seconds, dice, s=40)
+        axes.annotate(method, (seconds, dice), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    axes.set_xscale("log")
+    axes.set_xlabel("seconds per pair (2 CPU cores)")
+    axes.set_ylabel("mean Dice")
+    axes.set_title(args.title or os.path.basename(os.path.normpath(args.out)), fontsize=9)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(os.path.join(args.out, "dice_vs_seconds.png"), dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_parser = commands.add_parser("run")
+    run_parser.add_argument("--pairs", required=True)
+    run_parser.add_argument("--out", required=True)
+    run_parser.add_argument("--methods", default=",".join(METHODS))
+    run_parser.add_argument("--threads", type=int, default=2)
+    run_parser.add_argument("--limit", type=int, default=0, help="first N pairs only (0: all)")
+    report_parser = commands.add_parser("report")
+    report_parser.add_argument("--out", required=True)
+    report_parser.add_argument("--title")
+    args = parser.parse_args()
+    run(args) if args.command == "run" else report(args)
+
+
+if __name__ == "__main__":
+    main()
