@@ -36,15 +36,17 @@ def read_pairs(path):
     return read(path)
 
 
-def mean_dice_on_fixed(fixed_labels_path, warped_labels):
-    """Mean Dice between the fixed label map (file) and a warped label map (SimpleITK image on the
-    fixed grid), over the labels present in both the fixed and the moving label maps."""
+def mean_dice_on_fixed(pair, warped_labels):
+    """Mean Dice between the fixed label map and a warped label map (SimpleITK image on the fixed
+    grid) over the labels present in both the fixed and the moving label maps: the definition
+    ``fmsam evaluate`` uses, so a label a method loses counts as Dice 0."""
     import SimpleITK as sitk
 
-    from fmsam.metrics import mean_dice
+    from fmsam.metrics import labels_in_both, mean_dice
 
-    fixed = sitk.GetArrayFromImage(sitk.ReadImage(fixed_labels_path))
-    return mean_dice(fixed, sitk.GetArrayFromImage(warped_labels), None)
+    fixed = sitk.GetArrayFromImage(sitk.ReadImage(pair["fixed_labels"]))
+    moving = sitk.GetArrayFromImage(sitk.ReadImage(pair["moving_labels"]))
+    return mean_dice(fixed, sitk.GetArrayFromImage(warped_labels), labels_in_both(fixed, moving))
 
 
 def folding(field_lps, reference):
@@ -202,7 +204,7 @@ def run(args):
                 folding_percent, jacobian_min = folding(field, reference)
                 row = {"method": method, "pair": key, "fixed": os.path.basename(pair["fixed"]),
                        "moving": os.path.basename(pair["moving"]),
-                       "dice": round(mean_dice_on_fixed(pair["fixed_labels"], warped_labels), 5),
+                       "dice": round(mean_dice_on_fixed(pair, warped_labels), 5),
                        "folding_percent": round(folding_percent, 5), "jacobian_min": round(jacobian_min, 4),
                        "seconds": round(seconds, 2)}
                 writer.writerow(row)
