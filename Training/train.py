@@ -12,6 +12,7 @@ Example (the bundled model; see Logic/fmsam/weights/MODEL_CARD.md for the exact 
     python Training/train.py --cache Training/cache --run Training/runs/sam_v1
 """
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -27,6 +28,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "Logic"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from synth import synth_pair  # noqa: E402
 from training_data import SubjectCache, read_split, sample_pair, sampling_offset  # noqa: E402
 from fmsam.layers import resize, warp  # noqa: E402
 from fmsam.losses import symmetric_registration_loss  # noqa: E402
@@ -60,9 +62,33 @@ def parse_args(argv):
     parser.add_argument("--val-every", type=int, default=100)
     parser.add_argument("--val-pairs", type=int, default=10)
     parser.add_argument("--checkpoint-every", type=int, default=25)
+    parser.add_argument("--synth-fraction", type=float, default=0.0,
+                        help="share of steps on SynthMorph-style synthetic pairs (Training/synth.py)")
+    parser.add_argument("--identity-fraction", type=float, default=0.0,
+                        help="share of steps registering an image to itself (teaches a zero field)")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA only)")
     parser.add_argument("--max-minutes", type=float, default=0,
                         help="stop cleanly (checkpoint written) after this long; 0: no limit")
     return parser.parse_args(argv)
+
+
+#: Settings added after the first runs, with the value those runs had.
+DEFAULTS = {"synth_fraction": 0.0, "identity_fraction": 0.0}
+
+
+def draw_pair(args, train_cache, step, rank, grid):
+    """The step's training pair on this rank: a real pair (with augmentation), a synthetic one, or
+    one image twice. The choice has its own generator, so runs without synthetic or identical
+    pairs draw exactly the pairs they drew before these options existed."""
+    seed = args.seed + 7919 * rank  # each DDP rank draws its own pairs
+    choice = torch.Generator().manual_seed(seed * 1_000_003 + step + 900_000_000)
+    draw = torch.rand(1, generator=choice).item()
+    if draw < args.synth_fraction:
+        return synth_pair(choice, grid)
+    fixed, moving = sample_pair(train_cache, seed, step, augment=not args.no_augment)
+    if draw < args.synth_fraction + args.identity_fraction:
+        return fixed, fixed.clone()
+    return fixed, moving
 
 
 def _ints(text):
@@ -125,38 +151,94 @@ def choose_device(name):
     return torch.device(name)
 
 
+def setup_distributed(args):
+    """``(rank, world_size, device)``. Under ``torchrun`` (WORLD_SIZE > 1) this joins the process
+    group: NCCL on GPUs (one per process, by LOCAL_RANK), gloo on CPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = choose_device(args.device)
+    if world == 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    rank = int(os.environ["RANK"])
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def _agree(world, value, device):
+    """The value rank 0 holds (an int), on every rank (no-op on one process)."""
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(tensor, 0)
+    return int(tensor.item())
+
+
+def weights_identical_on_all_ranks(network, world, device):
+    """True when every rank holds bit-identical weights (compared by a SHA-256 of the bytes)."""
+    if world == 1:
+        return True
+    import hashlib
+
+    import torch.distributed as dist
+
+    digest = hashlib.sha256()
+    for tensor in network.state_dict().values():
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    mine = torch.tensor([int.from_bytes(digest.digest()[:7], "little")], dtype=torch.int64, device=device)
+    everyone = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(everyone, mine)
+    return all(int(other.item()) == int(mine.item()) for other in everyone)
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = choose_device(args.device)
+    rank, world, device = setup_distributed(args)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
-    os.makedirs(args.run, exist_ok=True)
     config = network_config(args)
     config_path = os.path.join(args.run, "config.json")
-    run_settings = dict(vars(args), network=config)
-    if os.path.exists(config_path):
-        with open(config_path) as handle:
-            previous = json.load(handle)
-        changed = [k for k in ("optimizer", "rho", "lr", "steps", "seed", "grid", "warmup",
-                               "coarse_channels", "fine_channels", "gradicon_weight", "no_augment")
-                   if previous.get(k) != run_settings.get(k)]
-        if changed:
-            print("error: %s was started with other settings (%s); use a new --run folder"
-                  % (args.run, ", ".join(changed)), file=sys.stderr)
-            return 2
-    with open(config_path, "w") as handle:
-        json.dump(run_settings, handle, indent=1)
+    run_settings = dict(vars(args), network=config, world_size=world)
+    refused = 0
+    if rank == 0:
+        os.makedirs(args.run, exist_ok=True)
+        if os.path.exists(config_path):
+            with open(config_path) as handle:
+                previous = json.load(handle)
+            changed = [k for k in ("optimizer", "rho", "lr", "steps", "seed", "grid", "warmup",
+                                   "coarse_channels", "fine_channels", "gradicon_weight", "no_augment",
+                                   "synth_fraction", "identity_fraction")
+                       if previous.get(k, DEFAULTS.get(k)) != run_settings.get(k)]
+            if changed:
+                print("error: %s was started with other settings (%s); use a new --run folder"
+                      % (args.run, ", ".join(changed)), file=sys.stderr)
+                refused = 1
+        if not refused:
+            with open(config_path, "w") as handle:
+                json.dump(run_settings, handle, indent=1)
+    if _agree(world, refused, device):
+        return 2
 
     split = read_split(args.cache)
     grid = tuple(config["grid"])
     train_cache = SubjectCache(args.cache, split["train"], grid)
-    val_cache = SubjectCache(args.cache, split["val"], grid, with_labels=True)
-    pairs = validation_pairs(args.val_pairs, len(val_cache))
+    val_cache = SubjectCache(args.cache, split["val"], grid, with_labels=True) if rank == 0 else None
+    pairs = validation_pairs(args.val_pairs, len(val_cache)) if rank == 0 else None
 
     network = build_network(config).to(device)
+    model = network
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
     base = torch.optim.Adam(network.parameters(), lr=args.lr)
     optimizer = SAM(network.parameters(), base, rho=args.rho, adaptive=args.optimizer == "asam") \
         if args.optimizer in ("sam", "asam") else None
@@ -170,16 +252,23 @@ def main(argv=None):
         network.load_state_dict(state["network"])
         state_holder.load_state_dict(state["optimizer"])
         step, best_dice = state["step"], state["best_dice"]
-        print("resumed %s at step %d" % (args.run, step), flush=True)
-        _truncate_log(log_path, step)
-    new_log = not os.path.exists(log_path)
-    log_file = open(log_path, "a", newline="")
-    log = csv.DictWriter(log_file, LOG_FIELDS)
-    if new_log:
-        log.writeheader()
+        if rank == 0:
+            print("resumed %s at step %d" % (args.run, step), flush=True)
+            _truncate_log(log_path, step)
+    log_file = log = None
+    if rank == 0:
+        new_log = not os.path.exists(log_path)
+        log_file = open(log_path, "a", newline="")
+        log = csv.DictWriter(log_file, LOG_FIELDS)
+        if new_log:
+            log.writeheader()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
 
     def pair_loss(fixed, moving, offset):
-        both = network(torch.cat([fixed, moving]), torch.cat([moving, fixed]))
+        with autocast:
+            both = model(torch.cat([fixed, moving]), torch.cat([moving, fixed]))
+        # The loss itself in float32: local NCC divides small differences of window sums.
+        both = both.float()
         return symmetric_registration_loss(fixed, moving, both[:1], both[1:],
                                            args.gradicon_weight, args.ncc_window, offset)
 
@@ -189,48 +278,68 @@ def main(argv=None):
         tic = time.time()
         for group in base.param_groups:
             group["lr"] = learning_rate(args, step)
-        fixed, moving = sample_pair(train_cache, args.seed, step, augment=not args.no_augment)
+        fixed, moving = draw_pair(args, train_cache, step, rank, grid)
         fixed, moving = fixed.to(device), moving.to(device)
         offset = sampling_offset(args.seed, step, grid)
-        loss, similarity, regulariser = pair_loss(fixed, moving, offset)
-        loss.backward()
         if optimizer is not None:
+            # SAM's ascent step uses each rank's own gradient (no all-reduce: m-sharpness, as in
+            # Foret et al.); the descent gradient at the perturbed weights is averaged over ranks.
+            with model.no_sync() if world > 1 else contextlib.nullcontext():
+                loss, similarity, regulariser = pair_loss(fixed, moving, offset)
+                loss.backward()
             optimizer.perturb()  # same pair, augmentation and offset in both passes
             pair_loss(fixed, moving, offset)[0].backward()
             optimizer.step(clip_norm=args.clip_norm)
         else:
+            loss, similarity, regulariser = pair_loss(fixed, moving, offset)
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(network.parameters(), args.clip_norm)
             base.step()
             base.zero_grad(set_to_none=True)
         step += 1
-        row = {"step": step, "loss": "%.6f" % loss.item(), "similarity": "%.6f" % similarity.item(),
-               "regulariser": "%.6f" % regulariser.item(), "lr": "%.3g" % learning_rate(args, step - 1),
-               "seconds": "%.3f" % (time.time() - tic), "val_dice": "", "val_dice_identity": ""}
-        if step % args.val_every == 0 or step == args.steps:
-            dice, dice_identity = validate(network, val_cache, pairs, device)
-            row["val_dice"], row["val_dice_identity"] = "%.4f" % dice, "%.4f" % dice_identity
-            if dice > best_dice:
-                best_dice = dice
-                save_checkpoint(os.path.join(args.run, "best.pt"), network, state_holder, step,
-                                best_dice, config)
-            print("step %d  validation Dice %.4f (template-aligned %.4f)" % (step, dice, dice_identity),
-                  flush=True)
-        log.writerow(row)
-        if step % args.checkpoint_every == 0 or step == args.steps:
-            log_file.flush()
-            save_checkpoint(checkpoint_path, network, state_holder, step, best_dice, config)
+        if rank == 0:
+            row = {"step": step, "loss": "%.6f" % loss.item(), "similarity": "%.6f" % similarity.item(),
+                   "regulariser": "%.6f" % regulariser.item(), "lr": "%.3g" % learning_rate(args, step - 1),
+                   "seconds": "%.3f" % (time.time() - tic), "val_dice": "", "val_dice_identity": ""}
+            if step % args.val_every == 0 or step == args.steps:
+                dice, dice_identity = validate(network, val_cache, pairs, device)
+                row["val_dice"], row["val_dice_identity"] = "%.4f" % dice, "%.4f" % dice_identity
+                if dice > best_dice:
+                    best_dice = dice
+                    save_checkpoint(os.path.join(args.run, "best.pt"), network, state_holder, step,
+                                    best_dice, config)
+                print("step %d  validation Dice %.4f (template-aligned %.4f)" % (step, dice, dice_identity),
+                      flush=True)
+            log.writerow(row)
+            if step % args.checkpoint_every == 0 or step == args.steps:
+                log_file.flush()
+                save_checkpoint(checkpoint_path, network, state_holder, step, best_dice, config)
         elapsed = time.time() - started
-        if step % 10 == 0 or step == args.steps:
+        if rank == 0 and (step % 10 == 0 or step == args.steps):
             per_step = elapsed / (step - start_step)
             print("step %d/%d  loss %.4f  sim %.4f  reg %.4f  %.2fs/step  ETA %.0f min"
                   % (step, args.steps, loss.item(), similarity.item(), regulariser.item(), per_step,
                      per_step * (args.steps - step) / 60), flush=True)
-        if args.max_minutes and elapsed > args.max_minutes * 60 and step < args.steps:
-            save_checkpoint(checkpoint_path, network, state_holder, step, best_dice, config)
-            print("stopping after %.1f min at step %d; run again to resume" % (elapsed / 60, step))
+        out_of_time = int(bool(args.max_minutes and elapsed > args.max_minutes * 60 and step < args.steps))
+        if _agree(world, out_of_time, device):  # rank 0's clock decides, so all ranks stop together
+            if rank == 0:
+                save_checkpoint(checkpoint_path, network, state_holder, step, best_dice, config)
+                print("stopping after %.1f min at step %d; run again to resume" % (elapsed / 60, step))
             break
-    log_file.close()
-    return 0
+    if log_file is not None:
+        log_file.close()
+    status = 0
+    if world > 1:
+        import torch.distributed as dist
+
+        if weights_identical_on_all_ranks(network, world, device):
+            if rank == 0:
+                print("weights identical on all %d ranks" % world, flush=True)
+        else:
+            print("error: rank %d holds weights that differ from another rank's" % rank, file=sys.stderr)
+            status = 3
+        dist.destroy_process_group()
+    return status
 
 
 def _truncate_log(log_path, step):

@@ -66,3 +66,79 @@ def test_changed_settings_refuse_to_resume(cache, tmp_path):
     assert _run("train.py", "--cache", cache, "--run", run, "--steps", "2", *TINY).returncode == 0
     again = _run("train.py", "--cache", cache, "--run", run, "--steps", "2", "--rho", "0.1", *TINY)
     assert again.returncode == 2 and "other settings" in again.stderr
+
+
+def test_two_cpu_ranks_hold_identical_weights_after_ddp_steps(cache, tmp_path):
+    """torchrun with two gloo processes: each rank draws its own pairs, SAM's ascent gradient
+    stays local, the descent gradient is averaged, and both ranks end with the same weights."""
+    ddp, single = str(tmp_path / "ddp"), str(tmp_path / "single")
+    settings = ["--cache", cache, "--steps", "2", "--optimizer", "sam", *TINY]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "--", os.path.join(TRAINING, "train.py"), "--run", ddp] + settings,
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "weights identical on all 2 ranks" in done.stdout
+    assert _run("train.py", "--run", single, *settings).returncode == 0
+    a = torch.load(os.path.join(ddp, "latest.pt"), weights_only=True)["network"]
+    b = torch.load(os.path.join(single, "latest.pt"), weights_only=True)["network"]
+    # Rank 1's pairs entered the averaged gradient, so two ranks do not train like one.
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _train_module():
+    sys.path.insert(0, TRAINING)
+    import train
+    return train
+
+
+def test_pair_choice_keeps_old_runs_and_adds_synthetic_and_identical_pairs(cache):
+    train = _train_module()
+    from training_data import SubjectCache, read_split, sample_pair
+
+    grid = (16, 24, 24)
+    subjects = SubjectCache(cache, read_split(cache)["train"], grid)
+    args = train.parse_args(["--cache", cache, "--run", "unused"])
+    for step in range(3):  # without the new options: exactly the pairs drawn before they existed
+        old = sample_pair(subjects, 0, step)
+        new = train.draw_pair(args, subjects, step, 0, grid)
+        assert all(torch.equal(x, y) for x, y in zip(old, new))
+    args.identity_fraction = 1.0
+    fixed, moving = train.draw_pair(args, subjects, 0, 0, grid)
+    assert torch.equal(fixed, moving)
+    args.identity_fraction, args.synth_fraction = 0.0, 1.0
+    fixed, moving = train.draw_pair(args, subjects, 0, 0, grid)
+    assert fixed.shape == moving.shape == (1, 1) + grid
+    assert not any(torch.equal(fixed, x) for x in sample_pair(subjects, 0, 0))
+
+
+def test_synthetic_pairs_share_shape_not_contrast():
+    sys.path.insert(0, TRAINING)
+    from synth import random_deformation, random_label_map, render, synth_pair
+
+    from fmsam.layers import warp
+
+    shape = (24, 32, 32)
+    fixed, moving = synth_pair(torch.Generator().manual_seed(3), shape)
+    again = synth_pair(torch.Generator().manual_seed(3), shape)
+    assert torch.equal(fixed, again[0]) and torch.equal(moving, again[1])
+    assert fixed.shape == moving.shape == (1, 1) + shape
+    assert 0.0 <= float(fixed.min()) and float(fixed.max()) <= 1.0
+    generator = torch.Generator().manual_seed(4)
+    labels = random_label_map(generator, shape)
+    assert 4 <= len(torch.unique(labels)) <= 16
+    deformed = warp(labels, random_deformation(generator, shape), mode="nearest")
+    agreement = float((deformed == labels).float().mean())
+    assert 0.5 < agreement < 1.0  # the same anatomy, moved
+    one, two = render(generator, labels), render(generator, labels)
+    # Two renderings of one label map: same boundaries, unrelated contrast per label.
+    means_one = torch.stack([one[labels == v].mean() for v in torch.unique(labels)])
+    means_two = torch.stack([two[labels == v].mean() for v in torch.unique(labels)])
+    assert not torch.allclose(means_one, means_two, atol=0.05)
+
+
+def test_training_on_synthetic_and_identical_pairs_runs(cache, tmp_path):
+    run = str(tmp_path / "mixed")
+    done = _run("train.py", "--cache", cache, "--run", run, "--steps", "4", "--synth-fraction", "0.5",
+                "--identity-fraction", "0.25", *TINY)
+    assert done.returncode == 0, done.stderr
+    assert len(_losses(run)) == 4
