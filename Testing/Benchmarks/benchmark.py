@@ -58,12 +58,12 @@ def folding(field_lps, reference):
 
 # -- methods: each returns (seconds of registration, warped labels image, field (k,j,i,3) LPS) ----------
 
-def run_fmsam(pair, io_steps, cache={}):
+def run_fmsam(pair, io_steps, weights=None, cache={}):
     from fmsam.pipeline import register
     from fmsam.weights import load_model
 
-    if "model" not in cache:
-        cache["model"] = load_model()
+    if cache.get("weights", "unset") != weights:
+        cache["model"], cache["weights"] = load_model(weights), weights
     start = time.perf_counter()
     result = register(pair["fixed"], pair["moving"], pair["fixed_labels"], pair["moving_labels"],
                       io_steps=io_steps, device="cpu", model=cache["model"])
@@ -162,8 +162,8 @@ def run_demons(pair):
 
 
 RUNNERS = {
-    "fmsam-fast": lambda pair: run_fmsam(pair, 0),
-    "fmsam-accurate": lambda pair: run_fmsam(pair, 50),
+    "fmsam-fast": lambda pair, weights=None: run_fmsam(pair, 0, weights),
+    "fmsam-accurate": lambda pair, weights=None: run_fmsam(pair, 50, weights),
     "syn": run_syn,
     "elastix": run_elastix,
     "demons": run_demons,
@@ -180,6 +180,7 @@ def done_rows(path):
 def run(args):
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
     methods = args.methods.split(",")
+    suffix = "[%s]" % args.label if args.label else ""
     unknown = [method for method in methods if method not in RUNNERS]
     if unknown:
         raise SystemExit("unknown method(s) %s; choose from %s" % (unknown, ", ".join(METHODS)))
@@ -198,11 +199,14 @@ def run(args):
         for method in methods:
             for number, pair in enumerate(pairs):
                 key = "%03d" % number
-                if (method, key) in finished:
+                if (method + suffix, key) in finished:
                     continue
-                seconds, warped_labels, field, reference = RUNNERS[method](pair)
+                if method.startswith("fmsam"):
+                    seconds, warped_labels, field, reference = RUNNERS[method](pair, args.weights)
+                else:
+                    seconds, warped_labels, field, reference = RUNNERS[method](pair)
                 folding_percent, jacobian_min = folding(field, reference)
-                row = {"method": method, "pair": key, "fixed": os.path.basename(pair["fixed"]),
+                row = {"method": method + suffix, "pair": key, "fixed": os.path.basename(pair["fixed"]),
                        "moving": os.path.basename(pair["moving"]),
                        "dice": round(mean_dice_on_fixed(pair, warped_labels), 5),
                        "folding_percent": round(folding_percent, 5), "jacobian_min": round(jacobian_min, 4),
@@ -210,7 +214,7 @@ def run(args):
                 writer.writerow(row)
                 handle.flush()
                 print("%-15s %s  Dice %.3f  folding %.4f %%  %.1f s" % (
-                    method, key, row["dice"], row["folding_percent"], row["seconds"]), flush=True)
+                    method + suffix, key, row["dice"], row["folding_percent"], row["seconds"]), flush=True)
 
 
 def report(args):
@@ -218,7 +222,7 @@ def report(args):
 
     with open(os.path.join(args.out, "results.csv"), newline="") as handle:
         rows = list(csv.DictReader(handle))
-    methods = [method for method in METHODS if any(row["method"] == method for row in rows)]
+    methods = list(dict.fromkeys(row["method"] for row in rows))
     pair_sets = {method: {row["pair"] for row in rows if row["method"] == method} for method in methods}
     common = set.intersection(*pair_sets.values()) if pair_sets else set()
     lines = ["| method | pairs | mean Dice | std | folding % (mean / max) | min det J | seconds per pair |",
@@ -264,6 +268,8 @@ def main():
     run_parser.add_argument("--methods", default=",".join(METHODS))
     run_parser.add_argument("--threads", type=int, default=2)
     run_parser.add_argument("--limit", type=int, default=0, help="first N pairs only (0: all)")
+    run_parser.add_argument("--weights", help="fmsam weights file (default: the bundled model)")
+    run_parser.add_argument("--label", help="suffix for the method name, e.g. adam -> fmsam-fast[adam]")
     report_parser = commands.add_parser("report")
     report_parser.add_argument("--out", required=True)
     report_parser.add_argument("--title")
