@@ -217,19 +217,14 @@ def run(args):
                     method + suffix, key, row["dice"], row["folding_percent"], row["seconds"]), flush=True)
 
 
-def report(args):
+def _table(rows, methods, pairs_of):
     import numpy as np
 
-    with open(os.path.join(args.out, "results.csv"), newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    methods = list(dict.fromkeys(row["method"] for row in rows))
-    pair_sets = {method: {row["pair"] for row in rows if row["method"] == method} for method in methods}
-    common = set.intersection(*pair_sets.values()) if pair_sets else set()
     lines = ["| method | pairs | mean Dice | std | folding % (mean / max) | min det J | seconds per pair |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     summary = {}
     for method in methods:
-        chosen = [row for row in rows if row["method"] == method and row["pair"] in common]
+        chosen = [row for row in rows if row["method"] == method and row["pair"] in pairs_of(method)]
         dice = np.array([float(row["dice"]) for row in chosen])
         fold = np.array([float(row["folding_percent"]) for row in chosen])
         seconds = np.array([float(row["seconds"]) for row in chosen])
@@ -237,10 +232,23 @@ def report(args):
         summary[method] = (dice.mean(), seconds.mean())
         lines.append("| %s | %d | %.4f | %.3f | %.4f / %.4f | %.3f | %.1f |" % (
             method, len(chosen), dice.mean(), dice.std(), fold.mean(), fold.max(), minimum, seconds.mean()))
-    note = "Only pairs every listed method finished are counted (%d)." % len(common)
+    return lines, summary
+
+
+def report(args):
+    with open(os.path.join(args.out, "results.csv"), newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    pair_sets = {method: {row["pair"] for row in rows if row["method"] == method} for method in methods}
+    lines, summary = _table(rows, methods, lambda method: pair_sets[method])
+    text = "\n".join(lines) + "\n"
+    common = set.intersection(*pair_sets.values())
+    if any(pairs != common for pairs in pair_sets.values()):
+        common_lines, _ = _table(rows, methods, lambda method: common)
+        text += "\nOn the %d pairs every method finished:\n\n" % len(common) + "\n".join(common_lines) + "\n"
     with open(os.path.join(args.out, "summary.md"), "w") as handle:
-        handle.write("\n".join(lines) + "\n\n" + note + "\n")
-    print("\n".join(lines) + "\n\n" + note)
+        handle.write(text)
+    print(text)
 
     import matplotlib
     matplotlib.use("Agg")
