@@ -81,6 +81,8 @@ class RegistrationOutcome:
         if self.dice is not None:
             line += " Mean Dice (%d labels): %.3f before, %.3f affine, %.3f after." % (
                 self.report["dice_labels"], *self.dice)
+        for warning in self.report.get("warnings", []):
+            line += " Warning: %s." % warning
         return line
 
 

@@ -105,6 +105,8 @@ def _register(args):
     if "dice_after" in report:
         line += "; Dice affine %.3f -> %.3f" % (report["dice_affine"], report["dice_after"])
     print(line + "; outputs in %s" % args.out)
+    for warning in report.get("warnings", []):
+        print("fmsam: warning: %s" % warning, file=sys.stderr)
 
 
 def _warp(args):

@@ -16,6 +16,7 @@ from .intensity import normalise
 from .jacobian import jacobian_determinant, jacobian_statistics
 from .metrics import labels_in_both, mean_dice
 from .prealign import affine_prealign, identity_affine
+from .quality import deformable_gain
 
 #: Axis layout (DICOM orientation code) of the images the bundled model was trained on (IXI).
 TRAINING_ORIENTATION = "PSR"
@@ -183,6 +184,11 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
         report["dice_affine"] = mean_dice(fixed_array, sitk.GetArrayViewFromImage(affine_labels), labels)
         report["dice_after"] = mean_dice(fixed_array, sitk.GetArrayViewFromImage(warped_labels), labels)
         report["dice_labels"] = int(len(labels))
+
+    # Label-free check: did the deformable step make the images more alike than the affine did?
+    report["mi_affine"], report["mi_registered"], warning = deformable_gain(
+        fixed_image, fields.resample(moving_image, fixed_image, affine), warped)
+    report["warnings"] = [warning] if warning else []
 
     stages.begin("jacobian")
     determinant = jacobian_determinant(field, fixed_image)
