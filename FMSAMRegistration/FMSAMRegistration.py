@@ -246,6 +246,8 @@ class FMSAMRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                     self.ui.statusLabel.text = _("Cancelled; the scene was left as it was.")
                     return
                 self.ui.resultsLabel.text = outcome.summary()
+                # A failed-looking result (see fmsam.quality) must not read like a good one.
+                self.ui.resultsLabel.styleSheet = "color: #d35400" if outcome.report.get("warnings") else ""
                 logging.info(outcome.summary())
                 # The widget's node selectors pick up the new nodes, so a second run overwrites
                 # them only if the user leaves them selected.
