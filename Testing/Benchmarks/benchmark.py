@@ -284,7 +284,11 @@ def report(args):
         axes.scatter(seconds, dice, s=40)
         axes.annotate(method, (seconds, dice), textcoords="offset points", xytext=(5, 4), fontsize=8)
     axes.set_xscale("log")
-    axes.set_xlabel("seconds per pair (2 CPU cores)")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    axes.xaxis.set_major_formatter(ScalarFormatter())
+    axes.xaxis.set_minor_formatter(NullFormatter())
+    axes.set_xticks([1, 2, 5, 10, 20, 50])
+    axes.set_xlabel("seconds per pair (as run: see --threads)")
     axes.set_ylabel("mean Dice")
     axes.set_title(args.title or os.path.basename(os.path.normpath(args.out)), fontsize=9)
     axes.grid(alpha=0.3)
