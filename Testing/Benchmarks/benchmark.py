@@ -135,11 +135,13 @@ def run_elastix(pair):
         result_parameters.SetParameter(index, "FinalBSplineInterpolationOrder", "0")
     moving_labels = itk.imread(pair["moving_labels"], itk.F)
     warped = itk.transformix_filter(moving_labels, result_parameters, log_to_console=False)
-    field = itk.transformix_deformation_field(moving, result_parameters)
+    with tempfile.TemporaryDirectory() as folder:  # transformix writes deformationField.nii there
+        field = itk.transformix_deformation_field(moving, result_parameters, output_directory=folder)
+        field = np.array(itk.array_from_image(field), dtype=np.float64)
     reference = sitk.ReadImage(pair["fixed"])
     warped_labels = sitk.GetImageFromArray(np.rint(itk.array_from_image(warped)).astype(np.uint16))
     warped_labels.CopyInformation(reference)
-    return seconds, warped_labels, np.asarray(itk.array_from_image(field), dtype=np.float64), reference
+    return seconds, warped_labels, field, reference
 
 
 def run_demons(pair):
