@@ -18,23 +18,11 @@ from fmsam.errors import InputError
 from fmsam.geometry import grid_from_ijk_to_ras, index_to_ras, lps_to_ras_points
 
 
-def _array_from_matrix(matrix):
-    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=np.float64)
-
-
-def _matrix_from_array(array):
-    matrix = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            matrix.SetElement(r, c, float(array[r][c]))
-    return matrix
-
-
 def world_ijk_to_ras(node, what):
     """The node's IJK-to-world (RAS) matrix, through its linear parent transforms (4x4 array)."""
     ijk_to_ras = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(ijk_to_ras)
-    matrix = _array_from_matrix(ijk_to_ras)
+    matrix = slicer.util.arrayFromVTKMatrix(ijk_to_ras)
     parent = node.GetParentTransformNode()
     if parent is None:
         return matrix
@@ -45,7 +33,21 @@ def world_ijk_to_ras(node, what):
             % (what, node.GetName(), parent.GetName()))
     to_world = vtk.vtkMatrix4x4()
     parent.GetMatrixTransformToWorld(to_world)
-    return _array_from_matrix(to_world) @ matrix
+    return slicer.util.arrayFromVTKMatrix(to_world) @ matrix
+
+
+def _check_has_voxels(node, what):
+    image_data = node.GetImageData()
+    if image_data is None or image_data.GetNumberOfPoints() == 0:
+        raise InputError("the %s '%s' has no voxels" % (what, node.GetName()))
+    return image_data
+
+
+def _image_on_node_grid(voxels_kji, node, what):
+    """A SimpleITK image of ``voxels_kji`` (a copy) with ``node``'s world geometry (LPS)."""
+    image = sitk.GetImageFromArray(np.array(voxels_kji, copy=True))  # never the node's own memory
+    image.CopyInformation(grid_from_ijk_to_ras(world_ijk_to_ras(node, what), image.GetSize()))
+    return image
 
 
 def image_from_volume_node(node, what="volume"):
@@ -54,16 +56,11 @@ def image_from_volume_node(node, what="volume"):
         raise InputError("no %s was given" % what)
     if not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
         raise InputError("the %s '%s' is a %s, not a scalar volume" % (what, node.GetName(), node.GetClassName()))
-    image_data = node.GetImageData()
-    if image_data is None or image_data.GetNumberOfPoints() == 0:
-        raise InputError("the %s '%s' has no voxels" % (what, node.GetName()))
+    image_data = _check_has_voxels(node, what)
     if image_data.GetNumberOfScalarComponents() != 1:
         raise InputError("the %s '%s' has %d components per voxel; pick a single-component (scalar) "
                          "volume" % (what, node.GetName(), image_data.GetNumberOfScalarComponents()))
-    voxels_kji = slicer.util.arrayFromVolume(node)
-    image = sitk.GetImageFromArray(np.array(voxels_kji, copy=True))  # the engine never sees the node's memory
-    image.CopyInformation(grid_from_ijk_to_ras(world_ijk_to_ras(node, what), image.GetSize()))
-    return image
+    return _image_on_node_grid(slicer.util.arrayFromVolume(node), node, what)
 
 
 def label_image_from_node(node, reference_volume_node, what, segment_values=None, scene=None):
@@ -74,13 +71,8 @@ def label_image_from_node(node, reference_volume_node, what, segment_values=None
     ``segment_values``, so that two segmentations get matching values).
     """
     if node.IsA("vtkMRMLLabelMapVolumeNode"):
-        image_data = node.GetImageData()
-        if image_data is None or image_data.GetNumberOfPoints() == 0:
-            raise InputError("the %s '%s' has no voxels" % (what, node.GetName()))
-        voxels = np.array(slicer.util.arrayFromVolume(node), copy=True)
-        image = sitk.GetImageFromArray(voxels.astype(np.uint16))
-        image.CopyInformation(grid_from_ijk_to_ras(world_ijk_to_ras(node, what), image.GetSize()))
-        return image
+        _check_has_voxels(node, what)
+        return _image_on_node_grid(slicer.util.arrayFromVolume(node).astype(np.uint16), node, what)
     if not node.IsA("vtkMRMLSegmentationNode"):
         raise InputError("the %s '%s' is a %s; pick a segmentation or a label map volume"
                          % (what, node.GetName(), node.GetClassName()))
@@ -117,13 +109,11 @@ def _segmentation_to_label_image(node, reference_volume_node, what, segment_valu
         if not exported:
             raise InputError("the %s '%s' could not be exported onto the grid of '%s'"
                              % (what, node.GetName(), reference_volume_node.GetName()))
-        exported_values = np.array(slicer.util.arrayFromVolume(temporary), copy=True)
         # The export numbers segments 1..n in the order given; map them to the shared values.
         lookup = np.zeros(len(values) + 1, dtype=np.uint16)
         lookup[1:] = values
-        image = sitk.GetImageFromArray(lookup[exported_values.astype(np.int64)])
-        image.CopyInformation(grid_from_ijk_to_ras(world_ijk_to_ras(temporary, what), image.GetSize()))
-        return image
+        export_values = slicer.util.arrayFromVolume(temporary).astype(np.int64)
+        return _image_on_node_grid(lookup[export_values], temporary, what)
     finally:
         # The export adds a display node and a colour table besides the label map: remove them all.
         added = [scene.GetNthNode(index) for index in range(scene.GetNumberOfNodes())]
@@ -154,7 +144,7 @@ def shared_segment_values(fixed_node, moving_node):
 
 def set_volume_from_image(node, image):
     """Fill a volume node with a SimpleITK image's voxels and geometry (world RAS, no parent)."""
-    node.SetIJKToRASMatrix(_matrix_from_array(index_to_ras(image)))
+    node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(index_to_ras(image)))
     slicer.util.updateVolumeFromArray(node, sitk.GetArrayFromImage(image))
     return node
 
@@ -183,7 +173,7 @@ def set_grid_transform_from_field(transform_node, field_lps, reference):
 
     transform = slicer.vtkOrientedGridTransform()
     transform.SetDisplacementGridData(grid)
-    transform.SetGridDirectionMatrix(_matrix_from_array(direction))
+    transform.SetGridDirectionMatrix(slicer.util.vtkMatrixFromArray(direction))
     transform.SetInterpolationModeToLinear()  # ITK's displacement fields interpolate linearly
     transform_node.SetAndObserveTransformFromParent(transform)
     return transform_node
@@ -197,7 +187,7 @@ def field_from_grid_transform_node(transform_node):
         raise InputError("the transform '%s' holds no displacement grid as its FromParent transform"
                          % transform_node.GetName())
     grid = transform.GetDisplacementGrid()
-    direction = _array_from_matrix(transform.GetGridDirectionMatrix())
+    direction = slicer.util.arrayFromVTKMatrix(transform.GetGridDirectionMatrix())
     ijk_to_ras = np.eye(4)
     ijk_to_ras[:3, :3] = direction[:3, :3] @ np.diag(grid.GetSpacing())
     ijk_to_ras[:3, 3] = grid.GetOrigin()

@@ -25,7 +25,7 @@ def node_digest(node):
     digest = hashlib.sha256(np.ascontiguousarray(slicer.util.arrayFromVolume(node)).tobytes())
     matrix = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(matrix)
-    digest.update(np.array([matrix.GetElement(r, c) for r in range(4) for c in range(4)]).tobytes())
+    digest.update(slicer.util.arrayFromVTKMatrix(matrix).tobytes())
     digest.update(str(node.GetTransformNodeID()).encode())
     digest.update(str(node.GetImageData().GetScalarType()).encode())
     return digest.hexdigest()
