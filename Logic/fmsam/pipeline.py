@@ -70,7 +70,8 @@ class _Stages:
             self._stage = None
 
 
-def _normalised_image(image, modality):
+def normalised_image(image, modality):
+    """``(float32 image in [0, 1] on the same grid, modality used)``; see :mod:`fmsam.intensity`."""
     voxels, used = normalise(sitk.GetArrayViewFromImage(image), modality)
     result = sitk.GetImageFromArray(voxels)
     result.CopyInformation(image)
@@ -135,8 +136,8 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
     # flip of their grids (no resampling): the network learned anatomy in that layout, and the
     # result no longer depends on how a reader stored the voxels (Slicer flips some NIfTI axes).
     layout = config.get("orientation", TRAINING_ORIENTATION)
-    network_fixed, fixed_modality = _normalised_image(reorient(fixed_image, layout), fixed_modality)
-    moving_normalised, moving_modality = _normalised_image(reorient(moving_image, layout), moving_modality)
+    network_fixed, fixed_modality = normalised_image(reorient(fixed_image, layout), fixed_modality)
+    moving_normalised, moving_modality = normalised_image(reorient(moving_image, layout), moving_modality)
 
     stages.begin("affine")
     affine = (affine_prealign(network_fixed, moving_normalised, progress=stages.update) if prealign

@@ -71,23 +71,22 @@ def run_fmsam(pair, io_steps, weights=None, cache={}):
     return seconds, result.warped_labels, result.field, result.fixed
 
 
+def normalised_pair(pair):
+    """The pair's fixed and moving images normalised as ``fmsam.register`` normalises them."""
+    from fmsam.imageio import load_scalar_volume
+    from fmsam.pipeline import normalised_image
+
+    return [normalised_image(load_scalar_volume(pair[role]), "auto")[0] for role in ("fixed", "moving")]
+
+
 def run_affine(pair):
     """fmsam's affine pre-alignment alone (the starting point every fmsam row improves on)."""
     import SimpleITK as sitk
 
     from fmsam import fields
-    from fmsam.imageio import load_scalar_volume
-    from fmsam.intensity import normalise
     from fmsam.prealign import affine_prealign
 
-    def normalised(role):
-        image = load_scalar_volume(pair[role])
-        voxels, _ = normalise(sitk.GetArrayViewFromImage(image), "auto")
-        result = sitk.GetImageFromArray(voxels)
-        result.CopyInformation(image)
-        return result
-
-    fixed, moving = normalised("fixed"), normalised("moving")
+    fixed, moving = normalised_pair(pair)
     start = time.perf_counter()
     affine = affine_prealign(fixed, moving)
     seconds = time.perf_counter() - start
@@ -147,20 +146,11 @@ def run_elastix(pair):
 def run_demons(pair):
     """fmsam's affine pre-alignment, then SimpleITK diffeomorphic demons on the affinely aligned
     pair (3 levels, histogram matching), composed into one fixed-to-moving field."""
-    import numpy as np
     import SimpleITK as sitk
 
-    from fmsam.intensity import normalise
     from fmsam.prealign import affine_prealign
 
-    def normalised(path):
-        image = sitk.ReadImage(pair[path])
-        voxels, _ = normalise(sitk.GetArrayViewFromImage(image), "auto")
-        result = sitk.GetImageFromArray(voxels.astype(np.float32))
-        result.CopyInformation(image)
-        return result
-
-    fixed, moving = normalised("fixed"), normalised("moving")
+    fixed, moving = normalised_pair(pair)
     start = time.perf_counter()
     affine = affine_prealign(fixed, moving)
     aligned = sitk.Resample(moving, fixed, affine, sitk.sitkLinear, 0.0)
