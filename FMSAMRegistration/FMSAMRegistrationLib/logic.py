@@ -103,8 +103,8 @@ class RegistrationJob:
         self._lock = threading.Lock()
         self._thread = None
         self._result, self._error = None, None
-        self.stage, self.stageFraction, self.started = "prepare", 0.0, time.time()
-        self._stage_started = self.started
+        self.stage, self.stageFraction = "prepare", 0.0
+        self._stage_started = time.time()
 
     # -- progress, called by the engine (worker thread) ---------------------------------------
     def _progress(self, stage, fraction):
