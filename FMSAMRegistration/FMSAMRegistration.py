@@ -51,6 +51,7 @@ class FMSAMRegistrationParameterNode:
     prealign: bool = True
     mode: str = "fast"
     device: str = "auto"
+    contrastMatching: str = "auto"
     outputTransform: vtkMRMLTransformNode
     createWarpedVolume: bool = True
     warpedVolume: vtkMRMLScalarVolumeNode
@@ -71,6 +72,7 @@ class FMSAMRegistrationLogic(ScriptedLoadableModuleLogic, _RegistrationLogic):
 
 class FMSAMRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     MODES = (("fast", "Fast (network only)"), ("accurate", "Accurate (+ instance optimisation)"))
+    CONTRAST_MATCHING = (("auto", "Auto (when contrasts differ)"), ("on", "On"), ("off", "Off"))
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -92,6 +94,8 @@ class FMSAMRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         for value, title in self.MODES:
             self.ui.modeComboBox.addItem(title, value)
         self._fillDevices()
+        for value, title in self.CONTRAST_MATCHING:
+            self.ui.contrastMatchingComboBox.addItem(title, value)
         self.ui.progressBar.setVisible(False)
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_MILLISECONDS)
@@ -102,6 +106,7 @@ class FMSAMRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.modeComboBox.connect("currentIndexChanged(int)", self._onModeChanged)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self._onDeviceChanged)
+        self.ui.contrastMatchingComboBox.connect("currentIndexChanged(int)", self._onContrastMatchingChanged)
         self.initializeParameterNode()
 
     def _fillDevices(self):
@@ -160,6 +165,10 @@ class FMSAMRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         if self._parameterNode and index >= 0:
             self._parameterNode.device = self.ui.deviceComboBox.itemData(index)
 
+    def _onContrastMatchingChanged(self, index):
+        if self._parameterNode and index >= 0:
+            self._parameterNode.contrastMatching = self.ui.contrastMatchingComboBox.itemData(index)
+
     def _missing(self):
         """What stops a run, in words ('' when it can run)."""
         parameters = self._parameterNode
@@ -177,7 +186,8 @@ class FMSAMRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         parameters = self._parameterNode
         if parameters is None:
             return
-        for combo, value in ((self.ui.modeComboBox, parameters.mode), (self.ui.deviceComboBox, parameters.device)):
+        for combo, value in ((self.ui.modeComboBox, parameters.mode), (self.ui.deviceComboBox, parameters.device),
+                             (self.ui.contrastMatchingComboBox, parameters.contrastMatching)):
             index = combo.findData(value)
             if index >= 0 and combo.currentIndex != index:
                 combo.currentIndex = index
@@ -214,6 +224,7 @@ class FMSAMRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                 fixedSegmentationNode=parameters.fixedSegmentation,
                 movingSegmentationNode=parameters.movingSegmentation,
                 prealign=parameters.prealign, device=parameters.device, mode=parameters.mode,
+                contrastMatching=parameters.contrastMatching,
                 outputTransformNode=parameters.outputTransform,
                 createWarpedVolume=parameters.createWarpedVolume, warpedVolumeNode=parameters.warpedVolume,
                 createJacobian=parameters.createJacobian, jacobianVolumeNode=parameters.jacobianVolume)

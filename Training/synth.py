@@ -2,9 +2,12 @@
 
 Following Hoffmann et al. (SynthMorph, IEEE TMI 2022): a random label map is made from smoothed
 noise (argmax over label channels); the moving label map is the same map through a random smooth
-deformation; each map is *rendered* independently (a random mean and spread per label, a smooth
-multiplicative bias field, blur, noise and gamma). A network trained on such pairs can only
-register by shape, since the two images of a pair never share a contrast.
+deformation; both maps are *rendered* with one random palette (a mean and spread per label) and
+each with its own smooth multiplicative bias field, blur, noise and gamma. Every pair has a new
+palette, so the network meets many contrasts; within a pair the contrast is shared because our loss
+is local correlation of the two images, which has nothing to reward when a label is bright in one
+image and dark in the other (SynthMorph renders the two images independently and trains on label
+overlap instead). Pairs of different contrasts are the job of :mod:`fmsam.contrast` at inference.
 
 All tensors are (1, 1, D, H, W) float32 in [0, 1] on the network grid; every draw comes from the
 given ``torch.Generator`` (seeded by the training step, so resumed runs draw the same pairs).
@@ -35,12 +38,16 @@ def random_deformation(generator, shape, max_voxels=4.0):
     return field / half_extent  # channels x, y, z follow the W, H, D axes
 
 
-def render(generator, label_map, labels=16):
-    """An image of a label map with random contrast, bias field, blur, noise and gamma."""
+def random_palette(generator, labels=16):
+    """``(means, spreads)`` of the intensity of each label, shape (labels,) each."""
+    return torch.rand(labels, generator=generator), 0.05 * torch.rand(labels, generator=generator)
+
+
+def render(generator, label_map, palette):
+    """An image of a label map in the given palette with a random bias field, blur, noise and gamma."""
     shape = label_map.shape[2:]
     index = label_map.long()
-    means = torch.rand(labels, generator=generator)
-    spreads = 0.05 * torch.rand(labels, generator=generator)
+    means, spreads = palette
     image = means[index] + spreads[index] * torch.randn(index.shape, generator=generator)
     bias = torch.exp(0.3 * _smooth_noise(generator, 1, shape, 16.0))
     image = image * bias
@@ -55,10 +62,11 @@ def render(generator, label_map, labels=16):
 
 
 def synth_pair(generator, shape, labels=16):
-    """(fixed, moving): one random anatomy rendered twice, the moving one deformed."""
+    """(fixed, moving): one random anatomy in one random palette, the moving one deformed."""
     fixed_labels = random_label_map(generator, shape, labels)
     moving_labels = warp(fixed_labels, random_deformation(generator, shape), mode="nearest")
-    return render(generator, fixed_labels, labels), render(generator, moving_labels, labels)
+    palette = random_palette(generator, labels)
+    return render(generator, fixed_labels, palette), render(generator, moving_labels, palette)
 
 
-__all__ = ["synth_pair", "random_label_map", "random_deformation", "render"]
+__all__ = ["synth_pair", "random_label_map", "random_deformation", "random_palette", "render"]

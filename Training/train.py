@@ -29,7 +29,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from synth import synth_pair  # noqa: E402
-from training_data import SubjectCache, read_split, sample_pair, sampling_offset  # noqa: E402
+from training_data import (SubjectCache, apply_intensity_curve, random_intensity_curve,  # noqa: E402
+                           read_split, sample_pair, sampling_offset, thick_slices)
 from fmsam.layers import resize, warp  # noqa: E402
 from fmsam.losses import symmetric_registration_loss  # noqa: E402
 from fmsam.metrics import labels_in_both, mean_dice  # noqa: E402
@@ -66,6 +67,13 @@ def parse_args(argv):
                         help="share of steps on SynthMorph-style synthetic pairs (Training/synth.py)")
     parser.add_argument("--identity-fraction", type=float, default=0.0,
                         help="share of steps registering an image to itself (teaches a zero field)")
+    parser.add_argument("--thick-fraction", type=float, default=0.0,
+                        help="chance that each image of a real pair is made thick-sliced (2-3.5x, one axis)")
+    parser.add_argument("--remap-fraction", type=float, default=0.0,
+                        help="share of real pairs whose two images go through one random intensity "
+                             "curve (new contrasts, shared within the pair)")
+    parser.add_argument("--init", help="start from these weights (a weights file or a checkpoint) "
+                                       "with a fresh optimiser; the network options must match")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA only)")
     parser.add_argument("--max-minutes", type=float, default=0,
                         help="stop cleanly (checkpoint written) after this long; 0: no limit")
@@ -73,7 +81,8 @@ def parse_args(argv):
 
 
 #: Settings added after the first runs, with the value those runs had.
-DEFAULTS = {"synth_fraction": 0.0, "identity_fraction": 0.0}
+DEFAULTS = {"synth_fraction": 0.0, "identity_fraction": 0.0, "thick_fraction": 0.0,
+            "remap_fraction": 0.0, "init": None}
 
 
 def draw_pair(args, train_cache, step, rank, grid):
@@ -88,6 +97,15 @@ def draw_pair(args, train_cache, step, rank, grid):
     fixed, moving = sample_pair(train_cache, seed, step, augment=not args.no_augment)
     if draw < args.synth_fraction + args.identity_fraction:
         return fixed, fixed.clone()
+    # Draws for later options come after the older ones, so old runs keep their pairs.
+    if args.remap_fraction and torch.rand(1, generator=choice).item() < args.remap_fraction:
+        curve = random_intensity_curve(choice)
+        fixed, moving = apply_intensity_curve(fixed, curve), apply_intensity_curve(moving, curve)
+    if args.thick_fraction:
+        if torch.rand(1, generator=choice).item() < args.thick_fraction:
+            fixed = thick_slices(fixed, choice)
+        if torch.rand(1, generator=choice).item() < args.thick_fraction:
+            moving = thick_slices(moving, choice)
     return fixed, moving
 
 
@@ -135,6 +153,17 @@ def validate(network, val_cache, pairs, device):
         identity.append(mean_dice(fixed_labels, moving_labels.long().numpy(), common))
     network.train()
     return float(np.mean(registered)), float(np.mean(identity))
+
+
+def initial_weights(path, config):
+    """The network state in a weights file (``fmsam.weights`` format) or a training checkpoint,
+    checked against this run's network options."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    saved = state.get("config", {})
+    for key in ("architecture", "coarse_channels", "fine_channels", "grid"):
+        if key in saved and saved[key] != config.get(key, saved[key]):
+            raise SystemExit("error: --init %s has %s %s, this run %s" % (path, key, saved[key], config.get(key)))
+    return state["network"] if "network" in state else state["state_dict"]
 
 
 def save_checkpoint(path, network, optimizer, step, best_dice, config):
@@ -215,7 +244,8 @@ def main(argv=None):
                 previous = json.load(handle)
             changed = [k for k in ("optimizer", "rho", "lr", "steps", "seed", "grid", "warmup",
                                    "coarse_channels", "fine_channels", "gradicon_weight", "no_augment",
-                                   "synth_fraction", "identity_fraction")
+                                   "synth_fraction", "identity_fraction", "thick_fraction",
+                                   "remap_fraction", "init")
                        if previous.get(k, DEFAULTS.get(k)) != run_settings.get(k)]
             if changed:
                 print("error: %s was started with other settings (%s); use a new --run folder"
@@ -234,6 +264,8 @@ def main(argv=None):
     pairs = validation_pairs(args.val_pairs, len(val_cache)) if rank == 0 else None
 
     network = build_network(config).to(device)
+    if args.init:
+        network.load_state_dict(initial_weights(args.init, config))
     model = network
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel

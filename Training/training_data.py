@@ -77,3 +77,36 @@ def sampling_offset(seed, step, shape):
     """The step's sub-voxel shift of the similarity's sampling grid (see fmsam.losses)."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step + 500_000_000)
     return random_subvoxel_offset(shape, generator)
+
+
+def thick_slices(image, generator, factors=(2.0, 3.5)):
+    """The image as a thick-slice acquisition would give it, back on its own grid: along one random
+    axis, voxels averaged in slabs ``factor`` voxels thick (factor uniform in ``factors``), then
+    linearly interpolated. On the 2.25 mm network grid, 6 mm clinical slices are a factor of about 2.7.
+    ``image``: (1, 1, D, H, W)."""
+    axis = int(torch.randint(0, 3, (1,), generator=generator))
+    factor = factors[0] + (factors[1] - factors[0]) * torch.rand(1, generator=generator).item()
+    shape = list(image.shape[2:])
+    low = list(shape)
+    low[axis] = max(2, int(round(shape[axis] / factor)))
+    return resize(F.adaptive_avg_pool3d(image, low), shape)
+
+
+def random_intensity_curve(generator, points=6):
+    """A random smooth lookup ``[0, 1] -> [0, 1]`` that keeps 0 at 0 (background stays dark), as
+    ``(x, y)`` control points for linear interpolation: any tissue order, so also inverted contrast."""
+    x = torch.linspace(0.0, 1.0, points)
+    y = torch.rand(points, generator=generator)
+    y[0] = 0.0
+    return x, y
+
+
+def apply_intensity_curve(image, curve):
+    """``image`` (values in [0, 1]) through a curve from :func:`random_intensity_curve`, rescaled to
+    [0, 1]."""
+    x, y = curve
+    values = image.clamp(0.0, 1.0) * (len(x) - 1)
+    lower = values.floor().long().clamp(max=len(x) - 2)
+    weight = values - lower
+    mapped = y[lower] * (1 - weight) + y[lower + 1] * weight
+    return mapped / mapped.amax().clamp_min(1e-6)

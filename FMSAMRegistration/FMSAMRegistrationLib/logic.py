@@ -16,6 +16,7 @@ import time
 
 import slicer
 
+from fmsam.contrast import CONTRAST_MATCHING
 from fmsam.errors import Cancelled, InputError
 
 from . import display, mrml_io
@@ -81,6 +82,8 @@ class RegistrationOutcome:
         if self.dice is not None:
             line += " Mean Dice (%d labels): %.3f before, %.3f affine, %.3f after." % (
                 self.report["dice_labels"], *self.dice)
+        if self.report.get("contrast_matching", {}).get("applied"):
+            line += " Contrast matched: the moving volume was given the fixed volume's contrast."
         for warning in self.report.get("warnings", []):
             line += " Warning: %s." % warning
         return line
@@ -152,7 +155,8 @@ class RegistrationJob:
             self._result = register(
                 request.fixed_image, request.moving_image, request.fixed_labels, request.moving_labels,
                 prealign=request.prealign, io_steps=request.io_steps, device=request.device,
-                modality=request.modality, progress=self._progress, model=request.model)
+                modality=request.modality, contrast_matching=request.contrast_matching,
+                progress=self._progress, model=request.model)
         except BaseException as error:  # handed to the main thread by finish()
             self._error = error
 
@@ -239,6 +243,8 @@ class FMSAMRegistrationLogic:
           fixed grid (a new node unless one is given).
         * ``createJacobian`` (True) / ``jacobianVolumeNode``: det J map with its colour legend.
         * ``showResults`` (True): put the results into the slice views.
+        * ``contrastMatching`` ('auto'): give the moving volume the fixed volume's contrast before
+          the network: 'auto' (when their contrasts differ), 'on' or 'off'.
         * ``modality`` ('auto'), ``weights`` (bundled model), ``progress(stage, fraction)``.
         """
         return self.prepare(fixedVolumeNode, movingVolumeNode, **options).run()
@@ -257,7 +263,7 @@ class FMSAMRegistrationLogic:
                 movingSegmentationNode=None, prealign=True, device="auto", mode="fast", ioSteps=None,
                 outputTransformNode=None, createWarpedVolume=True, warpedVolumeNode=None,
                 createJacobian=True, jacobianVolumeNode=None, showResults=True, modality="auto",
-                weights=None, progress=None):
+                weights=None, progress=None, contrastMatching="auto"):
         """Check the inputs and read them into memory; returns a :class:`RegistrationJob`."""
         if self._job is not None:
             raise InputError("a registration is already running")
@@ -265,6 +271,9 @@ class FMSAMRegistrationLogic:
             raise InputError("select both a fixed and a moving volume")
         if device not in DEVICES:
             raise InputError("device must be one of %s, not %r" % (", ".join(DEVICES), device))
+        if contrastMatching not in CONTRAST_MATCHING:
+            raise InputError("contrastMatching must be one of %s, not %r"
+                             % (", ".join(CONTRAST_MATCHING), contrastMatching))
         if ioSteps is None:
             if mode not in MODES:
                 raise InputError("mode must be 'fast' or 'accurate', not %r" % mode)
@@ -292,7 +301,7 @@ class FMSAMRegistrationLogic:
             fixed_node=fixedVolumeNode, moving_node=movingVolumeNode, fixed_image=fixed_image,
             moving_image=moving_image, fixed_labels=fixed_labels, moving_labels=moving_labels,
             prealign=bool(prealign), device=device, io_steps=int(ioSteps), modality=modality,
-            model=self._load_model(weights), progress=progress,
+            contrast_matching=contrastMatching, model=self._load_model(weights), progress=progress,
             transform_node=outputTransformNode, create_warped=bool(createWarpedVolume) or warpedVolumeNode is not None,
             warped_node=warpedVolumeNode, create_jacobian=bool(createJacobian) or jacobianVolumeNode is not None,
             jacobian_node=jacobianVolumeNode, show_results=bool(showResults))

@@ -23,10 +23,17 @@ def _add_register(commands):
     parser.add_argument("--no-affine", action="store_true", help="skip affine pre-alignment")
     parser.add_argument("--modality", choices=["auto", "mr", "ct"], default="auto",
                         help="intensity normalisation (default: detected per image)")
+    _add_contrast_matching(parser)
     parser.add_argument("--quiet", action="store_true", help="print only the summary line")
     parser.add_argument("--scene", metavar="OUT.mrb",
                         help="also write a Slicer scene bundle (inputs, transform, warped volume, "
                         "Jacobian map with its colours); needs slicer-core or Slicer's Python")
+
+
+def _add_contrast_matching(parser):
+    parser.add_argument("--contrast-matching", choices=["auto", "on", "off"], default="auto",
+                        help="give the moving image the fixed image's contrast before the network "
+                        "(auto: when their contrasts differ)")
 
 
 def _add_warp(commands):
@@ -54,6 +61,7 @@ def _add_evaluate(commands):
     parser.add_argument("--io-steps", type=int, default=0)
     parser.add_argument("--weights")
     parser.add_argument("--no-affine", action="store_true")
+    _add_contrast_matching(parser)
 
 
 def build_parser():
@@ -92,6 +100,7 @@ def _register(args):
     result = register(args.fixed, args.moving, args.fixed_labels, args.moving_labels,
                       prealign=not args.no_affine, io_steps=args.io_steps, device=args.device,
                       weights=args.weights, modality=args.modality,
+                      contrast_matching=args.contrast_matching,
                       progress=_progress_printer(args.quiet))
     write_outputs(result, args.out, moving=read_image(args.moving))
     if args.scene:
@@ -104,6 +113,8 @@ def _register(args):
         report["jacobian_min"], report["jacobian_max"])
     if "dice_after" in report:
         line += "; Dice affine %.3f -> %.3f" % (report["dice_affine"], report["dice_after"])
+    if report["contrast_matching"]["applied"]:
+        line += "; contrast matched"
     print(line + "; outputs in %s" % args.out)
     for warning in report.get("warnings", []):
         print("fmsam: warning: %s" % warning, file=sys.stderr)
@@ -145,7 +156,8 @@ def _evaluate(args):
     from .evaluate import evaluate_pairs
 
     evaluate_pairs(args.pairs, args.out, device=args.device, io_steps=args.io_steps,
-                   weights=args.weights, prealign=not args.no_affine)
+                   weights=args.weights, prealign=not args.no_affine,
+                   contrast_matching=args.contrast_matching)
 
 
 def main(argv=None):

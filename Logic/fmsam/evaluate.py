@@ -32,7 +32,7 @@ def read_pairs(path):
 
 
 def evaluate_pairs(pairs_csv, out_csv, device="auto", io_steps=0, weights=None, prealign=True,
-                   show_progress=True):
+                   show_progress=True, contrast_matching="auto"):
     """Register every pair, write one result row each to ``out_csv``, print the means; returns rows."""
     from .pipeline import register
     from .weights import load_model
@@ -46,7 +46,7 @@ def evaluate_pairs(pairs_csv, out_csv, device="auto", io_steps=0, weights=None, 
         for number, pair in enumerate(pairs, 1):
             result = register(pair["fixed"], pair["moving"], pair["fixed_labels"],
                               pair["moving_labels"], prealign=prealign, io_steps=io_steps,
-                              device=device, model=model).report
+                              device=device, model=model, contrast_matching=contrast_matching).report
             row = {"fixed": os.path.basename(pair["fixed"]), "moving": os.path.basename(pair["moving"]),
                    "dice_affine": result.get("dice_affine", ""), "dice_after": result.get("dice_after", ""),
                    "folding_percent": result["folding_percent"], "jacobian_min": result["jacobian_min"],

@@ -10,6 +10,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import fields
+from .contrast import MIN_CORRELATION_GAIN, CONTRAST_MATCHING, contrast_matched
 from .errors import InputError
 from .imageio import check_same_grid, load_label_map, load_scalar_volume
 from .intensity import normalise
@@ -96,7 +97,8 @@ def back_to_grid(field, field_grid, fixed_image):
 
 
 def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True, io_steps=0,
-             device="auto", weights=None, modality="auto", progress=None, model=None):
+             device="auto", weights=None, modality="auto", progress=None, model=None,
+             contrast_matching="auto"):
     """Register ``moving`` to ``fixed`` and return a :class:`RegistrationResult`.
 
     ``fixed``/``moving``: paths (NIfTI, NRRD, MHA) or SimpleITK images, any size, spacing,
@@ -104,7 +106,9 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
     image's grid, for the Dice report and the warped label map. ``prealign``: affine pre-alignment
     on/off. ``io_steps``: instance-optimisation steps (0 = off). ``device``: 'auto', 'cpu' or
     'cuda'. ``weights``: a weights file (default: bundled model). ``modality``: 'auto', 'mr' or 'ct'
-    for both images, or a (fixed, moving) pair. ``progress(stage, fraction)``: called often; it may
+    for both images, or a (fixed, moving) pair. ``contrast_matching``: give the moving image the
+    fixed image's contrast before the network ('auto': when the contrasts differ; 'on'; 'off'),
+    see :mod:`fmsam.contrast`. ``progress(stage, fraction)``: called often; it may
     raise :class:`fmsam.errors.Cancelled` to stop. ``model``: an already loaded
     ``(network, config)`` to reuse across calls.
     """
@@ -116,6 +120,9 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
 
     if io_steps < 0:
         raise InputError("io_steps must be 0 or more, not %r" % io_steps)
+    if contrast_matching not in CONTRAST_MATCHING:
+        raise InputError("contrast_matching must be one of %s, not %r"
+                         % (", ".join(CONTRAST_MATCHING), contrast_matching))
     stages = _Stages(progress)
     total_start = time.perf_counter()
 
@@ -152,6 +159,11 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
         network.to(run_device)
         fixed_net = to_network_grid(sitk.GetArrayViewFromImage(network_fixed), grid, run_device)
         moving_net = to_network_grid(sitk.GetArrayViewFromImage(moving_on_fixed), grid, run_device)
+        matched, gain = contrast_matched(fixed_net.cpu().numpy(), moving_net.cpu().numpy())
+        apply = contrast_matching == "on" or (contrast_matching == "auto" and gain >= MIN_CORRELATION_GAIN)
+        report["contrast_matching"] = {"applied": bool(apply), "correlation_gain": round(gain, 4)}
+        if apply:
+            moving_net = torch.from_numpy(matched).to(run_device)
         with torch.no_grad():
             displacement = network(fixed_net, moving_net)
         if io_steps:

@@ -71,8 +71,8 @@ def test_ui_parameter_bindings_are_parameter_node_fields(ui_widgets):
                 bound[prop.find("string").text] = name
     fields = parameter_node_fields()
     assert set(bound) <= fields
-    # Only the two combo boxes with item data are synchronised by hand in the widget.
-    assert fields - set(bound) == {"mode", "device"}
+    # Only the combo boxes with item data are synchronised by hand in the widget.
+    assert fields - set(bound) == {"mode", "device", "contrastMatching"}
 
 
 def test_module_cmake_lists_every_file_the_module_loads(module_cmake):

@@ -111,9 +111,11 @@ def test_pair_choice_keeps_old_runs_and_adds_synthetic_and_identical_pairs(cache
     assert not any(torch.equal(fixed, x) for x in sample_pair(subjects, 0, 0))
 
 
-def test_synthetic_pairs_share_shape_not_contrast():
+def test_synthetic_pairs_share_shape_and_palette():
+    """Both images of a synthetic pair show one anatomy in one palette (our loss is local
+    correlation, which needs a shared contrast); each pair has a new palette."""
     sys.path.insert(0, TRAINING)
-    from synth import random_deformation, random_label_map, render, synth_pair
+    from synth import random_deformation, random_label_map, random_palette, render, synth_pair
 
     from fmsam.layers import warp
 
@@ -129,11 +131,42 @@ def test_synthetic_pairs_share_shape_not_contrast():
     deformed = warp(labels, random_deformation(generator, shape), mode="nearest")
     agreement = float((deformed == labels).float().mean())
     assert 0.5 < agreement < 1.0  # the same anatomy, moved
-    one, two = render(generator, labels), render(generator, labels)
-    # Two renderings of one label map: same boundaries, unrelated contrast per label.
-    means_one = torch.stack([one[labels == v].mean() for v in torch.unique(labels)])
-    means_two = torch.stack([two[labels == v].mean() for v in torch.unique(labels)])
-    assert not torch.allclose(means_one, means_two, atol=0.05)
+
+    def label_means(image):
+        return torch.stack([image[labels == v].mean() for v in torch.unique(labels)])
+
+    def correlation(a, b):
+        return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+
+    palette, other = random_palette(generator), random_palette(generator)
+    one, two, three = (render(generator, labels, p) for p in (palette, palette, other))
+    # Same palette: the same label order despite independent bias, blur, noise and gamma.
+    assert correlation(label_means(one), label_means(two)) > 0.9
+    assert correlation(label_means(one), label_means(three)) < 0.5
+
+
+def test_thick_slice_and_intensity_curve_augmentations():
+    sys.path.insert(0, TRAINING)
+    from training_data import apply_intensity_curve, random_intensity_curve, thick_slices
+
+    # Stripes one voxel wide along each axis, added: averaging slabs along one axis removes the
+    # stripes along that axis and leaves the others as they were.
+    shape = (16, 20, 24)
+    stripes = [(torch.arange(n) % 2).float() for n in shape]
+    image = (stripes[0].view(-1, 1, 1) + stripes[1].view(1, -1, 1) + stripes[2].view(1, 1, -1))[None, None] / 3
+    for seed in range(6):
+        thick = thick_slices(image, torch.Generator().manual_seed(seed))
+        assert thick.shape == image.shape
+        kept = sorted(float(thick.diff(dim=d).abs().mean() / image.diff(dim=d).abs().mean()) for d in (2, 3, 4))
+        assert kept[0] < 0.3 and kept[1] > 0.99 and kept[2] > 0.99, kept
+    x, y = random_intensity_curve(torch.Generator().manual_seed(2))
+    assert float(y[0]) == 0.0
+    mapped = apply_intensity_curve(image, (x, y))
+    assert float(mapped.max()) == pytest.approx(1.0)
+    assert float(apply_intensity_curve(torch.zeros(1, 1, 2, 2, 2), (x, y)).abs().max()) == 0.0
+    # The curve is applied, not approximated: control points map to their values (then rescaled).
+    points = x.view(1, 1, -1, 1, 1)
+    assert torch.allclose(apply_intensity_curve(points, (x, y)).flatten(), y / y.max(), atol=1e-6)
 
 
 def test_training_on_synthetic_and_identical_pairs_runs(cache, tmp_path):
@@ -142,3 +175,22 @@ def test_training_on_synthetic_and_identical_pairs_runs(cache, tmp_path):
                 "--identity-fraction", "0.25", *TINY)
     assert done.returncode == 0, done.stderr
     assert len(_losses(run)) == 4
+
+
+def test_fine_tuning_starts_from_given_weights(cache, tmp_path):
+    """--init: a run starts from another run's weights (the bundled model is fine-tuned this way),
+    with the augmentations for thick slices and new contrasts; a network of another shape is refused."""
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    assert _run("train.py", "--cache", cache, "--run", first, "--steps", "2", *TINY).returncode == 0
+    initial = os.path.join(first, "latest.pt")
+    # --lr 0: the fine-tuning run must end exactly where it started.
+    done = _run("train.py", "--cache", cache, "--run", second, "--steps", "2", "--init", initial, "--lr", "0",
+                "--thick-fraction", "0.5", "--remap-fraction", "0.5", *TINY)
+    assert done.returncode == 0, done.stderr
+    a = torch.load(initial, weights_only=True)["network"]
+    b = torch.load(os.path.join(second, "latest.pt"), weights_only=True)["network"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    wider = [value if value != "4,8" else "8,8" for value in TINY]
+    refused = _run("train.py", "--cache", cache, "--run", str(tmp_path / "third"), "--steps", "1",
+                   "--init", initial, *wider)
+    assert refused.returncode != 0 and "--init" in refused.stderr

@@ -1,0 +1,106 @@
+"""Contrast matching: a moving image of another contrast is given the fixed image's contrast before
+the network, and only when the contrasts differ ('auto')."""
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+import fmsam
+from fmsam.contrast import MIN_CORRELATION_GAIN, contrast_matched, histogram_matched, match_contrast
+from fmsam.errors import InputError
+
+
+def _phantom(seed=0, shape=(40, 48, 48)):
+    """Background (0) and three smooth tissue classes of T1-like intensities 0.3, 0.6, 0.9."""
+    generator = np.random.default_rng(seed)
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    head = (x ** 2 + y ** 2 + z ** 2) < 0.8
+    texture = np.sin(4 * x + 2 * y) + np.cos(3 * z - y)
+    tissue = np.digitize(texture, [-0.5, 0.5])  # 0, 1, 2
+    intensities = np.array([0.3, 0.6, 0.9])
+    image = np.where(head, intensities[tissue], 0.0) + 0.01 * generator.standard_normal(shape)
+    return np.clip(image, 0.0, 1.0), head, tissue
+
+
+def _correlation(a, b):
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+def test_inverted_tissue_contrast_is_recovered_with_a_dark_background():
+    fixed, head, tissue = _phantom(0)
+    inverted = np.where(head, np.array([0.9, 0.6, 0.3])[tissue], 0.0)  # T2-like: tissue order reversed
+    assert _correlation(fixed[head], inverted[head]) < -0.9
+    matched, gain = contrast_matched(fixed, inverted)
+    assert _correlation(fixed, matched) > 0.98 and _correlation(fixed[head], matched[head]) > 0.9
+    assert gain > 10 * MIN_CORRELATION_GAIN
+    # Per class, the matched image has the fixed image's intensity (background stays dark).
+    for label, value in enumerate([0.3, 0.6, 0.9]):
+        assert abs(float(np.median(matched[head & (tissue == label)])) - value) < 0.05
+    assert float(np.median(matched[~head])) < 0.05
+
+
+def test_same_contrast_is_left_almost_unchanged_and_not_matched_by_auto():
+    fixed, _, _ = _phantom(0)
+    moving, _, _ = _phantom(1)  # same anatomy and contrast, other noise
+    matched, gain = contrast_matched(fixed, moving)
+    assert gain < MIN_CORRELATION_GAIN
+    assert float(np.mean(np.abs(matched - moving))) < 0.02
+
+
+def test_mapping_can_be_applied_to_another_grid():
+    fixed, head, tissue = _phantom(0)
+    inverted = np.where(head, np.array([0.9, 0.6, 0.3])[tissue], 0.0)
+    coarse = match_contrast(fixed, inverted, inverted[::2, ::2, ::2])
+    assert coarse.shape == inverted[::2, ::2, ::2].shape
+    assert _correlation(fixed[::2, ::2, ::2], coarse) > 0.98
+
+
+def test_histogram_matching_keeps_order_and_takes_the_reference_distribution():
+    values = np.array([[3.0, 1.0], [2.0, 2.0]])
+    reference = np.array([10.0, 20.0, 30.0, 40.0])
+    matched = histogram_matched(values, reference)
+    assert matched[0, 1] < matched[1, 0] == matched[1, 1] < matched[0, 0]
+    assert matched[0, 1] == 10.0 and matched[0, 0] == 40.0
+
+
+def _inverted_moving(sample_paths, tmp_path):
+    """The sample's moving T1 with tissue intensities reversed inside the head (T2-like)."""
+    moving = sitk.ReadImage(sample_paths["moving"], sitk.sitkFloat32)
+    voxels = sitk.GetArrayFromImage(moving)
+    scaled = np.clip(voxels / np.percentile(voxels, 99), 0, 1)
+    inverted = sitk.GetImageFromArray(np.where(scaled > 0.05, 1.05 - scaled, 0.0).astype(np.float32) * 1000)
+    inverted.CopyInformation(moving)
+    path = str(tmp_path / "inverted.nii.gz")
+    sitk.WriteImage(inverted, path)
+    return path
+
+
+def test_registration_of_an_inverted_contrast_pair_is_rescued(sample_paths, tmp_path, capsys):
+    """Measured on the sample pair: Dice 0.25 without matching, 0.40 with it (0.43 affine)."""
+    from fmsam.cli import main
+
+    path = _inverted_moving(sample_paths, tmp_path)
+    common = ["--fixed-labels", sample_paths["fixed_labels"], "--moving-labels", sample_paths["moving_labels"],
+              "--quiet", "--device", "cpu"]
+    assert main(["register", sample_paths["fixed"], path, "--out", str(tmp_path / "auto")] + common) == 0
+    assert "contrast matched" in capsys.readouterr().out
+    assert main(["register", sample_paths["fixed"], path, "--out", str(tmp_path / "off"),
+                 "--contrast-matching", "off"] + common) == 0
+    auto = json.load(open(tmp_path / "auto" / "report.json"))
+    off = json.load(open(tmp_path / "off" / "report.json"))
+    assert auto["contrast_matching"]["applied"] and not off["contrast_matching"]["applied"]
+    assert auto["contrast_matching"]["correlation_gain"] > MIN_CORRELATION_GAIN
+    assert auto["dice_after"] > off["dice_after"] + 0.1
+    assert auto["dice_after"] > auto["dice_affine"] - 0.05
+
+
+def test_a_same_contrast_pair_is_not_matched(registered_sample):
+    report = json.load(open(registered_sample + "/report.json"))
+    assert report["contrast_matching"]["applied"] is False
+    assert report["contrast_matching"]["correlation_gain"] < MIN_CORRELATION_GAIN
+
+
+def test_unknown_setting_is_refused(sample_paths):
+    with pytest.raises(InputError, match="contrast_matching"):
+        fmsam.register(sample_paths["fixed"], sample_paths["moving"], contrast_matching="sometimes")
