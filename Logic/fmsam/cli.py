@@ -88,6 +88,7 @@ def _progress_printer(quiet):
 def _register(args):
     from .imageio import read_image
     from .outputs import write_outputs
+    from .overview import start_importing_matplotlib
     from .pipeline import register
 
     if args.scene:
@@ -97,6 +98,7 @@ def _register(args):
             raise InputError("--scene needs Slicer's MRML classes in Python (pip install slicer-core on "
                              "Python 3.10+, or run fmsam from Slicer's Python): %s" % error) from None
         check_scene_path(args.scene)
+    start_importing_matplotlib()  # for the overview picture, while the registration runs
     result = register(args.fixed, args.moving, args.fixed_labels, args.moving_labels,
                       prealign=not args.no_affine, io_steps=args.io_steps, device=args.device,
                       weights=args.weights, modality=args.modality,

@@ -8,8 +8,9 @@ moving intensity to that conditional mean gives the moving image the fixed image
 mapping is any function of intensity (not only monotone), so a dark background kept dark next to
 inverted tissue is handled. For a same-contrast pair the mapping is close to the identity.
 
-Used by :func:`fmsam.pipeline.register` on the network grid, for the network and the instance
-optimisation; the warped output is always the original moving image.
+Used by :func:`fmsam.pipeline.register` after the affine pre-alignment: when the contrasts differ,
+the affine is run again on the matched moving image, and the network and the instance optimisation
+see the matched image; the warped output is always the original moving image.
 """
 import numpy as np
 
@@ -47,39 +48,48 @@ def intensity_mapping(fixed, moving_on_fixed, bins=BINS):
     return centres, np.interp(centres, centres[filled], means)
 
 
-def match_contrast(fixed, moving_on_fixed, moving=None):
-    """The moving image with the fixed image's contrast, as a float32 array.
+def contrast_lookup(fixed, moving_on_fixed, levels=1025):
+    """The whole mapping as a lookup table ``(moving intensities, matched intensities)`` over [0, 1].
 
-    ``fixed`` and ``moving_on_fixed`` (same shape) estimate the mapping; it is applied to ``moving``
-    (any shape; default ``moving_on_fixed``). The conditional means put tissues in the fixed image's
-    order but squeeze them towards the overall mean (misaligned voxels average bright and dark), so
-    the mapped image is then histogram-matched to the fixed image, which restores its intensity
-    spread without changing the order.
+    The conditional means put tissues in the fixed image's order but squeeze them towards the
+    overall mean (misaligned voxels average bright and dark), so the mapped intensities are then
+    histogram-matched to the fixed image, which restores its spread without changing the order.
+    A lookup (rather than matching every voxel) applies to an image of any size in one pass.
     """
-    centres, mapped = intensity_mapping(fixed, moving_on_fixed)
-    source = moving_on_fixed if moving is None else moving
-    ordered = np.interp(np.clip(np.asarray(source, dtype=np.float64), 0.0, 1.0), centres, mapped)
-    return histogram_matched(ordered, fixed).astype(np.float32)
+    centres, means = intensity_mapping(fixed, moving_on_fixed)
+    ordered = np.sort(np.interp(np.clip(np.asarray(moving_on_fixed, dtype=np.float64).ravel(), 0.0, 1.0),
+                                centres, means))
+    target = np.sort(np.asarray(fixed, dtype=np.float64).ravel())
+    grid = np.linspace(0.0, 1.0, levels)
+    # Rank of each level's mapped value among the mapped voxels; tied voxels (a uniform tissue, the
+    # background) take their middle rank, so they land in the middle of their share of the fixed
+    # image's intensities.
+    mapped = np.interp(grid, centres, means)
+    middle = (np.searchsorted(ordered, mapped, side="left") + np.searchsorted(ordered, mapped, side="right")) / 2.0
+    ranks = middle / max(1, len(ordered))
+    return grid, np.interp(np.clip(ranks, 0.0, 1.0), np.linspace(0.0, 1.0, len(target)), target)
 
 
-def histogram_matched(values, reference):
-    """``values`` mapped monotonically so their distribution is that of ``reference``; equal values
-    stay equal (rank of the first of them)."""
-    flat = values.ravel()
-    ordered = np.sort(flat)
-    ranks = np.searchsorted(ordered, flat, side="left") / max(1, len(ordered) - 1)
-    target = np.sort(np.asarray(reference, dtype=np.float64).ravel())
-    matched = np.interp(ranks, np.linspace(0.0, 1.0, len(target)), target)
-    return matched.reshape(np.shape(values))
+def apply_lookup(lookup, voxels):
+    """Voxels (values in [0, 1], any shape) through a :func:`contrast_lookup` table; float32."""
+    grid, values = lookup
+    return np.interp(np.clip(np.asarray(voxels, dtype=np.float64), 0.0, 1.0), grid, values).astype(np.float32)
 
 
-def contrast_matched(fixed, moving_on_fixed):
-    """``(moving with the fixed contrast, correlation gain)`` for two aligned arrays of one shape:
-    the gain is how much the mapping raised the images' correlation (near 0: same contrast)."""
-    matched = match_contrast(fixed, moving_on_fixed)
-    before = _correlation(fixed, moving_on_fixed)
-    after = _correlation(fixed, matched)
-    return matched, after - before
+def match_contrast(fixed, moving_on_fixed, moving=None):
+    """The moving image with the fixed image's contrast, as a float32 array: the mapping is estimated
+    from ``fixed`` and ``moving_on_fixed`` (same shape) and applied to ``moving`` (any shape; default
+    ``moving_on_fixed``)."""
+    lookup = contrast_lookup(fixed, moving_on_fixed)
+    return apply_lookup(lookup, moving_on_fixed if moving is None else moving)
+
+
+def contrast_decision(fixed, moving_on_fixed):
+    """``(lookup, correlation gain)`` for two aligned arrays of one shape: the gain is how much the
+    mapping raises the images' correlation (near 0: same contrast)."""
+    lookup = contrast_lookup(fixed, moving_on_fixed)
+    gain = _correlation(fixed, apply_lookup(lookup, moving_on_fixed)) - _correlation(fixed, moving_on_fixed)
+    return lookup, gain
 
 
 def _correlation(first, second):

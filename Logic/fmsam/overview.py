@@ -1,6 +1,23 @@
 """The overview picture: fixed, moving, warped, checkerboard and the Jacobian map (one slice each)."""
+import threading
+
 import numpy as np
 import SimpleITK as sitk
+
+
+def _import_plotting():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+
+
+def start_importing_matplotlib():
+    """Import matplotlib (about 1 s) in a thread, so that it happens while a registration computes
+    rather than after it; :func:`write_overview`'s own import then finds it done (or waits for it)."""
+    thread = threading.Thread(target=_import_plotting, name="fmsam-matplotlib", daemon=True)
+    thread.start()
+    return thread
 
 
 def _display_slices(image, spacing_kji):
@@ -25,9 +42,7 @@ def checkerboard(first, second, tiles=8):
 def write_overview(path, fixed, moving_on_fixed, warped, jacobian, report):
     """Write a PNG with five panels; the Jacobian uses a diverging map centred on 1 (blue:
     contraction, red: expansion) with folding (det <= 0) drawn in black."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    _import_plotting()
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap, TwoSlopeNorm
 

@@ -4,13 +4,14 @@ Stages: read and check inputs -> normalise intensities -> affine pre-alignment -
 (optional) instance optimisation -> compose affine and deformable parts into one LPS field on the
 fixed grid -> warp moving image (and labels) -> Jacobian determinant and its statistics.
 """
+import concurrent.futures
 import time
 
 import numpy as np
 import SimpleITK as sitk
 
 from . import fields
-from .contrast import MIN_CORRELATION_GAIN, CONTRAST_MATCHING, contrast_matched
+from .contrast import CONTRAST_MATCHING, MIN_CORRELATION_GAIN, apply_lookup, contrast_decision
 from .errors import InputError
 from .imageio import check_same_grid, load_label_map, load_scalar_volume
 from .intensity import normalise
@@ -71,6 +72,16 @@ class _Stages:
             self._stage = None
 
 
+#: Voxels the contrast decision looks at: every second one along each axis (as fmsam.quality does).
+DECISION_SAMPLING = (slice(None, None, 2),) * 3
+
+
+def _through_lookup(image, lookup):
+    result = sitk.GetImageFromArray(apply_lookup(lookup, sitk.GetArrayViewFromImage(image)))
+    result.CopyInformation(image)
+    return result
+
+
 def normalised_image(image, modality):
     """``(float32 image in [0, 1] on the same grid, modality used)``; see :mod:`fmsam.intensity`."""
     voxels, used = normalise(sitk.GetArrayViewFromImage(image), modality)
@@ -112,11 +123,7 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
     raise :class:`fmsam.errors.Cancelled` to stop. ``model``: an already loaded
     ``(network, config)`` to reuse across calls.
     """
-    import torch
-
-    from .inference import choose_device, grid_for, run_with_cpu_fallback, to_network_grid
-    from .instance_optimisation import instance_optimise
-    from .weights import load_model
+    from .weights import bundled_config, load_model
 
     if io_steps < 0:
         raise InputError("io_steps must be 0 or more, not %r" % io_steps)
@@ -136,8 +143,19 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
     if moving_labels is not None:
         moving_label_map = load_label_map(moving_labels, "moving label map")
         check_same_grid(moving_image, moving_label_map, "moving label map")
-    torch_device = choose_device(device)
-    network, config = model if model is not None else load_model(weights, "cpu")
+    loading = None
+    if model is not None:
+        config = model[1]
+    elif weights is None:
+        # PyTorch's import (about 1 s) and the weights are loaded in a thread while the images are
+        # normalised and aligned, which needs only the network options (from the manifest).
+        config = bundled_config()
+        loader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fmsam-load")
+        loading = loader.submit(load_model, None, "cpu")
+        loader.shutdown(wait=False)
+    else:
+        model = load_model(weights, "cpu")
+        config = model[1]
     fixed_modality, moving_modality = (modality, modality) if isinstance(modality, str) else modality
     # Both images are brought to the axis layout of the training images by a pure permutation or
     # flip of their grids (no resampling): the network learned anatomy in that layout, and the
@@ -150,20 +168,34 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
     affine = (affine_prealign(network_fixed, moving_normalised, progress=stages.update) if prealign
               else identity_affine())
     moving_on_fixed = fields.resample(moving_normalised, network_fixed, affine)
-
     report = {}
+    lookup, gain = contrast_decision(*(sitk.GetArrayViewFromImage(image)[DECISION_SAMPLING]
+                                       for image in (network_fixed, moving_on_fixed)))
+    matched = contrast_matching == "on" or (contrast_matching == "auto" and gain >= MIN_CORRELATION_GAIN)
+    report["contrast_matching"] = {"applied": bool(matched), "correlation_gain": round(gain, 4)}
+    if matched:
+        # The moving image in the fixed image's contrast is what the network and instance
+        # optimisation see, and the affine is run again on it: mutual information copes with other
+        # contrasts, but less well (on 10 gamma-changed pairs it aligned worse than on the originals).
+        moving_normalised = _through_lookup(moving_normalised, lookup)
+        if prealign:
+            affine = affine_prealign(network_fixed, moving_normalised, progress=stages.update)
+        moving_on_fixed = fields.resample(moving_normalised, network_fixed, affine)
+
     stages.begin("network")
+    network = (loading.result() if loading is not None else model)[0]
+    import torch
+
+    from .inference import choose_device, grid_for, run_with_cpu_fallback, to_network_grid
+    from .instance_optimisation import instance_optimise
+
+    torch_device = choose_device(device)
     grid = grid_for(network_fixed, config)
 
     def predict(run_device):
         network.to(run_device)
         fixed_net = to_network_grid(sitk.GetArrayViewFromImage(network_fixed), grid, run_device)
         moving_net = to_network_grid(sitk.GetArrayViewFromImage(moving_on_fixed), grid, run_device)
-        matched, gain = contrast_matched(fixed_net.cpu().numpy(), moving_net.cpu().numpy())
-        apply = contrast_matching == "on" or (contrast_matching == "auto" and gain >= MIN_CORRELATION_GAIN)
-        report["contrast_matching"] = {"applied": bool(apply), "correlation_gain": round(gain, 4)}
-        if apply:
-            moving_net = torch.from_numpy(matched).to(run_device)
         with torch.no_grad():
             displacement = network(fixed_net, moving_net)
         if io_steps:

@@ -9,10 +9,7 @@ import hashlib
 import json
 import os
 
-import torch
-
 from .errors import InputError
-from .networks import build_network
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 MANIFEST = os.path.join(WEIGHTS_DIR, "manifest.json")
@@ -24,6 +21,14 @@ def sha256_of(path):
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def bundled_config():
+    """The bundled model's network options, read from the manifest: known without PyTorch, so a
+    registration can start aligning images while PyTorch is still being imported."""
+    bundled_weights()  # the same error as loading when there is no bundled model
+    with open(MANIFEST) as handle:
+        return json.load(handle)["config"]
 
 
 def bundled_weights():
@@ -56,6 +61,10 @@ def load_model(path=None, device="cpu"):
     Raises :class:`InputError` when the file is missing, fails its checksum, or is not a weights
     file of this package.
     """
+    import torch  # here, not at the top: importing this module must not cost PyTorch's import
+
+    from .networks import build_network
+
     path = bundled_weights()[0] if path is None else os.fspath(path)
     if not os.path.isfile(path):
         raise InputError("weights file not found: %s" % path)
@@ -79,6 +88,8 @@ def load_model(path=None, device="cpu"):
 
 def save_weights(path, network, config):
     """Write a weights file and its ``.sha256`` sidecar; returns the checksum."""
+    import torch
+
     state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
     torch.save({"config": config, "state_dict": state}, path)
     checksum = sha256_of(path)

@@ -103,6 +103,29 @@ def test_corrupt_weights_fail_their_checksum(tmp_path):
         load_model(copy)
 
 
+def test_bundled_model_loaded_in_the_background_reports_its_errors(sample_paths, tmp_path, monkeypatch):
+    """register() reads the bundled model's options from the manifest and loads PyTorch and the
+    weights in a thread; the manifest must say what the file holds, and a failed load in that
+    thread reaches the caller as the usual error."""
+    import json
+    import shutil
+
+    import fmsam
+    import fmsam.weights as weights
+    from fmsam.errors import InputError
+
+    assert weights.bundled_config() == weights.load_model()[1]
+    path, _ = weights.bundled_weights()
+    shutil.copy(path, tmp_path / os.path.basename(path))
+    manifest = json.load(open(weights.MANIFEST))
+    manifest["sha256"] = "0" * 64
+    json.dump(manifest, open(tmp_path / "manifest.json", "w"))
+    monkeypatch.setattr(weights, "WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setattr(weights, "MANIFEST", str(tmp_path / "manifest.json"))
+    with pytest.raises(InputError, match="SHA-256"):
+        fmsam.register(sample_paths["fixed"], sample_paths["moving"], device="cpu")
+
+
 def test_user_files_are_not_modified(registered_sample, sample_paths, input_digests_before):
     """A registration only reads its inputs: their bytes are unchanged afterwards."""
     from conftest import file_digests
