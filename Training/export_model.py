@@ -1,7 +1,7 @@
 """Turn a training checkpoint into the bundled model: weights file, checksum and manifest.
 
-    python Training/export_model.py --checkpoint Training/runs/sam/best.pt \\
-        --out Logic/fmsam/weights/fmsam_sam_v1.pt
+    python Training/export_model.py --checkpoint Training/runs/adam_v1/best.pt \\
+        --out Logic/fmsam/weights/fmsam_adam_v1.pt
 
 The manifest (``weights/manifest.json``) names the file and its SHA-256, which
 ``fmsam.weights.load_model`` verifies; the model card (MODEL_CARD.md) is written by hand from the

@@ -4,7 +4,7 @@ import warnings
 import numpy as np
 import torch
 
-from .layers import resize
+from .layers import invert, resize
 from .networks import network_grid_shape
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -58,3 +58,15 @@ def run_with_cpu_fallback(function, device, *args):
         warnings.warn("CUDA ran out of memory; running on the CPU instead")
         cpu = torch.device("cpu")
         return function(cpu, *args), cpu
+
+
+def symmetric_displacement(forward, backward):
+    """The fixed-to-moving displacement as the mean of the network's two estimates of it: the forward
+    one and the inverse of the backward (moving-to-fixed) one. Both (1, 3, D, H, W), normalised.
+
+    A network's errors are partly systematic: given one image twice, the bundled model still moves it
+    by about 1.3 mm, the same way in both directions, which this cancels (0.05 mm), and averaging two
+    estimates also raised Dice on 8 IXI pairs from 0.550 to 0.561, for one more network pass
+    (about 0.3 s on a CPU). Measured in docs/benchmarks.md.
+    """
+    return 0.5 * (forward + invert(backward))

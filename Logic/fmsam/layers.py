@@ -38,6 +38,15 @@ def compose(outer, inner):
     return inner + warp(outer, inner, padding_mode="border")
 
 
+def invert(displacement, iterations=5):
+    """Displacement of the inverse map, by fixed-point iteration ``v = -u(x + v(x))`` (converges for
+    smooth maps whose displacement changes by less than a voxel per voxel)."""
+    inverse = -displacement
+    for _ in range(iterations):
+        inverse = -warp(displacement, inverse, padding_mode="border")
+    return inverse
+
+
 def resize(volume, shape):
     """Resample a (N, C, D, H, W) volume or displacement to ``shape`` over the same extent
     (trilinear, voxel centres of the first and last voxels kept in place)."""

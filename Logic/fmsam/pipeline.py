@@ -186,7 +186,8 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
     network = (loading.result() if loading is not None else model)[0]
     import torch
 
-    from .inference import choose_device, grid_for, run_with_cpu_fallback, to_network_grid
+    from .inference import (choose_device, grid_for, run_with_cpu_fallback, symmetric_displacement,
+                            to_network_grid)
     from .instance_optimisation import instance_optimise
 
     torch_device = choose_device(device)
@@ -198,9 +199,10 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
         moving_net = to_network_grid(sitk.GetArrayViewFromImage(moving_on_fixed), grid, run_device)
         with torch.no_grad():
             displacement = network(fixed_net, moving_net)
+            backward = network(moving_net, fixed_net)
+        if not io_steps:
+            displacement = symmetric_displacement(displacement, backward)
         if io_steps:
-            with torch.no_grad():
-                backward = network(moving_net, fixed_net)
             stages.begin("instance_optimisation")
             displacement, losses = instance_optimise(displacement, backward, fixed_net, moving_net,
                                                      io_steps, config, progress=stages.update)

@@ -92,11 +92,11 @@ def test_image_registered_to_itself_barely_moves(sample_paths):
     magnitude = np.linalg.norm(result.field, axis=-1)
     fixed = sitk.GetArrayFromImage(sitk.ReadImage(sample_paths["fixed"]))
     head = fixed > np.percentile(fixed, 60)
-    # Sub-voxel (voxels are 2 mm): under half a voxel on average and under one voxel at the 99th
-    # percentile. Measured with sam_v1: mean 0.57 mm, 99th percentile 1.51 mm; the network is not
-    # yet exactly the identity on identical inputs (see the issue notes).
-    assert np.mean(magnitude[head]) < 1.0
-    assert np.percentile(magnitude[head], 99) < 2.0
+    # The network alone moves an image registered to itself by about 1.3 mm (adam_v1), the same way
+    # in both directions; the symmetric inference of fast mode cancels that (measured: mean 0.05 mm,
+    # 99th percentile 0.18 mm). Voxels are 2 mm.
+    assert np.mean(magnitude[head]) < 0.2
+    assert np.percentile(magnitude[head], 99) < 0.5
     assert result.report["folding_percent"] == 0.0
 
 

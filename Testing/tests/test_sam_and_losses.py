@@ -99,3 +99,29 @@ def test_jittered_similarity_has_no_translation_bias_at_zero_displacement():
     mean, sem = jittered.mean(0), jittered.std(0) / 8.0
     assert unjittered.abs().max() > 5 * sem.max()       # the bias this guards against is real
     assert (mean.abs() < 4 * sem + 1e-6).all(), (mean, sem)
+
+
+def test_inverse_of_a_smooth_displacement_composes_to_the_identity():
+    from fmsam.layers import invert
+
+    shape = (16, 20, 24)
+    grid = identity_grid(shape).permute(0, 4, 1, 2, 3)  # (1, 3, D, H, W): x, y, z
+    smooth = 0.04 * torch.sin(2 * grid[:, [1, 2, 0]]) + 0.02  # a voxel or so, with a drift
+    inverse = invert(smooth, iterations=8)
+    inner = (slice(None), slice(None), slice(3, -3), slice(3, -3), slice(3, -3))  # away from borders
+    assert compose(inverse, smooth)[inner].abs().max() < 2e-3  # x -> inverse(smooth(x)) = x
+    assert compose(smooth, inverse)[inner].abs().max() < 2e-3
+    assert smooth[inner].abs().max() > 0.05
+
+
+def test_symmetric_inference_cancels_a_bias_shared_by_both_directions():
+    from fmsam.inference import symmetric_displacement
+    from fmsam.layers import invert
+
+    shape = (8, 10, 12)
+    truth = torch.zeros(1, 3, *shape)
+    truth[:, 0] = 0.1  # a translation; the backward field is its inverse
+    bias = torch.zeros(1, 3, *shape)
+    bias[:, 2] = 0.03  # an error the network makes the same way in both directions
+    combined = symmetric_displacement(truth + bias, invert(truth, 8) + bias)
+    torch.testing.assert_close(combined, truth, atol=1e-4, rtol=0)
