@@ -202,7 +202,7 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
             backward = network(moving_net, fixed_net)
         if not io_steps:
             displacement = symmetric_displacement(displacement, backward)
-        if io_steps:
+        else:
             stages.begin("instance_optimisation")
             displacement, losses = instance_optimise(displacement, backward, fixed_net, moving_net,
                                                      io_steps, config, progress=stages.update)
