@@ -197,9 +197,9 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
         network.to(run_device)
         fixed_net = to_network_grid(sitk.GetArrayViewFromImage(network_fixed), grid, run_device)
         moving_net = to_network_grid(sitk.GetArrayViewFromImage(moving_on_fixed), grid, run_device)
-        with torch.no_grad():
-            displacement = network(fixed_net, moving_net)
-            backward = network(moving_net, fixed_net)
+        with torch.no_grad():  # both directions in one batch
+            displacement, backward = network(torch.cat([fixed_net, moving_net]),
+                                             torch.cat([moving_net, fixed_net])).split(1)
         if not io_steps:
             displacement = symmetric_displacement(displacement, backward)
         else:
