@@ -370,6 +370,9 @@ def main(argv=None):
         else:
             print("error: rank %d holds weights that differ from another rank's" % rank, file=sys.stderr)
             status = 3
+        # Leave together: a rank that tears gloo down while the other still talks to it can abort
+        # the other one at exit (SIGABRT, "terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
     return status
 
