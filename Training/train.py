@@ -264,7 +264,8 @@ def main(argv=None):
     pairs = validation_pairs(args.val_pairs, len(val_cache)) if rank == 0 else None
 
     network = build_network(config).to(device)
-    if args.init:
+    checkpoint_path = os.path.join(args.run, "latest.pt")
+    if args.init and not os.path.exists(checkpoint_path):  # a resumed run has its own weights
         network.load_state_dict(initial_weights(args.init, config))
     model = network
     if world > 1:
@@ -276,7 +277,6 @@ def main(argv=None):
         if args.optimizer in ("sam", "asam") else None
     state_holder = optimizer if optimizer is not None else base
 
-    checkpoint_path = os.path.join(args.run, "latest.pt")
     log_path = os.path.join(args.run, "log.csv")
     step, best_dice = 0, -1.0
     if os.path.exists(checkpoint_path):

@@ -1,6 +1,7 @@
 """The trainer: preparing data, a short run lowering the loss, exact resume, Slicer-style exit."""
 import csv
 import os
+import shutil
 import subprocess
 import sys
 
@@ -190,6 +191,15 @@ def test_fine_tuning_starts_from_given_weights(cache, tmp_path):
     a = torch.load(initial, weights_only=True)["network"]
     b = torch.load(os.path.join(second, "latest.pt"), weights_only=True)["network"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # A resumed fine-tuning run continues from its checkpoint and no longer needs the --init file.
+    resumable, moved = str(tmp_path / "resumable"), str(tmp_path / "moved.pt")
+    shutil.copy(initial, moved)
+    options = ["--cache", cache, "--run", resumable, "--steps", "3", "--init", moved, *TINY]
+    assert "run again to resume" in _run("train.py", "--max-minutes", "1e-9", *options).stdout
+    os.remove(moved)
+    again = _run("train.py", *options)
+    assert again.returncode == 0 and "resumed" in again.stdout, again.stderr
+    assert len(_losses(resumable)) == 3
     wider = [value if value != "4,8" else "8,8" for value in TINY]
     refused = _run("train.py", "--cache", cache, "--run", str(tmp_path / "third"), "--steps", "1",
                    "--init", initial, *wider)
