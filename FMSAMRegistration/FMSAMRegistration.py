@@ -1,4 +1,4 @@
-"""FM-SAM Registration: deformable registration with a SAM-trained foundation model.
+"""FM-SAM Registration: deformable registration with a uniGradICON-style foundation model.
 
 Module, widget and self-test only. Everything the widget does lives in FMSAMRegistrationLib (no
 qt/ctk there, tested on slicer-core's MRML), and the registration in the Slicer-free engine fmsam.
@@ -31,8 +31,10 @@ class FMSAMRegistration(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["FMSAMRegistration developers"]
         self.parent.helpText = _(
-            "Deformable registration of two volumes with a registration foundation model trained with "
-            "Sharpness-Aware Minimization. Pick the fixed and moving volumes and click Register: the "
+            "Deformable registration of two volumes with a uniGradICON-style registration foundation "
+            "model (its trainer does Sharpness-Aware Minimization and, for comparison, Adam; the bundled "
+            "model is the better of the two as measured, currently the Adam one). Pick the fixed and "
+            "moving volumes and click Register: the "
             "result is a grid transform (fixed to moving, as ITK writes it), the moving volume warped "
             "onto the fixed grid, and a Jacobian-determinant map (green = folding). "
             "See the <a href='https://github.com/fmsam/SlicerFMSAMRegistration#readme'>README</a>.")
