@@ -31,6 +31,23 @@ def sample_paths():
 
 
 @pytest.fixture(scope="session")
+def inverted_moving(sample_paths, tmp_path_factory):
+    """Path of the sample's moving T1 with tissue intensities reversed inside the head (T2-like;
+    the background stays dark)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    moving = sitk.ReadImage(sample_paths["moving"], sitk.sitkFloat32)
+    voxels = sitk.GetArrayFromImage(moving)
+    scaled = np.clip(voxels / np.percentile(voxels, 99), 0, 1)
+    inverted = sitk.GetImageFromArray(np.where(scaled > 0.05, 1.05 - scaled, 0.0).astype(np.float32) * 1000)
+    inverted.CopyInformation(moving)
+    path = str(tmp_path_factory.mktemp("inverted") / "inverted.nii.gz")
+    sitk.WriteImage(inverted, path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def input_digests_before(sample_paths):
     return file_digests(sample_paths)
 

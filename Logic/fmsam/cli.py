@@ -31,7 +31,9 @@ def _add_register(commands):
 
 
 def _add_contrast_matching(parser):
-    parser.add_argument("--contrast-matching", choices=["auto", "on", "off"], default="auto",
+    from .contrast import CONTRAST_MATCHING
+
+    parser.add_argument("--contrast-matching", choices=CONTRAST_MATCHING, default="auto",
                         help="give the moving image the fixed image's contrast before the network "
                         "(auto: when their contrasts differ)")
 
@@ -139,14 +141,13 @@ def _jacobian(args):
     import numpy as np
     import SimpleITK as sitk
 
-    from .fields import field_from_transform
+    from .fields import field_from_transform, image_on_grid
     from .imageio import read_displacement_transform, write_atomically
     from .jacobian import jacobian_determinant, jacobian_statistics
 
     field, reference = field_from_transform(read_displacement_transform(args.transform))
     determinant = jacobian_determinant(field, reference)
-    image = sitk.GetImageFromArray(determinant.astype(np.float32))
-    image.CopyInformation(reference)
+    image = image_on_grid(determinant.astype(np.float32), reference)
     write_atomically(lambda path: sitk.WriteImage(image, path, useCompression=True), args.out)
     stats = jacobian_statistics(determinant)
     print("folding %.4f %%; det J %.3f..%.3f; std log|J| %.4f" % (

@@ -77,14 +77,6 @@ def apply_lookup(lookup, voxels):
     return np.interp(np.clip(np.asarray(voxels, dtype=np.float64), 0.0, 1.0), grid, values).astype(np.float32)
 
 
-def match_contrast(fixed, moving_on_fixed, moving=None):
-    """The moving image with the fixed image's contrast, as a float32 array: the mapping is estimated
-    from ``fixed`` and ``moving_on_fixed`` (same shape) and applied to ``moving`` (any shape; default
-    ``moving_on_fixed``)."""
-    lookup = contrast_lookup(fixed, moving_on_fixed)
-    return apply_lookup(lookup, moving_on_fixed if moving is None else moving)
-
-
 def contrast_decision(fixed, moving_on_fixed):
     """``(lookup, correlation gain)`` for two aligned arrays of one shape: the gain is how much the
     mapping raises the images' correlation (near 0: same contrast)."""

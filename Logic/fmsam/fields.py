@@ -44,6 +44,13 @@ def compose_fixed_to_moving(fixed, affine, deformable_index=None):
     return affine_apply(affine, points) - centres
 
 
+def image_on_grid(voxels_kji, reference):
+    """A scalar SimpleITK image of ``voxels_kji`` (its own copy) on ``reference``'s grid."""
+    image = sitk.GetImageFromArray(voxels_kji)
+    image.CopyInformation(reference)
+    return image
+
+
 def field_image(field_lps, reference):
     """The field as a SimpleITK vector image (float64) on ``reference``'s grid."""
     image = sitk.GetImageFromArray(np.ascontiguousarray(field_lps, dtype=np.float64), isVector=True)

@@ -76,18 +76,10 @@ class _Stages:
 DECISION_SAMPLING = (slice(None, None, 2),) * 3
 
 
-def _through_lookup(image, lookup):
-    result = sitk.GetImageFromArray(apply_lookup(lookup, sitk.GetArrayViewFromImage(image)))
-    result.CopyInformation(image)
-    return result
-
-
 def normalised_image(image, modality):
     """``(float32 image in [0, 1] on the same grid, modality used)``; see :mod:`fmsam.intensity`."""
     voxels, used = normalise(sitk.GetArrayViewFromImage(image), modality)
-    result = sitk.GetImageFromArray(voxels)
-    result.CopyInformation(image)
-    return result, used
+    return fields.image_on_grid(voxels, image), used
 
 
 def orientation_of(image):
@@ -177,7 +169,8 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
         # The moving image in the fixed image's contrast is what the network and instance
         # optimisation see, and the affine is run again on it: mutual information copes with other
         # contrasts, but less well (on 10 gamma-changed pairs it aligned worse than on the originals).
-        moving_normalised = _through_lookup(moving_normalised, lookup)
+        moving_normalised = fields.image_on_grid(
+            apply_lookup(lookup, sitk.GetArrayViewFromImage(moving_normalised)), moving_normalised)
         if prealign:
             affine = affine_prealign(network_fixed, moving_normalised, progress=stages.update)
         moving_on_fixed = fields.resample(moving_normalised, network_fixed, affine)
@@ -239,8 +232,7 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
 
     stages.begin("jacobian")
     determinant = jacobian_determinant(field, fixed_image)
-    jacobian = sitk.GetImageFromArray(determinant.astype(np.float32))
-    jacobian.CopyInformation(fixed_image)
+    jacobian = fields.image_on_grid(determinant.astype(np.float32), fixed_image)
     stages.end()
 
     report.update(jacobian_statistics(determinant))

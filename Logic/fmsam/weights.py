@@ -23,21 +23,23 @@ def sha256_of(path):
     return digest.hexdigest()
 
 
-def bundled_config():
-    """The bundled model's network options, read from the manifest: known without PyTorch, so a
-    registration can start aligning images while PyTorch is still being imported."""
-    bundled_weights()  # the same error as loading when there is no bundled model
-    with open(MANIFEST) as handle:
-        return json.load(handle)["config"]
-
-
-def bundled_weights():
-    """``(path, expected sha256)`` of the model that ships with the package."""
+def _manifest():
     if not os.path.isfile(MANIFEST):
         raise InputError("no bundled model in this installation (%s is missing); pass a weights "
                          "file" % MANIFEST)
     with open(MANIFEST) as handle:
-        manifest = json.load(handle)
+        return json.load(handle)
+
+
+def bundled_config():
+    """The bundled model's network options, read from the manifest: known without PyTorch, so a
+    registration can start aligning images while PyTorch is still being imported."""
+    return _manifest()["config"]
+
+
+def bundled_weights():
+    """``(path, expected sha256)`` of the model that ships with the package."""
+    manifest = _manifest()
     return os.path.join(WEIGHTS_DIR, manifest["file"]), manifest["sha256"]
 
 
