@@ -172,7 +172,8 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
         moving_normalised = fields.image_on_grid(
             apply_lookup(lookup, sitk.GetArrayViewFromImage(moving_normalised)), moving_normalised)
         if prealign:
-            affine = affine_prealign(network_fixed, moving_normalised, progress=stages.update)
+            affine = affine_prealign(network_fixed, moving_normalised, progress=stages.update,
+                                     initial=affine)
         moving_on_fixed = fields.resample(moving_normalised, network_fixed, affine)
 
     stages.begin("network")
