@@ -177,5 +177,18 @@ def main(argv=None):
     return 0
 
 
+def run_and_exit(argv=None):
+    """The ``fmsam`` command: :func:`main`, then leave the process at once.
+
+    Every output file is written and closed when ``main`` returns; what the interpreter would still
+    do is tear down PyTorch and matplotlib, about 0.4 s of a 4 s command on two cores. Programs
+    that call ``main`` themselves (tests, Slicer) keep a normal interpreter.
+    """
+    code = main(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_and_exit()

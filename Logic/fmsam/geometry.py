@@ -57,10 +57,12 @@ def grid_from_ijk_to_ras(ijk_to_ras, size_ijk):
 def voxel_centres_lps(image):
     """LPS coordinates of every voxel centre, shaped like the image array: (k, j, i, 3)."""
     size_i, size_j, size_k = image.GetSize()
-    k, j, i = np.meshgrid(np.arange(size_k), np.arange(size_j), np.arange(size_i), indexing="ij")
-    index = np.stack([i, j, k], axis=-1).astype(np.float64)
     matrix = index_to_lps(image)
-    return index @ matrix[:3, :3].T + matrix[:3, 3]
+    # origin + i * column_i + j * column_j + k * column_k, by broadcasting: no index grid.
+    along_i = np.arange(size_i)[:, None] * matrix[:3, 0]
+    along_j = np.arange(size_j)[:, None, None] * matrix[:3, 1]
+    along_k = np.arange(size_k)[:, None, None, None] * matrix[:3, 2]
+    return along_k + (along_j + (along_i + matrix[:3, 3]))
 
 
 def index_vectors_to_lps(vectors_index, image):
