@@ -15,9 +15,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "Logic"))
 
-import torch  # noqa: E402
-
-from fmsam.networks import build_network  # noqa: E402
+from checkpoints import load_network, read_weights  # noqa: E402
 from fmsam.weights import MANIFEST, save_weights  # noqa: E402
 
 
@@ -28,10 +26,8 @@ def main(argv=None):
     parser.add_argument("--no-manifest", action="store_true",
                         help="only write the weights and .sha256 (for a model that is not bundled)")
     args = parser.parse_args(argv)
-    state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    config = dict(state["config"])
-    network = build_network(config)
-    network.load_state_dict(state["network"])
+    network, config = load_network(args.checkpoint)
+    state = read_weights(args.checkpoint)[2]
     checksum = save_weights(args.out, network, config)
     print("wrote %s (sha256 %s, step %d, validation Dice %.4f)"
           % (args.out, checksum, state["step"], state["best_dice"]))

@@ -25,23 +25,9 @@ sys.path.insert(0, os.path.join(HERE, "..", "Logic"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from checkpoints import load_network  # noqa: E402
 from training_data import SubjectCache, read_split, sample_pair, sampling_offset  # noqa: E402
 from fmsam.losses import symmetric_registration_loss  # noqa: E402
-from fmsam.networks import build_network  # noqa: E402
-
-
-def load(path):
-    """(network, config) from a training checkpoint or an exported weights file."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if "network" in state:
-        config = state["config"]
-        network = build_network(config)
-        network.load_state_dict(state["network"])
-    else:
-        from fmsam.weights import load_model
-
-        network, config = load_model(path, "cpu")
-    return network.eval(), config
 
 
 def filter_normalised_direction(network, generator):
@@ -89,7 +75,7 @@ def main(argv=None):
     alphas = np.linspace(-args.radius, args.radius, args.points)
     rows = []
     for name, path in models.items():
-        network, config = load(path)
+        network, config = load_network(path)
         grid = tuple(config["grid"])
         cache = SubjectCache(args.cache, read_split(args.cache)["train"], grid)
         pairs = [sample_pair(cache, args.seed, index, augment=False) + (sampling_offset(args.seed, index, grid),)

@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "Logic"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from checkpoints import read_weights, save_checkpoint  # noqa: E402
 from synth import synth_pair  # noqa: E402
 from training_data import (SubjectCache, apply_intensity_curve, random_intensity_curve,  # noqa: E402
                            read_split, sample_pair, sampling_offset, thick_slices)
@@ -158,20 +159,11 @@ def validate(network, val_cache, pairs, device):
 def initial_weights(path, config):
     """The network state in a weights file (``fmsam.weights`` format) or a training checkpoint,
     checked against this run's network options."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    saved = state.get("config", {})
+    state, saved, _ = read_weights(path)
     for key in ("architecture", "coarse_channels", "fine_channels", "grid"):
         if key in saved and saved[key] != config.get(key, saved[key]):
             raise SystemExit("error: --init %s has %s %s, this run %s" % (path, key, saved[key], config.get(key)))
-    return state["network"] if "network" in state else state["state_dict"]
-
-
-def save_checkpoint(path, network, optimizer, step, best_dice, config):
-    state = {"network": network.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-             "best_dice": best_dice, "config": config}
-    temporary = path + ".partial"
-    torch.save(state, temporary)
-    os.replace(temporary, path)
+    return state
 
 
 def choose_device(name):

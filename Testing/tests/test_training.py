@@ -204,3 +204,33 @@ def test_fine_tuning_starts_from_given_weights(cache, tmp_path):
     refused = _run("train.py", "--cache", cache, "--run", str(tmp_path / "third"), "--steps", "1",
                    "--init", initial, *wider)
     assert refused.returncode != 0 and "--init" in refused.stderr
+
+
+def test_export_and_sharpness_read_checkpoints_and_weights_files(cache, tmp_path):
+    """A run's checkpoint exported as a weights file loads in the engine with the same weights; the
+    weights file works for --init, and the sharpness script reads both kinds of file."""
+    from fmsam.weights import load_model
+
+    run, exported = str(tmp_path / "run"), str(tmp_path / "exported.pt")
+    assert _run("train.py", "--cache", cache, "--run", run, "--steps", "4", *TINY).returncode == 0
+    done = _run("export_model.py", "--checkpoint", os.path.join(run, "best.pt"), "--out", exported,
+                "--no-manifest")
+    assert done.returncode == 0, done.stderr
+    assert "step 4" in done.stdout
+    network, config = load_model(exported)  # checks the written SHA-256 too
+    trained = torch.load(os.path.join(run, "best.pt"), weights_only=True)["network"]
+    assert all(torch.equal(trained[k], v) for k, v in network.state_dict().items())
+    assert config["fine_channels"] == [4, 8]
+    tuned = str(tmp_path / "tuned")
+    done = _run("train.py", "--cache", cache, "--run", tuned, "--steps", "1", "--init", exported, *TINY)
+    assert done.returncode == 0, done.stderr
+    out = str(tmp_path / "sharpness")
+    done = _run("sharpness.py", "--cache", cache, "--models", "checkpoint=" + os.path.join(run, "best.pt"),
+                "weights=" + exported, "--out", out, "--pairs", "1", "--directions", "1", "--points", "3")
+    assert done.returncode == 0, done.stderr
+    with open(out + ".csv") as handle:
+        rows = list(csv.DictReader(handle))
+    curves = {name: [(r["direction"], r["alpha"], r["loss"]) for r in rows if r["model"] == name]
+              for name in ("checkpoint", "weights")}
+    assert len(curves["checkpoint"]) == 3
+    assert curves["checkpoint"] == curves["weights"]  # the same weights, read from either file

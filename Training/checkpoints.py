@@ -1,0 +1,36 @@
+"""Training checkpoints, and reading network weights from a checkpoint or an exported weights file.
+
+A checkpoint (``latest.pt``, ``best.pt`` of a run) holds ``network`` (state dict), ``optimizer``,
+``step``, ``best_dice`` and ``config`` (the network options); a weights file (``fmsam.weights``
+format) holds ``state_dict`` and ``config``.
+"""
+import os
+
+import torch
+
+from fmsam.networks import build_network
+
+
+def save_checkpoint(path, network, optimizer, step, best_dice, config):
+    """Write a checkpoint atomically (a half-written file never replaces a good one)."""
+    state = {"network": network.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+             "best_dice": best_dice, "config": config}
+    temporary = path + ".partial"
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def read_weights(path):
+    """``(state dict, network config, everything else in the file)`` of a checkpoint or weights file."""
+    content = torch.load(path, map_location="cpu", weights_only=True)
+    state = content["network"] if "network" in content else content["state_dict"]
+    others = {key: value for key, value in content.items() if key not in ("network", "state_dict", "config")}
+    return state, dict(content.get("config", {})), others
+
+
+def load_network(path):
+    """``(network in eval mode, config)`` from a checkpoint or weights file."""
+    state, config, _ = read_weights(path)
+    network = build_network(config)
+    network.load_state_dict(state)
+    return network.eval(), config
