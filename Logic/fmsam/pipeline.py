@@ -49,21 +49,24 @@ class RegistrationResult:
 
 
 class _Stages:
-    """Times each stage and forwards progress as ``callback(stage, fraction_of_stage)``."""
+    """Times each stage and forwards progress as ``callback(stage, fraction_of_stage)``; within a
+    stage the fraction never goes back (the affine refined after contrast matching counts again
+    from 0)."""
 
     def __init__(self, callback):
         self.callback = callback
         self.seconds = {}
-        self._stage, self._start = None, None
+        self._stage, self._start, self._fraction = None, None, 0.0
 
     def begin(self, stage):
         self.end()
-        self._stage, self._start = stage, time.perf_counter()
+        self._stage, self._start, self._fraction = stage, time.perf_counter(), 0.0
         self.update(0.0)
 
     def update(self, fraction):
+        self._fraction = max(self._fraction, fraction)
         if self.callback is not None:
-            self.callback(self._stage, fraction)
+            self.callback(self._stage, self._fraction)
 
     def end(self):
         if self._stage is not None:

@@ -95,3 +95,16 @@ def test_a_same_contrast_pair_is_not_matched(registered_sample):
 def test_unknown_setting_is_refused(sample_paths):
     with pytest.raises(InputError, match="contrast_matching"):
         fmsam.register(sample_paths["fixed"], sample_paths["moving"], contrast_matching="sometimes")
+
+
+def test_progress_never_goes_back_when_the_affine_is_refined(sample_paths, inverted_moving):
+    """With matching, the affine runs twice within one stage; its progress must still only rise."""
+    seen = []
+    result = fmsam.register(sample_paths["fixed"], inverted_moving, device="cpu", contrast_matching="on",
+                            progress=lambda stage, fraction: seen.append((stage, fraction)))
+    assert result.report["contrast_matching"]["applied"]
+    affine = [fraction for stage, fraction in seen if stage == "affine"]
+    assert len(affine) > 100 and affine[-1] == 1.0  # every optimiser iteration of both runs
+    for stage in {stage for stage, _ in seen}:
+        fractions = [fraction for name, fraction in seen if name == stage]
+        assert fractions == sorted(fractions), stage
