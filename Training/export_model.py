@@ -25,8 +25,12 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="weights file inside Logic/fmsam/weights/")
     parser.add_argument("--no-manifest", action="store_true",
                         help="only write the weights and .sha256 (for a model that is not bundled)")
+    parser.add_argument("--output-smoothing", type=float, default=0.0,
+                        help="Gaussian sigma (network-grid voxels) applied to fast mode's field; 0: none")
     args = parser.parse_args(argv)
     network, config = load_network(args.checkpoint)
+    if args.output_smoothing:
+        config["output_smoothing"] = args.output_smoothing
     state = read_weights(args.checkpoint)[2]
     checksum = save_weights(args.out, network, config)
     print("wrote %s (sha256 %s, step %d, validation Dice %.4f)"

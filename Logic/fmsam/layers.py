@@ -55,6 +55,23 @@ def resize(volume, shape):
     return F.interpolate(volume, size=tuple(shape), mode="trilinear", align_corners=True)
 
 
+def gaussian_smooth(volume, sigma):
+    """Gaussian smoothing of each channel of a (N, C, D, H, W) volume, ``sigma`` in voxels of its grid
+    (separable, kernel radius 2.5 sigma, borders extended by their edge values)."""
+    radius = max(1, int(round(2.5 * sigma)))
+    offsets = torch.arange(-radius, radius + 1, dtype=volume.dtype, device=volume.device)
+    kernel = torch.exp(-offsets ** 2 / (2.0 * sigma * sigma))
+    kernel = kernel / kernel.sum()
+    channels = volume.shape[1]
+    for axis in range(3):  # D, H, W
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = kernel.numel()
+        padding = [0, 0, 0, 0, 0, 0]  # F.pad order: W, H, D
+        padding[2 * (2 - axis)] = padding[2 * (2 - axis) + 1] = radius
+        volume = F.conv3d(F.pad(volume, padding, mode="replicate"), kernel.view(shape).expand(channels, *shape[1:]), groups=channels)
+    return volume
+
+
 def _half_extent(displacement):
     """Voxels per normalised unit along (x, y, z) of the displacement's own grid, (1, 3, 1, 1, 1)."""
     sizes = displacement.shape[2:]  # D, H, W

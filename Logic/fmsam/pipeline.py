@@ -187,6 +187,7 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
 
     from .inference import (choose_device, grid_for, run_with_cpu_fallback, symmetric_displacement,
                             to_network_grid)
+    from .layers import gaussian_smooth
     from .instance_optimisation import instance_optimise
 
     torch_device = choose_device(device)
@@ -201,6 +202,8 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
                                              torch.cat([moving_net, fixed_net])).split(1)
         if not io_steps:
             displacement = symmetric_displacement(displacement, backward)
+            if config.get("output_smoothing"):  # sigma in network-grid voxels, set at export
+                displacement = gaussian_smooth(displacement, config["output_smoothing"])
         else:
             stages.begin("instance_optimisation")
             displacement, losses = instance_optimise(displacement, backward, fixed_net, moving_net,
