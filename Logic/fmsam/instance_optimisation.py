@@ -15,6 +15,10 @@ from .losses import random_subvoxel_offset, symmetric_registration_loss
 
 #: Adam step size in normalised coordinates (0.002 is about 0.08 voxel on an 80-voxel axis).
 DEFAULT_LEARNING_RATE = 2e-3
+#: Weight of GradICON in the refinement, whatever weight the model was trained with: it sets how
+#: smooth accurate mode's result is. 1.5 gave folding of at most 0.0026 % on 30 IXI pairs; with the
+#: weight of a model fine-tuned at 0.75, one pair of the first four already folded 0.019 %.
+GRADICON_WEIGHT = 1.5
 
 
 def instance_optimise(forward, backward, fixed, moving, steps, config,
@@ -37,8 +41,7 @@ def instance_optimise(forward, backward, fixed, moving, steps, config,
     def loss_now(offset=None):
         both = start + resize(corrections, shape)
         loss = symmetric_registration_loss(fixed, moving, both[:1], both[1:],
-                                           config.get("gradicon_weight", 1.5),
-                                           config.get("ncc_window", 5), offset)[0]
+                                           GRADICON_WEIGHT, config.get("ncc_window", 5), offset)[0]
         return loss, both
 
     losses = []
