@@ -256,6 +256,8 @@ def report(args):
     with open(os.path.join(args.out, "results.csv"), newline="") as handle:
         rows = list(csv.DictReader(handle))
     methods = list(dict.fromkeys(row["method"] for row in rows))
+    if args.methods:  # these, in this order (a results file keeps every method and model it ran)
+        methods = [method for method in args.methods.split(",") if method in methods]
     pair_sets = {method: {row["pair"] for row in rows if row["method"] == method} for method in methods}
     lines, summary = _table(rows, methods, lambda method: pair_sets[method])
     text = "\n".join(lines) + "\n"
@@ -302,6 +304,7 @@ def main():
     report_parser = commands.add_parser("report")
     report_parser.add_argument("--out", required=True)
     report_parser.add_argument("--title")
+    report_parser.add_argument("--methods", help="comma-separated methods to show, in order (default: all)")
     args = parser.parse_args()
     run(args) if args.command == "run" else report(args)
 
