@@ -27,10 +27,15 @@ def main(argv=None):
                         help="only write the weights and .sha256 (for a model that is not bundled)")
     parser.add_argument("--output-smoothing", type=float, default=0.0,
                         help="Gaussian sigma (network-grid voxels) applied to fast mode's field; 0: none")
+    parser.add_argument("--grid", help="network grid D,H,W whose voxel count sets the inference grid "
+                        "(default: the training grid)")
     args = parser.parse_args(argv)
     network, config = load_network(args.checkpoint)
     if args.output_smoothing:
         config["output_smoothing"] = args.output_smoothing
+    if args.grid:
+        config["training_grid"] = config["grid"]
+        config["grid"] = [int(n) for n in args.grid.split(",")]
     state = read_weights(args.checkpoint)[2]
     checksum = save_weights(args.out, network, config)
     print("wrote %s (sha256 %s, step %d, validation Dice %.4f)"

@@ -221,6 +221,14 @@ def test_export_and_sharpness_read_checkpoints_and_weights_files(cache, tmp_path
     trained = torch.load(os.path.join(run, "best.pt"), weights_only=True)["network"]
     assert all(torch.equal(trained[k], v) for k, v in network.state_dict().items())
     assert config["fine_channels"] == [4, 8]
+    # Inference settings stored with an exported model: output smoothing and a finer network grid.
+    finer = str(tmp_path / "finer.pt")
+    done = _run("export_model.py", "--checkpoint", os.path.join(run, "best.pt"), "--out", finer,
+                "--no-manifest", "--output-smoothing", "0.5", "--grid", "24,32,32")
+    assert done.returncode == 0, done.stderr
+    finer_config = load_model(finer)[1]
+    assert finer_config["grid"] == [24, 32, 32] and finer_config["training_grid"] == [16, 24, 24]
+    assert finer_config["output_smoothing"] == 0.5
     tuned = str(tmp_path / "tuned")
     done = _run("train.py", "--cache", cache, "--run", tuned, "--steps", "1", "--init", exported, *TINY)
     assert done.returncode == 0, done.stderr
