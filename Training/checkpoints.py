@@ -28,9 +28,14 @@ def read_weights(path):
     return state, dict(content.get("config", {})), others
 
 
+def network_from(state, config):
+    """The network in eval mode that ``config`` describes, holding the weights ``state``."""
+    network = build_network(config)
+    network.load_state_dict(state)
+    return network.eval()
+
+
 def load_network(path):
     """``(network in eval mode, config)`` from a checkpoint or weights file."""
     state, config, _ = read_weights(path)
-    network = build_network(config)
-    network.load_state_dict(state)
-    return network.eval(), config
+    return network_from(state, config), config

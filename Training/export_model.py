@@ -15,7 +15,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "Logic"))
 
-from checkpoints import load_network, read_weights  # noqa: E402
+from checkpoints import network_from, read_weights  # noqa: E402
 from fmsam.weights import MANIFEST, save_weights  # noqa: E402
 
 
@@ -30,19 +30,19 @@ def main(argv=None):
     parser.add_argument("--grid", help="network grid D,H,W whose voxel count sets the inference grid "
                         "(default: the training grid)")
     args = parser.parse_args(argv)
-    network, config = load_network(args.checkpoint)
+    weights, config, saved = read_weights(args.checkpoint)  # saved: step, best_dice, ...
+    network = network_from(weights, config)
     if args.output_smoothing:
         config["output_smoothing"] = args.output_smoothing
     if args.grid:
         config["training_grid"] = config["grid"]
         config["grid"] = [int(n) for n in args.grid.split(",")]
-    state = read_weights(args.checkpoint)[2]
     checksum = save_weights(args.out, network, config)
     print("wrote %s (sha256 %s, step %d, validation Dice %.4f)"
-          % (args.out, checksum, state["step"], state["best_dice"]))
+          % (args.out, checksum, saved["step"], saved["best_dice"]))
     if not args.no_manifest:
         manifest = {"file": os.path.basename(args.out), "sha256": checksum, "config": config,
-                    "training_step": state["step"], "training_validation_dice": state["best_dice"],
+                    "training_step": saved["step"], "training_validation_dice": saved["best_dice"],
                     "parameters": sum(p.numel() for p in network.parameters())}
         with open(MANIFEST, "w") as handle:
             json.dump(manifest, handle, indent=1)

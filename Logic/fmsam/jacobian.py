@@ -17,10 +17,10 @@ def jacobian_determinant(field_lps, reference):
     # plus 1 on the diagonal. Nine scalar volumes and the 3 x 3 determinant written out: ten times
     # faster than gradients of the (k, j, i, 3) array and a cross product over its last axis.
     entries = []
-    for c in range(3):
-        by_k, by_j, by_i = np.gradient(np.ascontiguousarray(field_lps[..., c]))
+    for component in range(3):
+        by_k, by_j, by_i = np.gradient(np.ascontiguousarray(field_lps[..., component]))
         entries.append([by_i * index_per_mm[0, m] + by_j * index_per_mm[1, m] + by_k * index_per_mm[2, m]
-                        + (1.0 if c == m else 0.0) for m in range(3)])
+                        + (1.0 if component == m else 0.0) for m in range(3)])
     (a, b, c), (d, e, f), (g, h, i) = entries
     return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
 

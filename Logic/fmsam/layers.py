@@ -68,7 +68,8 @@ def gaussian_smooth(volume, sigma):
         shape[2 + axis] = kernel.numel()
         padding = [0, 0, 0, 0, 0, 0]  # F.pad order: W, H, D
         padding[2 * (2 - axis)] = padding[2 * (2 - axis) + 1] = radius
-        volume = F.conv3d(F.pad(volume, padding, mode="replicate"), kernel.view(shape).expand(channels, *shape[1:]), groups=channels)
+        weights = kernel.view(shape).expand(channels, *shape[1:])  # one kernel per channel
+        volume = F.conv3d(F.pad(volume, padding, mode="replicate"), weights, groups=channels)
     return volume
 
 

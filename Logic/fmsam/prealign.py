@@ -11,7 +11,8 @@ from .errors import Cancelled
 SAMPLING_SEED = 20250510
 
 
-def _registration(shrink_factors, smoothing_sigmas, iterations, sampling):
+def _registration(levels, iterations, sampling):
+    """A registration over pyramid ``levels`` (shrink factors; smoothing sigma half of each, in voxels)."""
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     method.SetMetricSamplingStrategy(method.RANDOM)
@@ -26,8 +27,8 @@ def _registration(shrink_factors, smoothing_sigmas, iterations, sampling):
     # 30 IXI pairs its Dice was 0.467 instead of 0.473 (docs/benchmarks.md, "Speed").
     method.SetMetricUseFixedImageGradientFilter(False)
     method.SetMetricUseMovingImageGradientFilter(False)
-    method.SetShrinkFactorsPerLevel(shrink_factors)
-    method.SetSmoothingSigmasPerLevel(smoothing_sigmas)
+    method.SetShrinkFactorsPerLevel(list(levels))
+    method.SetSmoothingSigmasPerLevel([level / 2.0 for level in levels])
     method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
     return method
 
@@ -96,7 +97,7 @@ class _Progress:
 
 
 def _run_stage(transform, levels, fixed, moving, iterations, sampling, progress):
-    method = _registration(list(levels), [level / 2.0 for level in levels], iterations, sampling)
+    method = _registration(levels, iterations, sampling)
     method.SetInitialTransform(transform, inPlace=True)
     progress.execute(method, fixed, moving)
 

@@ -43,10 +43,10 @@ def gains():
 
 
 def main():
+    os.makedirs("out/bench", exist_ok=True)
     if "--gains" in sys.argv[1:]:
         return gains()
     model = load_model()
-    os.makedirs("out/bench", exist_ok=True)
     with open("out/bench/label_free_checks.csv", "w", newline="") as handle:
         out = csv.DictWriter(handle, FIELDS)
         out.writeheader()
