@@ -158,9 +158,10 @@ def validate(network, val_cache, pairs, device):
 
 def initial_weights(path, config):
     """The network state in a weights file (``fmsam.weights`` format) or a training checkpoint,
-    checked against this run's network options."""
+    checked against this run's network options. The grid may differ: the network is fully
+    convolutional, so fine-tuning on a finer grid starts from weights trained on a coarser one."""
     state, saved, _ = read_weights(path)
-    for key in ("architecture", "coarse_channels", "fine_channels", "grid"):
+    for key in ("architecture", "coarse_channels", "fine_channels"):
         if key in saved and saved[key] != config.get(key, saved[key]):
             raise SystemExit("error: --init %s has %s %s, this run %s" % (path, key, saved[key], config.get(key)))
     return state

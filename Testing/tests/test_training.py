@@ -204,6 +204,14 @@ def test_fine_tuning_starts_from_given_weights(cache, tmp_path):
     refused = _run("train.py", "--cache", cache, "--run", str(tmp_path / "third"), "--steps", "1",
                    "--init", initial, *wider)
     assert refused.returncode != 0 and "--init" in refused.stderr
+    # The grid is not part of the weights: fine-tuning on a finer grid starts from the same weights.
+    finer = [value if value != "16,24,24" else "24,32,32" for value in TINY]
+    done = _run("train.py", "--cache", cache, "--run", str(tmp_path / "finer"), "--steps", "1",
+                "--init", initial, "--lr", "0", *finer)
+    assert done.returncode == 0, done.stderr
+    c = torch.load(str(tmp_path / "finer" / "latest.pt"), weights_only=True)
+    assert c["config"]["grid"] == [24, 32, 32]
+    assert all(torch.equal(a[k], c["network"][k]) for k in a)
 
 
 def test_export_and_sharpness_read_checkpoints_and_weights_files(cache, tmp_path):
