@@ -7,8 +7,8 @@ Testing/Benchmarks/label_free_checks.py) on the bundled model of its time withou
 the deformable step raised the mutual information over the affine alignment by +0.12 to +0.19 on 10
 IXI pairs, +0.07 to +0.14 on 10 thick-slice gamma pairs and +0.15 / +0.16 on the OASIS pair, but by
 -0.044 to +0.028 on the 10 thick-slice inverted-contrast pairs, where it lowered Dice on every pair.
-With the defaults of 2026-11-22 (contrast matching, the bundled adam_v3 on its inference grid) the
-42 calibration pairs gain +0.09 to +0.29 and none warns. A gain below MIN_GAIN earns a warning.
+With the defaults of 2026-11-22 (contrast matching, the bundled adam_v5) the 42 calibration pairs
+gain +0.09 to +0.30 and none warns. A gain below MIN_GAIN earns a warning.
 """
 import numpy as np
 import SimpleITK as sitk
