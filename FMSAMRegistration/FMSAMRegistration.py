@@ -1,15 +1,19 @@
 """FM-SAM Registration: deformable registration with a uniGradICON-style foundation model.
 
 Module, widget and self-test only. Everything the widget does lives in FMSAMRegistrationLib (no
-qt/ctk there, tested on slicer-core's MRML), and the registration in the Slicer-free engine fmsam.
+qt/ctk there, tested on slicer-core's MRML and against Slicer's own Python layer of each supported
+release), and the registration in the Slicer-free engine fmsam, which the Register button runs in a
+separate PythonSlicer process. Opening the panel does not import PyTorch; Register does.
 """
 import logging
 import os
+from typing import Union
 
 import qt
 import slicer
 import vtk
-from slicer import vtkMRMLNode, vtkMRMLScalarVolumeNode, vtkMRMLTransformNode
+from slicer import (vtkMRMLGridTransformNode, vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode,
+                    vtkMRMLSegmentationNode)
 from slicer.i18n import tr as _
 from slicer.parameterNodeWrapper import parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
@@ -18,9 +22,11 @@ from slicer.util import VTKObservationMixin
 
 from FMSAMRegistrationLib import FMSAMRegistrationLogic as _RegistrationLogic
 from FMSAMRegistrationLib import ProcessingState
+from FMSAMRegistrationLib.sample_data import register_sample_data
 from FMSAMRegistrationLib.torch_support import MISSING, cuda_usable, torch_problem
 
 POLL_MILLISECONDS = 200
+DOCUMENTATION_URL = "https://github.com/fmsam/SlicerFMSAMRegistration#3d-slicer-module"
 
 
 class FMSAMRegistration(ScriptedLoadableModule):
@@ -29,36 +35,43 @@ class FMSAMRegistration(ScriptedLoadableModule):
         self.parent.title = _("FM-SAM Registration")
         self.parent.categories = [_("Registration")]
         self.parent.dependencies = []
-        self.parent.contributors = ["FMSAMRegistration developers"]
+        self.parent.contributors = ["FMSAMRegistration developers (FMSAMRegistration project)"]
         self.parent.helpText = _(
             "Deformable registration of two volumes with a uniGradICON-style registration foundation "
             "model (its trainer does Sharpness-Aware Minimization and, for comparison, Adam; the bundled "
-            "model is the better of the two as measured, currently the Adam one). Pick the fixed and "
-            "moving volumes and click Register: the "
+            "model is the better of the two as measured, currently the Adam one, trained on brain MRI). "
+            "Pick the fixed and moving volumes and click Register: the "
             "result is a grid transform (fixed to moving, as ITK writes it), the moving volume warped "
-            "onto the fixed grid, and a Jacobian-determinant map (green = folding). "
-            "See the <a href='https://github.com/fmsam/SlicerFMSAMRegistration#readme'>README</a>.")
+            "onto the fixed grid, and a Jacobian-determinant map (green = folding). The registration "
+            "runs in a separate process; Cancel stops it at once. "
+            "Documentation: <a href='%s'>README</a>." % DOCUMENTATION_URL)
         self.parent.acknowledgementText = _(
             "Method: Hu et al., Improving Generalization of Medical Image Registration Foundation Model, "
             "IJCNN 2025 (arXiv 2505.06527). Network in the style of uniGradICON. Bundled model trained "
             "on IXI brain MRI (CC BY-SA 3.0) with DLMUSE labels.")
+        # The sample pair in the Sample Data module, once the application is up.
+        slicer.app.connect("startupCompleted()", lambda: register_sample_data(os.path.dirname(self.parent.path)))
 
 
 @parameterNodeWrapper
 class FMSAMRegistrationParameterNode:
+    """The panel's settings, saved with the scene. Node types are the concrete classes the logic
+    accepts: Slicer's node selectors list exactly these (an abstract class cannot be listed)."""
+
     fixedVolume: vtkMRMLScalarVolumeNode
     movingVolume: vtkMRMLScalarVolumeNode
-    fixedSegmentation: vtkMRMLNode
-    movingSegmentation: vtkMRMLNode
+    fixedSegmentation: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]
+    movingSegmentation: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]
     prealign: bool = True
     mode: str = "fast"
     device: str = "auto"
     contrastMatching: str = "auto"
-    outputTransform: vtkMRMLTransformNode
+    outputTransform: vtkMRMLGridTransformNode
     createWarpedVolume: bool = True
     warpedVolume: vtkMRMLScalarVolumeNode
     createJacobian: bool = True
     jacobianVolume: vtkMRMLScalarVolumeNode
+    movingVolumeAction: str = "keep"
 
 
 class FMSAMRegistrationLogic(ScriptedLoadableModuleLogic, _RegistrationLogic):
@@ -73,8 +86,13 @@ class FMSAMRegistrationLogic(ScriptedLoadableModuleLogic, _RegistrationLogic):
 
 
 class FMSAMRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    MODES = (("fast", "Fast (network only)"), ("accurate", "Accurate (+ instance optimisation)"))
-    CONTRAST_MATCHING = (("auto", "Auto (when contrasts differ)"), ("on", "On"), ("off", "Off"))
+    MODES = (("fast", _("Fast (network only)")), ("accurate", _("Accurate (+ instance optimisation)")))
+    # CUDA is always listed (knowing whether it is usable would import PyTorch when the panel
+    # opens); Register falls back to Auto, with a message, where it is not.
+    DEVICES = (("auto", _("Auto (CUDA when usable, else CPU)")), ("cuda", _("CUDA (GPU)")), ("cpu", _("CPU")))
+    CONTRAST_MATCHING = (("auto", _("Auto (when contrasts differ)")), ("on", _("On")), ("off", _("Off")))
+    MOVING_VOLUME_ACTIONS = (("keep", _("Leave as it is")), ("transform", _("Place under the transform")),
+                             ("harden", _("Harden the transform (resamples it)")))
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -93,11 +111,16 @@ class FMSAMRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = FMSAMRegistrationLogic()
 
-        for value, title in self.MODES:
-            self.ui.modeComboBox.addItem(title, value)
-        self._fillDevices()
-        for value, title in self.CONTRAST_MATCHING:
-            self.ui.contrastMatchingComboBox.addItem(title, value)
+        # Combo boxes whose items carry a value: filled here, synchronised with the parameter node
+        # by hand (the parameter node wrapper binds a combo box by its item text).
+        self._valueCombos = {"mode": (self.ui.modeComboBox, self.MODES),
+                             "device": (self.ui.deviceComboBox, self.DEVICES),
+                             "contrastMatching": (self.ui.contrastMatchingComboBox, self.CONTRAST_MATCHING),
+                             "movingVolumeAction": (self.ui.movingVolumeActionComboBox, self.MOVING_VOLUME_ACTIONS)}
+        for name, (combo, items) in self._valueCombos.items():
+            for value, title in items:
+                combo.addItem(title, value)
+            combo.connect("currentIndexChanged(int)", lambda index, name=name: self._onValueComboChanged(name, index))
         self.ui.progressBar.setVisible(False)
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_MILLISECONDS)
@@ -106,23 +129,20 @@ class FMSAMRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
-        self.ui.modeComboBox.connect("currentIndexChanged(int)", self._onModeChanged)
-        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self._onDeviceChanged)
-        self.ui.contrastMatchingComboBox.connect("currentIndexChanged(int)", self._onContrastMatchingChanged)
         self.initializeParameterNode()
-
-    def _fillDevices(self):
-        self.ui.deviceComboBox.clear()
-        self.ui.deviceComboBox.addItem("Auto (CUDA when usable, else CPU)", "auto")
-        if cuda_usable():
-            self.ui.deviceComboBox.addItem("CUDA", "cuda")
-        self.ui.deviceComboBox.addItem("CPU", "cpu")
 
     # -- parameter node (the template's pattern) ---------------------------------------------------
     def cleanup(self):
-        if self._job is not None:
-            self._job.cancel()
+        """Module closed or Slicer quitting: end a running registration (its process and files)."""
+        self._stopJob()
         self.removeObservers()
+
+    def _stopJob(self):
+        if self._timer is not None:
+            self._timer.stop()
+        if self._job is not None:
+            self._job.discard()
+            self._job = None
 
     def enter(self):
         self.initializeParameterNode()
@@ -134,8 +154,7 @@ class FMSAMRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
 
     def onSceneStartClose(self, caller, event):
-        if self._job is not None:
-            self._job.cancel()
+        self._stopJob()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
@@ -159,17 +178,10 @@ class FMSAMRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
             self._updateGui()
 
-    def _onModeChanged(self, index):
-        if self._parameterNode:
-            self._parameterNode.mode = self.ui.modeComboBox.itemData(index)
-
-    def _onDeviceChanged(self, index):
+    def _onValueComboChanged(self, name, index):
+        combo = self._valueCombos[name][0]
         if self._parameterNode and index >= 0:
-            self._parameterNode.device = self.ui.deviceComboBox.itemData(index)
-
-    def _onContrastMatchingChanged(self, index):
-        if self._parameterNode and index >= 0:
-            self._parameterNode.contrastMatching = self.ui.contrastMatchingComboBox.itemData(index)
+            setattr(self._parameterNode, name, combo.itemData(index))
 
     def _missing(self):
         """What stops a run, in words ('' when it can run)."""
@@ -188,9 +200,8 @@ class FMSAMRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         parameters = self._parameterNode
         if parameters is None:
             return
-        for combo, value in ((self.ui.modeComboBox, parameters.mode), (self.ui.deviceComboBox, parameters.device),
-                             (self.ui.contrastMatchingComboBox, parameters.contrastMatching)):
-            index = combo.findData(value)
+        for name, (combo, _items) in self._valueCombos.items():
+            index = combo.findData(getattr(parameters, name))
             if index >= 0 and combo.currentIndex != index:
                 combo.currentIndex = index
         self.ui.warpedVolumeSelector.enabled = parameters.createWarpedVolume
@@ -214,11 +225,15 @@ class FMSAMRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def onApplyButton(self):
         if self._job is not None:
             self._job.cancel()
-            self._updateButton()
+            self._poll()
             return
         if not self._ensureTorch():
             return
         parameters = self._parameterNode
+        if parameters.device == "cuda" and not cuda_usable():
+            parameters.device = "auto"
+            slicer.util.warningDisplay(_("CUDA is not usable on this computer (no GPU, or PyTorch was built "
+                                         "without CUDA). The device is set to Auto, which uses the CPU."))
         self.ui.resultsLabel.text = ""
         with slicer.util.tryWithErrorDisplay(_("Registration could not start."), waitCursor=True):
             self._job = self.logic.start(
@@ -229,7 +244,8 @@ class FMSAMRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                 contrastMatching=parameters.contrastMatching,
                 outputTransformNode=parameters.outputTransform,
                 createWarpedVolume=parameters.createWarpedVolume, warpedVolumeNode=parameters.warpedVolume,
-                createJacobian=parameters.createJacobian, jacobianVolumeNode=parameters.jacobianVolume)
+                createJacobian=parameters.createJacobian, jacobianVolumeNode=parameters.jacobianVolume,
+                movingVolumeAction=parameters.movingVolumeAction)
         if self._job is None:
             return
         self.ui.progressBar.setVisible(True)
@@ -237,14 +253,16 @@ class FMSAMRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self._poll()
 
     def _poll(self):
+        """Timer tick: read the engine's progress (never blocks); load the results once it ended."""
         job = self._job
         if job is None:
             self._timer.stop()
             return
+        running = job.poll()
         self.ui.progressBar.value = int(100 * job.fraction)
         self.ui.statusLabel.text = job.status
         self._updateButton()
-        if job.running:
+        if running:
             return
         self._timer.stop()
         self._job = None
@@ -282,7 +300,6 @@ class FMSAMRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             if torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=">=2.0") is None:
                 return False
             problem = torch_problem()
-            self._fillDevices()
         if problem is not None:
             slicer.util.errorDisplay(problem)
             return False
@@ -297,7 +314,27 @@ class FMSAMRegistrationTest(ScriptedLoadableModuleTest):
 
     def runTest(self):
         self.setUp()
+        if not self._torchAvailable():
+            return
         self.test_RegisterSamplePair()
+        self.test_BackgroundRunAndCancel()
+
+    def _torchAvailable(self):
+        """PyTorch through the PyTorch extension (installed without asking under testing); without
+        it the test is skipped with the reason."""
+        problem = torch_problem()
+        if problem == MISSING:
+            try:
+                import PyTorchUtils
+                PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=">=2.0")
+            except Exception as error:  # no extension, no network: say so and skip
+                logging.warning("FMSAMRegistration self-test skipped: PyTorch could not be installed (%s)" % error)
+            problem = torch_problem()
+        if problem is not None:
+            self.delayDisplay("Skipped: PyTorch is not usable here (%s)" % problem)
+            logging.warning("FMSAMRegistration self-test skipped: %s" % problem)
+            return False
+        return True
 
     def _sampleFile(self, *parts):
         moduleDir = os.path.dirname(slicer.modules.fmsamregistration.path)
@@ -308,17 +345,21 @@ class FMSAMRegistrationTest(ScriptedLoadableModuleTest):
                 return path
         raise AssertionError("sample data %s not found beside the module" % os.path.join(*parts))
 
-    def test_RegisterSamplePair(self):
-        import numpy as np
-
-        self.delayDisplay("Loading the sample pair")
+    def _loadPair(self):
         fixed = slicer.util.loadVolume(self._sampleFile("T1", "IXI012-HH-1211_T1.nii.gz"))
         moving = slicer.util.loadVolume(self._sampleFile("T1", "IXI013-HH-1212_T1.nii.gz"))
         fixedLabels = slicer.util.loadLabelVolume(self._sampleFile("labels", "IXI012-HH-1211_labels.nii.gz"))
         movingLabels = slicer.util.loadLabelVolume(self._sampleFile("labels", "IXI013-HH-1212_labels.nii.gz"))
+        return fixed, moving, fixedLabels, movingLabels
+
+    def test_RegisterSamplePair(self):
+        import numpy as np
+
+        self.delayDisplay("Loading the sample pair")
+        fixed, moving, fixedLabels, movingLabels = self._loadPair()
         movingBefore = slicer.util.arrayFromVolume(moving).copy()
 
-        self.delayDisplay("Registering")
+        self.delayDisplay("Registering (console call, in this process)")
         outcome = FMSAMRegistrationLogic().register(fixed, moving, fixedSegmentationNode=fixedLabels,
                                                     movingSegmentationNode=movingLabels)
         self.assertTrue(outcome.transformNode.IsA("vtkMRMLGridTransformNode"))
@@ -330,3 +371,30 @@ class FMSAMRegistrationTest(ScriptedLoadableModuleTest):
         colorNode = outcome.jacobianVolumeNode.GetDisplayNode().GetColorNode()
         self.assertIn("Jacobian", colorNode.GetName())
         self.delayDisplay("Test passed: " + outcome.summary())
+
+    def test_BackgroundRunAndCancel(self):
+        """The GUI's way: the engine in a PythonSlicer process, polled by a timer, then cancelled."""
+        import time
+
+        from fmsam.errors import Cancelled
+
+        slicer.mrmlScene.Clear()
+        fixed, moving, _fixedLabels, _movingLabels = self._loadPair()
+        logic = FMSAMRegistrationLogic()
+        job = logic.start(fixed, moving)
+        while job.poll():
+            slicer.app.processEvents()
+            time.sleep(0.1)
+        outcome = job.finish()
+        self.assertLess(outcome.foldingPercent, 0.1)
+        nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
+        job = logic.start(fixed, moving)
+        time.sleep(2.0)
+        cancelled = time.time()
+        job.cancel()
+        self.assertFalse(job.poll())
+        self.assertLess(time.time() - cancelled, 2.0)
+        with self.assertRaises(Cancelled):
+            job.finish()
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)
+        self.delayDisplay("Background run and cancel passed")

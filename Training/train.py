@@ -1,10 +1,14 @@
 """Train the FM-SAM registration network with Sharpness-Aware Minimisation (or plain Adam).
 
-Runs as ``python Training/train.py ...`` and as
-``Slicer --no-main-window --python-script Training/train.py ...`` (no Slicer import; exits with
-a status code). A run directory holds ``config.json``, ``log.csv`` (loss every step, validation
-Dice every ``--val-every`` steps), ``latest.pt`` (checkpoint, written atomically) and
-``best.pt``. Running the same command again resumes exactly where the checkpoint left off.
+Runs as ``python Training/train.py ...`` and inside Slicer as
+``Slicer --no-main-window --python-script Training/train.py --ignore-rest ...`` (no Slicer import).
+``--ignore-rest`` stops Slicer's own parser, which would otherwise take ``--help`` and other
+options it knows for itself. Whatever happens, the script ends the process with a status code (0
+done, 2 bad arguments, 1 any error, 130 interrupted): a window-less Slicer whose script raised an
+exception would otherwise keep running forever.
+
+A run directory holds ``config.json``, ``log.csv`` (loss every step, validation Dice every
+``--val-every`` steps), ``latest.pt`` (checkpoint, written atomically) and ``best.pt``. Running the same command again resumes exactly where the checkpoint left off.
 
 Example (the bundled model; see Logic/fmsam/weights/MODEL_CARD.md for the exact command)::
 
@@ -20,23 +24,32 @@ import os
 import random
 import sys
 import time
+import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "Logic"))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+try:
+    import numpy as np  # noqa: E402
+    import torch  # noqa: E402
 
-from checkpoints import read_weights, save_checkpoint  # noqa: E402
-from synth import synth_pair  # noqa: E402
-from training_data import (SubjectCache, apply_intensity_curve, random_intensity_curve,  # noqa: E402
-                           read_split, sample_pair, sampling_offset, thick_slices)
-from fmsam.layers import resize, warp  # noqa: E402
-from fmsam.losses import symmetric_registration_loss  # noqa: E402
-from fmsam.metrics import labels_in_both, mean_dice  # noqa: E402
-from fmsam.networks import build_network  # noqa: E402
-from fmsam.sam import SAM  # noqa: E402
+    from checkpoints import read_weights, save_checkpoint  # noqa: E402
+    from synth import synth_pair  # noqa: E402
+    from training_data import (SubjectCache, apply_intensity_curve, random_intensity_curve,  # noqa: E402
+                               read_split, sample_pair, sampling_offset, thick_slices)
+    from fmsam.layers import resize, warp  # noqa: E402
+    from fmsam.losses import symmetric_registration_loss  # noqa: E402
+    from fmsam.metrics import labels_in_both, mean_dice  # noqa: E402
+    from fmsam.networks import build_network  # noqa: E402
+    from fmsam.sam import SAM  # noqa: E402
+except Exception as _import_error:  # e.g. no PyTorch in this Python (a Slicer without the PyTorch extension)
+    if __name__ != "__main__":
+        raise
+    traceback.print_exc()
+    print("train.py: error: cannot import what training needs (%s); inside Slicer, install the "
+          "PyTorch extension first" % _import_error, file=sys.stderr)
+    sys.exit(1)
 
 LOG_FIELDS = ["step", "loss", "similarity", "regulariser", "lr", "seconds", "val_dice",
               "val_dice_identity"]
@@ -382,5 +395,30 @@ def _truncate_log(log_path, step):
         writer.writerows(rows)
 
 
+def script_arguments(argv):
+    """The script's own arguments from ``sys.argv[1:]``: Slicer passes on what follows its
+    ``--ignore-rest`` option; a leading ``--ignore-rest`` or ``--`` is dropped if it comes along."""
+    return list(argv[1:]) if argv and argv[0] in ("--ignore-rest", "--") else list(argv)
+
+
+def run_as_script(argv=None):
+    """``python train.py ...`` or ``Slicer --no-main-window --python-script train.py --ignore-rest ...``:
+    run :func:`main` and always end the process with a status code."""
+    try:
+        code = main(script_arguments(sys.argv[1:] if argv is None else argv))
+    except SystemExit:  # argparse (--help: 0, bad arguments: 2) and explicit exits
+        raise
+    except KeyboardInterrupt:
+        print("train.py: interrupted", file=sys.stderr)
+        code = 130
+    except BaseException as error:  # anything else: say it, and exit non-zero instead of hanging Slicer
+        traceback.print_exc()
+        print("train.py: error: %s: %s" % (type(error).__name__, error), file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.exit(code or 0)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_as_script()

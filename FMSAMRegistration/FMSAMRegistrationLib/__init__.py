@@ -20,6 +20,8 @@ def _make_engine_importable():
 
 _make_engine_importable()
 
-from .logic import FMSAMRegistrationLogic, ProcessingState, RegistrationOutcome  # noqa: E402
+from .logic import (DEVICES, MODES, MOVING_VOLUME_ACTIONS, FMSAMRegistrationLogic,  # noqa: E402
+                    ProcessingState, RegistrationOutcome)
 
-__all__ = ["FMSAMRegistrationLogic", "ProcessingState", "RegistrationOutcome"]
+__all__ = ["FMSAMRegistrationLogic", "ProcessingState", "RegistrationOutcome", "DEVICES", "MODES",
+           "MOVING_VOLUME_ACTIONS"]

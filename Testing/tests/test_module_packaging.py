@@ -72,7 +72,7 @@ def test_ui_parameter_bindings_are_parameter_node_fields(ui_widgets):
     fields = parameter_node_fields()
     assert set(bound) <= fields
     # Only the combo boxes with item data are synchronised by hand in the widget.
-    assert fields - set(bound) == {"mode", "device", "contrastMatching"}
+    assert fields - set(bound) == {"mode", "device", "contrastMatching", "movingVolumeAction"}
 
 
 def test_module_cmake_lists_every_file_the_module_loads(module_cmake):
@@ -173,3 +173,58 @@ def test_torch_built_for_numpy_1_is_explained(torch_support_module, monkeypatch)
     monkeypatch.setattr(torch, "from_numpy", numpy_unavailable)
     message = torch_support_module.torch_problem()
     assert message is not None and "NumPy 1.x" in message and "PyTorch Utils" in message
+
+
+CONTRIBUTORS = re.compile(r"^[^(),]+ \([^()]+\)(, [^(),]+ \([^()]+\))*$")  # Name (Organisation), ...
+
+
+def test_extension_index_fields_screenshot_and_contributors():
+    """What the ExtensionsIndex's description check requires: a screenshot URL, contributors as
+    'Name (Organisation)'; the screenshot is a picture in this repository at its stable raw URL."""
+    cmake = open(os.path.join(ROOT, "CMakeLists.txt")).read()
+    s4ext = dict(line.split(" ", 1) for line in open(os.path.join(ROOT, "FMSAMRegistration.s4ext")).read().splitlines()
+                 if line.strip() and not line.startswith("#") and " " in line)
+    screenshots = re.search(r'set\(EXTENSION_SCREENSHOTURLS "([^"]*)"\)', cmake).group(1).split()
+    assert screenshots and screenshots == s4ext["screenshoturls"].split()
+    prefix = "https://raw.githubusercontent.com/fmsam/SlicerFMSAMRegistration/main/"
+    for url in screenshots:
+        assert url.startswith(prefix), url
+        with open(os.path.join(ROOT, url[len(prefix):]), "rb") as handle:
+            picture = handle.read()
+        assert picture.startswith(b"\x89PNG") and len(picture) > 50_000
+    contributors = re.search(r'set\(EXTENSION_CONTRIBUTORS "([^"]*)"\)', cmake).group(1)
+    assert CONTRIBUTORS.match(contributors) and s4ext["contributors"] == contributors
+    assert CONTRIBUTORS.match(re.search(r'contributors = \["([^"]+)"\]', open(MODULE_FILE).read()).group(1))
+    assert "href=" in re.search(r"helpText = _\((.*?)\)\n", open(MODULE_FILE).read(), flags=re.S).group(1)
+
+
+def _method_source(name):
+    tree = ast.parse(open(MODULE_FILE).read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.name == name:
+            return ast.get_source_segment(open(MODULE_FILE).read(), node)
+    raise AssertionError("no method %s in the module" % name)
+
+
+def test_opening_the_panel_does_not_touch_pytorch():
+    """setup() and what it calls fill the panel without asking PyTorch anything (importing it is
+    slow, and a broken PyTorch must not break the panel); Register does."""
+    for name in ("setup", "initializeParameterNode", "setParameterNode", "_updateGui", "_updateButton"):
+        source = _method_source(name)
+        for torch_call in ("cuda_usable", "torch_problem", "_ensureTorch", "import torch"):
+            assert torch_call not in source, "%s calls %s" % (name, torch_call)
+    register = _method_source("onApplyButton")
+    assert "_ensureTorch" in register and "cuda_usable" in register
+
+
+def test_sample_pair_is_offered_to_the_sample_data_module():
+    pytest.importorskip("slicer", reason="the module's library needs slicer-core")
+    from FMSAMRegistrationLib.sample_data import sample_source
+
+    source = sample_source(MODULE_DIR)
+    assert source["fileNames"] == ["IXI012-HH-1211_T1.nii.gz", "IXI013-HH-1212_T1.nii.gz"]
+    for uri in source["uris"]:
+        assert uri.startswith("file://")
+        from urllib.request import url2pathname
+        assert os.path.isfile(url2pathname(uri[len("file://"):]))
+    assert os.path.isfile(source["thumbnailFileName"])

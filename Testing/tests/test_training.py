@@ -1,5 +1,6 @@
 """The trainer: preparing data, a short run lowering the loss, exact resume, Slicer-style exit."""
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -250,3 +251,56 @@ def test_export_and_sharpness_read_checkpoints_and_weights_files(cache, tmp_path
               for name in ("checkpoint", "weights")}
     assert len(curves["checkpoint"]) == 3
     assert curves["checkpoint"] == curves["weights"]  # the same weights, read from either file
+
+
+# -- the trainer under a Slicer-like launch --------------------------------------------------------
+#: Runs a script the way ``Slicer --no-main-window --python-script SCRIPT ARGS`` does: ``sys.argv``
+#: is the script and what followed Slicer's ``--ignore-rest``, and the file is executed as
+#: ``__main__``. A SystemExit ends Slicer with its code; any other exception, or a script that just
+#: returns, leaves a window-less Slicer running forever (exit codes 99 and 98 here).
+SLICER_LIKE = """
+import runpy, sys, traceback
+script, arguments, block_torch = sys.argv[1], sys.argv[2:], %r
+if block_torch:
+    sys.modules["torch"] = None   # a Slicer without the PyTorch extension
+sys.argv = [script] + arguments
+try:
+    runpy.run_path(script, run_name="__main__")
+except SystemExit:
+    raise
+except BaseException:
+    traceback.print_exc()
+    sys.exit(99)
+sys.exit(98)
+"""
+
+
+def _run_like_slicer(*args, block_torch=False):
+    return subprocess.run([sys.executable, "-c", SLICER_LIKE % block_torch,
+                           os.path.join(TRAINING, "train.py")] + list(args),
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+def test_under_slicer_help_and_arguments_reach_the_trainer(cache, tmp_path):
+    shown = _run_like_slicer("--ignore-rest", "--help")
+    assert shown.returncode == 0 and "--optimizer" in shown.stdout and "--cache" in shown.stdout
+    run = str(tmp_path / "run")
+    done = _run_like_slicer("--ignore-rest", "--cache", cache, "--run", run, "--steps", "2",
+                            "--optimizer", "adam", "--seed", "7", *TINY)
+    assert done.returncode == 0, done.stderr
+    with open(os.path.join(run, "config.json")) as handle:
+        recorded = json.load(handle)
+    assert recorded["optimizer"] == "adam" and recorded["seed"] == 7 and recorded["steps"] == 2
+    assert len(_losses(run)) == 2
+
+
+def test_under_slicer_every_failure_ends_the_process_with_a_non_zero_code(tmp_path):
+    bad_arguments = _run_like_slicer("--ignore-rest", "--run", str(tmp_path / "run"))  # no --cache
+    assert bad_arguments.returncode == 2 and "--cache" in bad_arguments.stderr
+    missing_cache = _run_like_slicer("--ignore-rest", "--cache", str(tmp_path / "none"), "--run",
+                                     str(tmp_path / "run"), *TINY)
+    assert missing_cache.returncode == 1, (missing_cache.returncode, missing_cache.stderr)
+    assert "train.py: error: FileNotFoundError" in missing_cache.stderr
+    no_torch = _run_like_slicer("--ignore-rest", "--help", block_torch=True)
+    assert no_torch.returncode == 1, (no_torch.returncode, no_torch.stderr)
+    assert "install the PyTorch extension" in no_torch.stderr

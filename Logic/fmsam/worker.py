@@ -1,0 +1,110 @@
+"""One registration in a process of its own, described by a request file; progress as text lines.
+
+The Slicer module runs the engine this way (in PythonSlicer), so that Slicer's main thread, which
+holds Python's lock while it is idle, never slows the registration down, and so that Cancel can end
+the run at once. Any program can do the same::
+
+    python -c "import sys; sys.path.insert(0, sys.argv[1]); from fmsam.worker import main; main(sys.argv[2:])" \
+        ENGINE_DIR REQUEST.json
+
+``REQUEST.json`` names the input files (any format :func:`fmsam.register` reads) and the options::
+
+    {"fixed": "fixed.mha", "moving": "moving.mha", "fixed_labels": null, "moving_labels": null,
+     "prealign": true, "io_steps": 0, "device": "auto", "modality": "auto",
+     "contrast_matching": "auto", "weights": null, "out": "result"}
+
+Relative paths are relative to the request file's folder. Standard output carries one line per
+event, each starting with a tag:
+
+* ``FMSAM-PROGRESS <stage> <fraction>``: the stage (as :func:`fmsam.register` names it) and how much
+  of it is done (0..1); printed when the stage changes or its fraction grows by 1 % or more;
+* ``FMSAM-ERROR <message>``: the run failed (one line; exit code 2 for bad input, 1 otherwise);
+* ``FMSAM-DONE``: every result file is written (exit code 0).
+
+Results, in ``out`` (uncompressed, to be read back at once): ``field.mha`` (the fixed-to-moving
+displacement, LPS millimetres, float64 vectors on the fixed grid), ``warped.mha`` (moving image on
+the fixed grid), ``jacobian.mha`` (det J, float32) and ``report.json`` (as the command line's).
+"""
+import json
+import os
+import sys
+import traceback
+
+PROGRESS, ERROR, DONE = "FMSAM-PROGRESS", "FMSAM-ERROR", "FMSAM-DONE"
+RESULT_FILES = {"field": "field.mha", "warped": "warped.mha", "jacobian": "jacobian.mha",
+                "report": "report.json"}
+OPTIONS = ("prealign", "io_steps", "device", "modality", "contrast_matching", "weights")
+
+
+def _say(tag, *words):
+    print(" ".join([tag] + [str(word) for word in words]), flush=True)
+
+
+def _progress_printer():
+    last = {"stage": None, "fraction": 0.0}
+
+    def progress(stage, fraction):
+        if stage != last["stage"] or fraction >= last["fraction"] + 0.01 or (fraction == 1.0 != last["fraction"]):
+            last["stage"], last["fraction"] = stage, fraction
+            _say(PROGRESS, stage, "%.3f" % fraction)
+
+    return progress
+
+
+def read_request(path):
+    """The request as a dict, with its file paths made absolute."""
+    folder = os.path.dirname(os.path.abspath(path))
+    with open(path) as handle:
+        request = json.load(handle)
+    for key in ("fixed", "moving", "fixed_labels", "moving_labels", "weights", "out"):
+        if request.get(key):
+            request[key] = os.path.join(folder, request[key])
+    return request
+
+
+def write_results(result, out):
+    """Write the files the module reads back (see the module docstring)."""
+    import SimpleITK as sitk
+
+    os.makedirs(out, exist_ok=True)
+    sitk.WriteImage(result.field_image, os.path.join(out, RESULT_FILES["field"]))
+    sitk.WriteImage(result.warped, os.path.join(out, RESULT_FILES["warped"]))
+    sitk.WriteImage(result.jacobian, os.path.join(out, RESULT_FILES["jacobian"]))
+    with open(os.path.join(out, RESULT_FILES["report"]), "w") as handle:
+        json.dump(result.report, handle, indent=2, sort_keys=True)
+
+
+def run(request_path):
+    """Run the request; returns the process exit code (0 done, 2 bad input, 1 anything else)."""
+    from .errors import InputError
+    from .pipeline import register
+
+    try:
+        request = read_request(request_path)
+        options = {key: request[key] for key in OPTIONS if key in request}
+        result = register(request["fixed"], request["moving"], request.get("fixed_labels"),
+                          request.get("moving_labels"), progress=_progress_printer(), **options)
+        write_results(result, request["out"])
+    except InputError as error:
+        _say(ERROR, str(error).replace("\n", " "))
+        return 2
+    except Exception as error:  # a bug: its traceback goes to the log, one line to the user
+        traceback.print_exc(file=sys.stdout)
+        _say(ERROR, ("%s: %s" % (type(error).__name__, error)).replace("\n", " "))
+        return 1
+    _say(DONE)
+    return 0
+
+
+def main(argv=None):
+    """Entry point: ``argv`` is ``[REQUEST.json]``. Leaves the process at once when done (its files
+    are closed), sparing PyTorch's teardown."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        _say(ERROR, "usage: worker REQUEST.json")
+        code = 2
+    else:
+        code = run(argv[0])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,0 +1,157 @@
+"""The module against Slicer's own Python layer of each supported release (5.6.2, 5.8.1, 5.10.0).
+
+Slicer's ``parameterNodeWrapper``, ``util``, ``i18n`` and ``ScriptedLoadableModule``, unmodified,
+run on slicer-core's real MRML (see ``slicer_release.py``): the module file is imported against
+them, its parameter node is built by Slicer's decorator, every node-typed parameter is resolved by
+Slicer's ``getNodeTypes`` (which instantiates each class, as the GUI binding does), every ``.ui``
+binding gets the connector Slicer would create, and the parameter node survives a saved scene.
+"""
+import os
+import xml.etree.ElementTree as ElementTree
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="needs slicer-core (pip install slicer-core)")
+
+import slicer_release  # noqa: E402
+
+pytestmark = pytest.mark.skipif(bool(slicer_release.available()), reason=slicer_release.available() or "")
+
+UI_FILE = os.path.join(slicer_release.ROOT, "FMSAMRegistration", "Resources", "UI", "FMSAMRegistration.ui")
+
+
+@pytest.fixture(params=slicer_release.RELEASES)
+def release(request):
+    from FMSAMRegistrationLib.scene import new_scene
+
+    headless = new_scene()  # sets slicer.mrmlScene, which Slicer's logic base class uses
+    with slicer_release.loaded(request.param) as loaded:
+        loaded.headless = headless
+        yield loaded
+
+
+def ui_bindings():
+    """``{parameter name: (widget class, node types listed in the .ui or None)}``."""
+    bindings = {}
+    for widget in ElementTree.parse(UI_FILE).iter("widget"):
+        properties = {prop.get("name"): prop for prop in widget.findall("property")}
+        if "SlicerParameterName" not in properties:
+            continue
+        node_types = properties.get("nodeTypes")
+        listed = tuple(item.text for item in node_types.iter("string")) if node_types is not None else None
+        bindings[properties["SlicerParameterName"].find("string").text] = (widget.get("class"), listed)
+    return bindings
+
+
+def node_parameters(release):
+    wrapper = release.module.FMSAMRegistrationParameterNode
+    return {name: wrapper.dataType(name) for name in wrapper.allParameters
+            if release.parameterNodeWrapper.isNodeOrUnionOfNodes(wrapper.dataType(name))}
+
+
+def test_every_node_parameter_resolves_to_concrete_node_classes(release):
+    resolved = {name: release.parameterNodeWrapper.getNodeTypes(datatype)
+                for name, datatype in node_parameters(release).items()}
+    assert resolved == {
+        "fixedVolume": ("vtkMRMLScalarVolumeNode",), "movingVolume": ("vtkMRMLScalarVolumeNode",),
+        "fixedSegmentation": ("vtkMRMLSegmentationNode", "vtkMRMLLabelMapVolumeNode"),
+        "movingSegmentation": ("vtkMRMLSegmentationNode", "vtkMRMLLabelMapVolumeNode"),
+        "outputTransform": ("vtkMRMLGridTransformNode",),
+        "warpedVolume": ("vtkMRMLScalarVolumeNode",), "jacobianVolume": ("vtkMRMLScalarVolumeNode",)}
+
+
+def test_slicer_creates_a_connector_for_every_ui_binding_and_lists_the_ui_types(release):
+    wrapper = release.module.FMSAMRegistrationParameterNode
+    bindings = ui_bindings()
+    assert set(bindings) <= set(wrapper.allParameters)
+    for name, (widget_class, listed) in bindings.items():
+        package = "slicer" if widget_class.startswith("qMRML") else "ctk" if widget_class.startswith("ctk") else "qt"
+        widget = release.placeholder("%s.%s" % (package, widget_class))()
+        connector = release.parameterNodeWrapper.createGuiConnector(widget, wrapper.dataType(name))
+        assert connector is not None, name
+        if widget_class == "qMRMLNodeComboBox":
+            # Slicer's connector replaces the .ui's list with the parameter's types: they must agree,
+            # or the selector offers nodes the logic refuses (or hides ones it takes).
+            assert tuple(widget.nodeTypes) == listed, name
+
+
+def test_the_logic_refuses_nothing_a_selector_offers(release):
+    """Each class a selector lists is one the logic accepts in that role (a node of it is built)."""
+    from FMSAMRegistrationLib import mrml_io
+
+    scene = release.headless.scene
+    for name, datatype in node_parameters(release).items():
+        for class_name in release.parameterNodeWrapper.getNodeTypes(datatype):
+            node = scene.AddNewNodeByClass(class_name, name)
+            if name == "outputTransform":
+                mrml_io.set_grid_transform_from_field(node, np.zeros((2, 2, 2, 3)), _tiny_image())
+                assert node.IsA("vtkMRMLGridTransformNode")
+            elif "Segmentation" in name:
+                assert node.IsA("vtkMRMLSegmentationNode") or node.IsA("vtkMRMLLabelMapVolumeNode")
+            else:
+                assert node.IsA("vtkMRMLScalarVolumeNode") and not node.IsA("vtkMRMLLabelMapVolumeNode")
+
+
+def _tiny_image():
+    import SimpleITK as sitk
+
+    return sitk.Image(2, 2, 2, sitk.sitkFloat32)
+
+
+def _volume(scene, name, labelmap=False):
+    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode", name)
+    slicer.util.updateVolumeFromArray(node, np.arange(24, dtype=np.int16 if labelmap else np.float32).reshape(2, 3, 4))
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def test_parameter_node_defaults_every_field_and_a_saved_scene(release, tmp_path):
+    from FMSAMRegistrationLib import DEVICES, MODES, MOVING_VOLUME_ACTIONS, mrml_io
+    from FMSAMRegistrationLib.scene import new_scene
+
+    scene = release.headless.scene
+    logic = release.module.FMSAMRegistrationLogic()
+    parameters = logic.getParameterNode()
+    assert (parameters.prealign, parameters.mode, parameters.device, parameters.contrastMatching,
+            parameters.createWarpedVolume, parameters.createJacobian, parameters.movingVolumeAction) == (
+        True, "fast", "auto", "auto", True, True, "keep")
+    assert parameters.fixedSegmentation is None and parameters.outputTransform is None
+
+    grid = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "result")
+    mrml_io.set_grid_transform_from_field(grid, np.zeros((2, 2, 2, 3)), _tiny_image())
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "moving segments")
+    segmentation.CreateDefaultDisplayNodes()
+    values = {"fixedVolume": _volume(scene, "fixed"), "movingVolume": _volume(scene, "moving"),
+              "fixedSegmentation": _volume(scene, "fixed labels", labelmap=True),
+              "movingSegmentation": segmentation, "prealign": False, "mode": "accurate",
+              "device": "cpu", "contrastMatching": "off", "outputTransform": grid,
+              "createWarpedVolume": False, "warpedVolume": _volume(scene, "warped"),
+              "createJacobian": False, "jacobianVolume": _volume(scene, "jacobian"),
+              "movingVolumeAction": "harden"}
+    assert set(values) == set(release.module.FMSAMRegistrationParameterNode.allParameters)
+    for name, value in values.items():
+        setattr(parameters, name, value)
+    # The values the widget offers are the ones the logic takes.
+    widget = release.module.FMSAMRegistrationWidget
+    assert [value for value, _ in widget.MODES] == list(MODES)
+    assert sorted(value for value, _ in widget.DEVICES) == sorted(DEVICES)
+    assert [value for value, _ in widget.MOVING_VOLUME_ACTIONS] == list(MOVING_VOLUME_ACTIONS)
+    # A linear transform is not a grid transform: Slicer's own validation refuses it.
+    linear = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "linear")
+    with pytest.raises(Exception):
+        parameters.outputTransform = linear
+    assert parameters.outputTransform is grid
+
+    path = release.headless.write_bundle(str(tmp_path / "parameters.mrb"))
+    reread = new_scene()
+    reread.read_bundle(path)
+    node = reread.scene.GetSingletonNode("FMSAMRegistration", "vtkMRMLScriptedModuleNode")
+    assert node is not None
+    restored = release.module.FMSAMRegistrationParameterNode(node)
+    for name, value in values.items():
+        got = getattr(restored, name)
+        if hasattr(value, "GetName"):
+            assert got is not None and got.GetName() == value.GetName() and got.GetClassName() == value.GetClassName(), name
+        else:
+            assert got == value, name
