@@ -465,3 +465,23 @@ def test_segmentations_are_matched_by_segment_name(pair_scene):
         assert np.array_equal(exported_array == value, original_array == label)
     with pytest.raises(InputError, match="not one of each"):
         mrml_io.shared_segment_values(segmentations["fixed_labels"], nodes["moving_labels"])
+
+
+def test_python_slicer_is_found_from_slicers_own_paths(tmp_path, monkeypatch):
+    """Inside Slicer the engine runs in PythonSlicer: on PATH (Slicer puts its bin folder there), or
+    in <slicerHome>/bin; outside Slicer (no slicer.app) this interpreter."""
+    import sys
+    import types
+
+    from FMSAMRegistrationLib import process
+
+    assert process.python_executable() == sys.executable
+    home = tmp_path / "Slicer-5.8.1"
+    (home / "bin").mkdir(parents=True)
+    name = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(slicerHome=str(home)), raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "elsewhere"))
+    with pytest.raises(RuntimeError, match="PythonSlicer was not found"):
+        process.python_executable()
+    (home / "bin" / name).write_text("")
+    assert process.python_executable() == str(home / "bin" / name)
