@@ -1,13 +1,14 @@
 """The ``fmsam`` command line: register, warp, jacobian, evaluate.
 
-Problems with the inputs exit with code 2 and a one-line ``fmsam: error: ...`` message, and leave
-no partial outputs behind.
+Problems with the inputs exit with code 2 and a one-line ``fmsam: error: ...`` message, a result
+that cannot be used or written (e.g. a non-finite field) with code 1 and such a line; neither leaves
+partial outputs behind.
 """
 import argparse
 import os
 import sys
 
-from .errors import InputError
+from .errors import InputError, RegistrationError
 
 
 def _add_register(commands):
@@ -18,8 +19,9 @@ def _add_register(commands):
     parser.add_argument("--fixed-labels", help="label map on the fixed grid (for Dice)")
     parser.add_argument("--moving-labels", help="label map on the moving grid (warped, for Dice)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--io-steps", type=int, default=0, help="instance-optimisation steps (0: off)")
-    parser.add_argument("--weights", help="weights file (default: the bundled model)")
+    parser.add_argument("--io-steps", type=int, default=0,
+                        help="instance-optimisation steps, 0 (off) to 2000")
+    _add_weights(parser)
     parser.add_argument("--no-affine", action="store_true", help="skip affine pre-alignment")
     parser.add_argument("--modality", choices=["auto", "mr", "ct"], default="auto",
                         help="intensity normalisation (default: detected per image)")
@@ -28,6 +30,14 @@ def _add_register(commands):
     parser.add_argument("--scene", metavar="OUT.mrb",
                         help="also write a Slicer scene bundle (inputs, transform, warped volume, "
                         "Jacobian map with its colours); needs slicer-core or Slicer's Python")
+
+
+def _add_weights(parser):
+    parser.add_argument("--weights", help="weights file (default: the bundled model); its SHA-256 is "
+                        "checked against FILE.sha256")
+    parser.add_argument("--allow-unverified-weights", action="store_true",
+                        help="use a weights file that has no FILE.sha256 (its checksum cannot be "
+                        "verified); refused without this option")
 
 
 def _add_contrast_matching(parser):
@@ -60,8 +70,9 @@ def _add_evaluate(commands):
                         help="CSV with columns fixed, moving, fixed_labels, moving_labels")
     parser.add_argument("--out", required=True, help="results CSV")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--io-steps", type=int, default=0)
-    parser.add_argument("--weights")
+    parser.add_argument("--io-steps", type=int, default=0,
+                        help="instance-optimisation steps, 0 (off) to 2000")
+    _add_weights(parser)
     parser.add_argument("--no-affine", action="store_true")
     _add_contrast_matching(parser)
 
@@ -105,6 +116,7 @@ def _register(args):
                       prealign=not args.no_affine, io_steps=args.io_steps, device=args.device,
                       weights=args.weights, modality=args.modality,
                       contrast_matching=args.contrast_matching,
+                      allow_unverified=args.allow_unverified_weights,
                       progress=_progress_printer(args.quiet))
     write_outputs(result, args.out, moving=read_image(args.moving))
     if args.scene:
@@ -160,7 +172,8 @@ def _evaluate(args):
 
     evaluate_pairs(args.pairs, args.out, device=args.device, io_steps=args.io_steps,
                    weights=args.weights, prealign=not args.no_affine,
-                   contrast_matching=args.contrast_matching)
+                   contrast_matching=args.contrast_matching,
+                   allow_unverified=args.allow_unverified_weights)
 
 
 def main(argv=None):
@@ -171,6 +184,9 @@ def main(argv=None):
     except InputError as error:
         print("fmsam: error: %s" % error, file=sys.stderr)
         return 2
+    except RegistrationError as error:
+        print("fmsam: error: %s" % error, file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("fmsam: interrupted", file=sys.stderr)
         return 130

@@ -32,13 +32,13 @@ def read_pairs(path):
 
 
 def evaluate_pairs(pairs_csv, out_csv, device="auto", io_steps=0, weights=None, prealign=True,
-                   show_progress=True, contrast_matching="auto"):
+                   show_progress=True, contrast_matching="auto", allow_unverified=False):
     """Register every pair, write one result row each to ``out_csv``, print the means; returns rows."""
     from .pipeline import register
     from .weights import load_model
 
     pairs = read_pairs(pairs_csv)
-    model = load_model(weights)
+    model = load_model(weights, allow_unverified=allow_unverified)
     results = []
     with open(out_csv, "w", newline="") as handle:
         writer = csv.DictWriter(handle, RESULT_FIELDS)

@@ -10,10 +10,11 @@ import time
 import numpy as np
 import SimpleITK as sitk
 
-from . import fields
-from .contrast import CONTRAST_MATCHING, MIN_CORRELATION_GAIN, apply_lookup, contrast_decision
-from .errors import InputError
-from .imageio import check_same_grid, load_label_map, load_scalar_volume
+from . import __version__, fields
+from .arguments import check_register_arguments
+from .contrast import MIN_CORRELATION_GAIN, apply_lookup, contrast_decision
+from .errors import RegistrationError
+from .imageio import check_same_grid, describe, load_label_map, load_scalar_volume
 from .intensity import normalise
 from .jacobian import jacobian_determinant, jacobian_statistics
 from .metrics import labels_in_both, mean_dice
@@ -102,29 +103,50 @@ def back_to_grid(field, field_grid, fixed_image):
     return sitk.GetArrayFromImage(restored).astype(np.float64)
 
 
+def weights_provenance(network):
+    """``{"file", "sha256", "verified"}`` of the weights file a network was loaded from (all None or
+    False for a network that did not come from :func:`fmsam.weights.load_model`)."""
+    return dict(getattr(network, "fmsam_weights", None) or {"file": None, "sha256": None, "verified": False})
+
+
+def check_finite_field(field, network):
+    """Raise :class:`RegistrationError` unless every displacement of ``field`` (k, j, i, 3) is finite:
+    a NaN field would warp to an empty image and count no folding."""
+    finite = np.isfinite(field)
+    if not finite.all():
+        raise RegistrationError(
+            "the registration produced a non-finite displacement field (%d of %d values NaN or "
+            "infinite) with the weights %s; no result was written"
+            % (finite.size - int(finite.sum()), finite.size, weights_provenance(network)["file"] or "given"))
+
+
 def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True, io_steps=0,
              device="auto", weights=None, modality="auto", progress=None, model=None,
-             contrast_matching="auto"):
+             contrast_matching="auto", allow_unverified=False):
     """Register ``moving`` to ``fixed`` and return a :class:`RegistrationResult`.
 
     ``fixed``/``moving``: paths (NIfTI, NRRD, MHA) or SimpleITK images, any size, spacing,
     orientation and pixel type. ``fixed_labels``/``moving_labels``: optional label maps on their
     image's grid, for the Dice report and the warped label map. ``prealign``: affine pre-alignment
-    on/off. ``io_steps``: instance-optimisation steps (0 = off). ``device``: 'auto', 'cpu' or
-    'cuda'. ``weights``: a weights file (default: bundled model). ``modality``: 'auto', 'mr' or 'ct'
-    for both images, or a (fixed, moving) pair. ``contrast_matching``: give the moving image the
-    fixed image's contrast before the network ('auto': when the contrasts differ; 'on'; 'off'),
-    see :mod:`fmsam.contrast`. ``progress(stage, fraction)``: called often; it may
-    raise :class:`fmsam.errors.Cancelled` to stop. ``model``: an already loaded
-    ``(network, config)`` to reuse across calls.
+    on/off (bool). ``io_steps``: instance-optimisation steps, an int from 0 (off) to 2000.
+    ``device``: 'auto', 'cpu' or 'cuda' ('cuda' needs a usable GPU). ``weights``: a weights file
+    (default: bundled model) whose SHA-256 is verified against ``<file>.sha256``; a file without one
+    is refused unless ``allow_unverified=True``. ``modality``: 'auto', 'mr' or 'ct' for both images,
+    or a (fixed, moving) pair. ``contrast_matching``: give the moving image the fixed image's
+    contrast before the network ('auto': when the contrasts differ; 'on'; 'off'), see
+    :mod:`fmsam.contrast`. ``progress(stage, fraction)``: called often; it may raise
+    :class:`fmsam.errors.Cancelled` to stop, and any exception it raises reaches the caller as
+    itself. ``model``: an already loaded ``(network, config)`` to reuse across calls (instead of
+    ``weights``).
+
+    Every argument is checked before any work (:mod:`fmsam.arguments`): a bad one raises
+    :class:`InputError`, as do bad images and weights. :class:`RegistrationError`: the result is
+    not finite (nothing is returned).
     """
     from .weights import bundled_config, load_model
 
-    if io_steps < 0:
-        raise InputError("io_steps must be 0 or more, not %r" % io_steps)
-    if contrast_matching not in CONTRAST_MATCHING:
-        raise InputError("contrast_matching must be one of %s, not %r"
-                         % (", ".join(CONTRAST_MATCHING), contrast_matching))
+    check_register_arguments(fixed, moving, fixed_labels, moving_labels, prealign, io_steps, device,
+                             weights, modality, progress, model, contrast_matching, allow_unverified)
     stages = _Stages(progress)
     total_start = time.perf_counter()
 
@@ -134,10 +156,12 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
     fixed_label_map = moving_label_map = None
     if fixed_labels is not None:
         fixed_label_map = load_label_map(fixed_labels, "fixed label map")
-        check_same_grid(fixed_image, fixed_label_map, "fixed label map")
+        check_same_grid(fixed_image, fixed_label_map, describe("fixed label map", fixed_labels),
+                        describe("the fixed image", fixed))
     if moving_labels is not None:
         moving_label_map = load_label_map(moving_labels, "moving label map")
-        check_same_grid(moving_image, moving_label_map, "moving label map")
+        check_same_grid(moving_image, moving_label_map, describe("moving label map", moving_labels),
+                        describe("the moving image", moving))
     loading = None
     if model is not None:
         config = model[1]
@@ -149,7 +173,7 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
         loading = loader.submit(load_model, None, "cpu")
         loader.shutdown(wait=False)
     else:
-        model = load_model(weights, "cpu")
+        model = load_model(weights, "cpu", allow_unverified)
         config = model[1]
     fixed_modality, moving_modality = (modality, modality) if isinstance(modality, str) else modality
     # Both images are brought to the axis layout of the training images by a pure permutation or
@@ -217,6 +241,7 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
     deformable_index = fields.network_to_fixed_index_displacement(displacement, network_fixed.GetSize())
     field = fields.compose_fixed_to_moving(network_fixed, affine, deformable_index)
     field = back_to_grid(field, network_fixed, fixed_image)
+    check_finite_field(field, network)
     transform = fields.field_transform(field, fixed_image)
 
     stages.begin("warp")
@@ -229,15 +254,18 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
         labels = labels_in_both(fixed_array, sitk.GetArrayViewFromImage(moving_label_map))
         initial_labels = fields.resample(moving_label_map, fixed_image, sitk.Transform(), nearest=True)
         affine_labels = fields.resample(moving_label_map, fixed_image, affine, nearest=True)
-        report["dice_initial"] = mean_dice(fixed_array, sitk.GetArrayViewFromImage(initial_labels), labels)
-        report["dice_affine"] = mean_dice(fixed_array, sitk.GetArrayViewFromImage(affine_labels), labels)
-        report["dice_after"] = mean_dice(fixed_array, sitk.GetArrayViewFromImage(warped_labels), labels)
         report["dice_labels"] = int(len(labels))
+        for key, labels_on_fixed in (("dice_initial", initial_labels), ("dice_affine", affine_labels),
+                                     ("dice_after", warped_labels)):
+            if len(labels):  # no shared label: no Dice (NaN is not JSON), and a warning below
+                report[key] = mean_dice(fixed_array, sitk.GetArrayViewFromImage(labels_on_fixed), labels)
 
     # Label-free check: did the deformable step make the images more alike than the affine did?
     report["mi_affine"], report["mi_registered"], warning = deformable_gain(
         fixed_image, fields.resample(moving_image, fixed_image, affine), warped)
     report["warnings"] = [warning] if warning else []
+    if report.get("dice_labels") == 0:
+        report["warnings"].append("the two label maps share no label (> 0): no Dice is reported")
 
     stages.begin("jacobian")
     determinant = jacobian_determinant(field, fixed_image)
@@ -252,6 +280,7 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
         "prealign": bool(prealign), "io_steps": int(io_steps), "network_grid": list(grid),
         "modality": {"fixed": fixed_modality, "moving": moving_modality},
         "fixed_size": list(fixed_image.GetSize()), "fixed_spacing": list(fixed_image.GetSpacing()),
+        "weights": weights_provenance(network), "fmsam_version": __version__,
     })
     return RegistrationResult(fixed=fixed_image, field=field, affine=affine, warped=warped,
                               warped_labels=warped_labels, jacobian=jacobian, report=report)

@@ -1,0 +1,104 @@
+"""fmsam.register checks every argument before any work, and a progress callback's own exception
+reaches the caller as itself."""
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+import fmsam
+from fmsam.errors import InputError
+
+SHAPE = (16, 18, 20)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pair")
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in SHAPE], indexing="ij"))
+    paths = []
+    for index, shift in enumerate((0.0, 0.15)):
+        blob = np.exp(-3 * ((grid[0] - shift) ** 2 + grid[1] ** 2 + grid[2] ** 2)) * 100 + 1
+        paths.append(str(folder / ("image%d.mha" % index)))
+        sitk.WriteImage(sitk.GetImageFromArray(blob.astype(np.float32)), paths[-1])
+    return paths
+
+
+BAD_ARGUMENTS = [
+    ({"fixed": np.zeros(SHAPE)}, "fixed must be a file path (str or os.PathLike) or a SimpleITK image, "
+                                 "not a numpy.ndarray (wrap an array with SimpleITK.GetImageFromArray"),
+    ({"moving": torch.zeros(SHAPE)}, "moving must be a file path (str or os.PathLike) or a SimpleITK "
+                                     "image, not a torch.Tensor"),
+    ({"moving": None}, "moving must be a file path (str or os.PathLike) or a SimpleITK image, not None"),
+    ({"fixed_labels": 3}, "fixed_labels must be a file path (str or os.PathLike) or a SimpleITK image or "
+                          "None, not 3"),
+    ({"io_steps": "5"}, "io_steps must be an integer from 0 to 2000, not '5'"),
+    ({"io_steps": 1.5}, "io_steps must be an integer from 0 to 2000, not 1.5"),
+    ({"io_steps": None}, "io_steps must be an integer from 0 to 2000, not None"),
+    ({"io_steps": -1}, "io_steps must be an integer from 0 to 2000, not -1"),
+    ({"io_steps": 2001}, "io_steps must be an integer from 0 to 2000, not 2001"),
+    ({"io_steps": True}, "io_steps must be an integer from 0 to 2000, not True"),
+    ({"modality": "xray"}, "modality must be one of 'auto', 'mr', 'ct' or a (fixed, moving) pair of "
+                           "them, not 'xray'"),
+    ({"modality": ("mr", "pet")}, "not ('mr', 'pet')"),
+    ({"model": ("junk",)}, "model must be a (network, config) pair as fmsam.weights.load_model returns, "
+                           "not ('junk',)"),
+    ({"device": "gpu"}, "device must be one of 'auto', 'cpu', 'cuda', not 'gpu'"),
+    ({"contrast_matching": "sometimes"}, "contrast_matching must be one of 'auto', 'on', 'off', not "
+                                         "'sometimes'"),
+    ({"prealign": "no"}, "prealign must be True or False, not 'no'"),
+    ({"allow_unverified": 1}, "allow_unverified must be True or False, not 1"),
+    ({"progress": "print"}, "progress must be a callable progress(stage, fraction) or None, not 'print'"),
+    ({"weights": 42}, "weights must be a file path (str or os.PathLike) or None, not 42"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD_ARGUMENTS)
+def test_bad_arguments_are_refused_before_any_work(pair, change, message):
+    stages = []
+    arguments = dict(fixed=pair[0], moving=pair[1], progress=lambda stage, fraction: stages.append(stage))
+    arguments.update(change)
+    with pytest.raises(InputError) as raised:
+        fmsam.register(**arguments)
+    assert message in str(raised.value)
+    assert stages == []  # not even the first stage began
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_refused_before_any_work(pair, tmp_path, capsys):
+    from fmsam.cli import main
+
+    stages = []
+    with pytest.raises(InputError, match="no usable CUDA GPU"):
+        fmsam.register(*pair, device="cuda", progress=lambda stage, fraction: stages.append(stage))
+    assert stages == []
+    out = tmp_path / "out"
+    assert main(["register", pair[0], pair[1], "--out", str(out), "--device", "cuda", "--quiet"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "no usable CUDA GPU" in lines[0] and not out.exists()
+
+
+def test_io_steps_above_the_limit_exit_2_at_once(pair, tmp_path, capsys):
+    from fmsam.cli import main
+
+    out = tmp_path / "out"
+    assert main(["register", pair[0], pair[1], "--out", str(out), "--io-steps", "100000"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == "fmsam: error: io_steps must be an integer from 0 to 2000, not 100000"
+    assert captured.out == "" and not out.exists()  # no stage was printed
+
+
+class _MyError(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stage", ["affine", "network"])
+@pytest.mark.parametrize("error", [_MyError("the callback's own"), fmsam.Cancelled("stop")])
+def test_a_progress_callback_exception_comes_back_as_itself(pair, stage, error):
+    """In the affine stage the callback runs inside an ITK command, which swallows exceptions."""
+    def progress(name, fraction):
+        if name == stage and fraction > 0:  # affine: from the optimiser's iteration command
+            raise error
+
+    with pytest.raises(type(error)) as raised:
+        fmsam.register(*pair, device="cpu", progress=progress)
+    assert raised.value is error

@@ -1,0 +1,160 @@
+"""Weights that cannot be trusted are refused: unverifiable, non-finite, or with a bad config; a
+result that is not finite is an error, never a report of 0 % folding."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+import fmsam
+from fmsam.errors import InputError, RegistrationError
+from fmsam.weights import bundled_weights, load_model, sha256_of
+
+SHAPE = (16, 18, 20)
+
+
+def _images(folder):
+    """Two small smooth volumes (files) a registration accepts."""
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in SHAPE], indexing="ij"))
+    paths = []
+    for index, shift in enumerate((0.0, 0.15)):
+        blob = np.exp(-3 * ((grid[0] - shift) ** 2 + grid[1] ** 2 + grid[2] ** 2)) * 100 + 1
+        paths.append(str(folder / ("image%d.mha" % index)))
+        sitk.WriteImage(sitk.GetImageFromArray(blob.astype(np.float32)), paths[-1])
+    return paths
+
+
+def _weights(folder, name, change_config=None, change_state=None, sidecar=True):
+    """A copy of the bundled weights, its config or tensors changed, with a matching .sha256."""
+    content = torch.load(bundled_weights()[0], map_location="cpu", weights_only=True)
+    if change_config:
+        change_config(content["config"])
+    if change_state:
+        change_state(content["state_dict"])
+    path = str(folder / name)
+    torch.save(content, path)
+    if sidecar:
+        with open(path + ".sha256", "w") as handle:
+            handle.write(sha256_of(path) + "  " + name + "\n")
+    return path
+
+
+def _flip_bytes(path, fraction, seed=0):
+    data = bytearray(open(path, "rb").read())
+    rng = np.random.default_rng(seed)
+    # tensor data only: past the first 4 kB (zip headers) and before the last (central directory)
+    for position in rng.choice(np.arange(4096, len(data) - 4096), int(len(data) * fraction), replace=False):
+        data[position] ^= 0x10
+    with open(path, "wb") as handle:
+        handle.write(bytes(data))
+
+
+def _cli(argv, capsys):
+    from fmsam.cli import main
+
+    code = main(argv)
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_unverifiable_weights_are_refused_unless_explicitly_allowed(tmp_path, capsys):
+    copy = str(tmp_path / "copy.pt")
+    shutil.copy(bundled_weights()[0], copy)
+    network, _ = load_model(copy, allow_unverified=True)
+    assert network.fmsam_weights == {"file": copy, "sha256": sha256_of(copy), "verified": False}
+    _flip_bytes(copy, 0.005)  # the damage a bad download does; no checksum says so
+    with pytest.raises(InputError, match="cannot be verified.*copy.pt.sha256.*allow_unverified=True"):
+        load_model(copy)
+    fixed, moving = _images(tmp_path)
+    out = tmp_path / "out"
+    code, lines = _cli(["register", fixed, moving, "--out", str(out), "--weights", copy], capsys)
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("fmsam: error: weights file " + copy)
+    assert "cannot be verified" in lines[0] and "--allow-unverified-weights" in lines[0]
+    assert not out.exists()
+    with pytest.raises(InputError, match="cannot be verified"):
+        fmsam.register(fixed, moving, weights=copy, device="cpu")
+
+
+def test_the_allow_option_reaches_the_loader(tmp_path, capsys):
+    """With --allow-unverified-weights the checksum is skipped, and the next check speaks."""
+    nan = _weights(tmp_path, "nan.pt", change_state=lambda state: state["fine.head.bias"].fill_(np.nan),
+                   sidecar=False)
+    fixed, moving = _images(tmp_path)
+    code, lines = _cli(["register", fixed, moving, "--out", str(tmp_path / "out"), "--weights", nan,
+                        "--allow-unverified-weights"], capsys)
+    assert code == 2 and len(lines) == 1 and "non-finite values" in lines[0], lines
+    with pytest.raises(InputError, match="non-finite"):
+        fmsam.register(fixed, moving, weights=nan, device="cpu", allow_unverified=True)
+
+
+def test_weights_with_nan_parameters_are_refused_even_with_a_checksum(tmp_path):
+    path = _weights(tmp_path, "nan.pt", change_state=lambda state: state["coarse.head.weight"].view(-1)[7:9]
+                    .fill_(float("nan")))
+    with pytest.raises(InputError, match=r"nan.pt hold non-finite values .*: 2 of the \d+ values of "
+                                         r"coarse.head.weight"):
+        load_model(path)
+
+
+BAD_CONFIGS = [
+    ({"orientation": "XYZ"}, "'orientation' is 'XYZ'"),
+    ({"orientation": "PSP"}, "'orientation' is 'PSP'"),
+    ({"grid": [0, 100, 100]}, "'grid' is [0, 100, 100]"),
+    ({"grid": [80, 100]}, "'grid' is [80, 100]"),
+    ({"grid": [1024, 1024, 1024]}, "1073741824 voxels"),
+    ({"ncc_window": 4}, "'ncc_window' is 4"),
+    ({"output_smoothing": "1.3"}, "'output_smoothing' is '1.3'"),
+    ({"output_smoothing": float("nan")}, "'output_smoothing' is nan"),
+    ({"architecture": "ResNet"}, "'architecture' is 'ResNet'"),
+    ({"fine_channels": [8, -16, 32, 64]}, "'fine_channels' is [8, -16, 32, 64]"),
+    ({"coarse_channels": None}, "'coarse_channels' is None"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD_CONFIGS)
+def test_weights_config_is_validated(tmp_path, change, message):
+    path = _weights(tmp_path, "bad_config.pt", change_config=lambda config: config.update(change))
+    with pytest.raises(InputError) as raised:
+        load_model(path)
+    assert str(raised.value).startswith("weights %s: config" % path) and message in str(raised.value)
+
+
+def test_a_given_model_is_checked_like_a_loaded_one(tmp_path):
+    network, config = load_model()
+    with pytest.raises(InputError, match="'orientation' is 'up'"):
+        fmsam.register(*_images(tmp_path), model=(network, dict(config, orientation="up")))
+    with pytest.raises(InputError, match="model must be a \\(network, config\\) pair.*\\('junk',\\)"):
+        fmsam.register(*_images(tmp_path), model=("junk",))
+
+
+class _NaNNetwork(torch.nn.Module):
+    """Finite parameters, NaN output: what overflowing activations give."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, fixed, moving):
+        return torch.full((fixed.shape[0], 3) + tuple(fixed.shape[2:]), float("nan")) * self.scale
+
+
+def test_a_non_finite_field_is_an_error_not_a_result(tmp_path):
+    config = load_model()[1]
+    with pytest.raises(RegistrationError, match=r"non-finite displacement field \(\d+ of \d+ values"):
+        fmsam.register(*_images(tmp_path), model=(_NaNNetwork(), config), device="cpu")
+
+
+def test_overflowing_weights_exit_1_and_write_nothing(tmp_path, capsys):
+    """Finite but huge weights overflow to a NaN field: exit 1, one line, no output folder."""
+    def huge(state):
+        for key, tensor in state.items():
+            if key.endswith("weight"):
+                tensor.mul_(1e30)
+
+    path = _weights(tmp_path, "huge.pt", change_state=huge)
+    fixed, moving = _images(tmp_path)
+    out = tmp_path / "out"
+    code, lines = _cli(["register", fixed, moving, "--out", str(out), "--weights", path, "--device", "cpu"],
+                       capsys)
+    assert code == 1 and len(lines) == 1 and "non-finite displacement field" in lines[0], lines
+    assert path in lines[0] and not out.exists()
