@@ -98,19 +98,65 @@ def _progress_printer(quiet):
     return progress
 
 
+def _check_scene(path):
+    """Everything ``--scene`` needs, checked before any work: Slicer's MRML and a writable path."""
+    try:
+        from FMSAMRegistrationLib.scene_export import check_scene_path
+    except ImportError as error:
+        raise InputError("--scene needs Slicer's MRML classes in Python (pip install slicer-core on "
+                         "Python 3.10+, or run fmsam from Slicer's Python): %s" % error) from None
+    from .outputs import check_output_file
+
+    check_scene_path(path)
+    check_output_file(path, "--scene")
+
+
+class _SceneWriter:
+    """Writes the ``--scene`` bundle into a hidden staging folder beside it (the bundle keeps its
+    final name: Slicer names the scene after the file), moved into place by :meth:`commit` once the
+    other outputs are in place; any failure becomes a :class:`RegistrationError`."""
+
+    def __init__(self, args, result):
+        self.args, self.result, self.staging = args, result, None
+
+    def stage(self):
+        import tempfile
+
+        from FMSAMRegistrationLib.scene_export import write_registration_scene
+
+        from .outputs import partial_prefix, remove_dead_partials
+
+        folder = os.path.dirname(os.path.abspath(self.args.scene))
+        remove_dead_partials(folder)
+        self.staging = tempfile.mkdtemp(prefix=partial_prefix(), dir=folder)
+        staged = os.path.join(self.staging, os.path.basename(self.args.scene))
+        try:
+            write_registration_scene(staged, self.result, self.args.fixed, self.args.moving,
+                                     self.args.fixed_labels, self.args.moving_labels)
+        except Exception as error:  # MRML and its writers raise many kinds
+            raise RegistrationError("the scene %s could not be written (%s); no output was written"
+                                    % (self.args.scene, str(error).strip().splitlines()[-1]
+                                       if str(error).strip() else type(error).__name__)) from None
+
+    def commit(self):
+        os.replace(os.path.join(self.staging, os.path.basename(self.args.scene)), self.args.scene)
+
+    def discard(self):
+        if self.staging is not None:
+            import shutil
+
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+
 def _register(args):
     from .imageio import read_image
-    from .outputs import write_outputs
+    from .outputs import check_output_folder, write_outputs
     from .overview import start_importing_matplotlib
     from .pipeline import register
 
+    check_output_folder(args.out)
     if args.scene:
-        try:
-            from FMSAMRegistrationLib.scene_export import check_scene_path
-        except ImportError as error:
-            raise InputError("--scene needs Slicer's MRML classes in Python (pip install slicer-core on "
-                             "Python 3.10+, or run fmsam from Slicer's Python): %s" % error) from None
-        check_scene_path(args.scene)
+        _check_scene(args.scene)
     start_importing_matplotlib()  # for the overview picture, while the registration runs
     result = register(args.fixed, args.moving, args.fixed_labels, args.moving_labels,
                       prealign=not args.no_affine, io_steps=args.io_steps, device=args.device,
@@ -118,11 +164,15 @@ def _register(args):
                       contrast_matching=args.contrast_matching,
                       allow_unverified=args.allow_unverified_weights,
                       progress=_progress_printer(args.quiet))
-    write_outputs(result, args.out, moving=read_image(args.moving))
-    if args.scene:
-        from FMSAMRegistrationLib.scene_export import write_registration_scene
-        write_registration_scene(args.scene, result, args.fixed, args.moving, args.fixed_labels,
-                                 args.moving_labels)
+    scene = _SceneWriter(args, result) if args.scene else None
+    try:
+        write_outputs(result, args.out, moving=read_image(args.moving),
+                      before_commit=scene.stage if scene else None)
+        if scene:
+            scene.commit()
+    finally:
+        if scene:
+            scene.discard()
     report = result.report
     line = "registered in %.1f s on %s; folding %.4f %%; det J %.3f..%.3f" % (
         report["seconds"]["total"], report["device"], report["folding_percent"],
@@ -141,7 +191,9 @@ def _warp(args):
 
     from .fields import resample
     from .imageio import read_displacement_transform, read_image, write_atomically
+    from .outputs import check_output_file
 
+    check_output_file(args.out)
     image = read_image(args.image, "image")
     reference = read_image(args.reference, "reference image")
     transform = read_displacement_transform(args.transform)
@@ -156,7 +208,9 @@ def _jacobian(args):
     from .fields import field_from_transform, image_on_grid
     from .imageio import read_displacement_transform, write_atomically
     from .jacobian import jacobian_determinant, jacobian_statistics
+    from .outputs import check_output_file
 
+    check_output_file(args.out)
     field, reference = field_from_transform(read_displacement_transform(args.transform))
     determinant = jacobian_determinant(field, reference)
     image = image_on_grid(determinant.astype(np.float32), reference)

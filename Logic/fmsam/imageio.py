@@ -187,11 +187,16 @@ def read_displacement_transform(path):
 
 
 def write_atomically(write, path):
-    """Call ``write(tmp_path)`` and move the result to ``path`` only when it succeeded."""
+    """Call ``write(tmp_path)`` and move the result to ``path`` only when it succeeded. The
+    temporary file is hidden and named after this process (see :mod:`fmsam.outputs`), so that a
+    later run removes it if this one is killed."""
+    from .outputs import partial_prefix, remove_dead_partials
+
     path = os.fspath(path)
     directory, name = os.path.split(os.path.abspath(path))
+    remove_dead_partials(directory)
     # Keep the real extension last so that SimpleITK and matplotlib pick the right writer.
-    temporary = os.path.join(directory, ".partial-" + name)
+    temporary = os.path.join(directory, partial_prefix() + name)
     try:
         write(temporary)
         os.replace(temporary, path)

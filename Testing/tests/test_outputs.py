@@ -1,0 +1,205 @@
+"""Output folders: refused before any work when unusable, never a mix of two runs, nothing left by
+a killed run, the same bytes from identical runs, strict JSON, and --scene failures that leave
+nothing behind."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import ROOT
+
+SHAPE = (16, 18, 20)
+
+
+def _cli(argv, capsys):
+    from fmsam.cli import main
+
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.err.strip().splitlines(), captured.out
+
+
+def _one_line(code, lines, fragment, exit_code=2):
+    assert code == exit_code and len(lines) == 1, lines
+    assert lines[0].startswith("fmsam: error: ") and fragment in lines[0], lines
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pair")
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in SHAPE], indexing="ij"))
+    paths = []
+    for index, shift in enumerate((0.0, 0.15)):
+        blob = np.exp(-3 * ((grid[0] - shift) ** 2 + grid[1] ** 2 + grid[2] ** 2)) * 100 + 1
+        paths.append(str(folder / ("image%d.mha" % index)))
+        sitk.WriteImage(sitk.GetImageFromArray(blob.astype(np.float32)), paths[-1])
+    return paths
+
+
+def _small_result(labels=True):
+    """A RegistrationResult on a small grid (identity mapping), to test writing without registering."""
+    from fmsam.fields import image_on_grid
+    from fmsam.pipeline import RegistrationResult
+    from fmsam.prealign import identity_affine
+
+    fixed = sitk.GetImageFromArray(np.arange(np.prod(SHAPE), dtype=np.float32).reshape(SHAPE))
+    label_map = sitk.Cast(fixed > 3000, sitk.sitkUInt32) if labels else None
+    return RegistrationResult(fixed=fixed, field=np.zeros(SHAPE + (3,)), affine=identity_affine(),
+                              warped=fixed, warped_labels=label_map,
+                              jacobian=image_on_grid(np.ones(SHAPE, np.float32), fixed),
+                              report={"folding_percent": 0.0, "labels": labels})
+
+
+def test_out_that_is_a_file_or_cannot_be_written_is_refused_before_any_work(pair, tmp_path, capsys):
+    existing = tmp_path / "results.txt"
+    existing.write_text("mine")
+    for out, fragment in ((existing, "--out %s exists and is not a folder" % existing),
+                          (existing / "sub", "cannot be created: %s is not a folder" % existing),
+                          ("/sys/fmsam-out", "--out /sys/fmsam-out cannot be written")):
+        code, lines, printed = _cli(["register", pair[0], pair[1], "--out", str(out)], capsys)
+        _one_line(code, lines, fragment)
+        assert printed == ""  # no stage began
+    assert existing.read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["results.txt"]
+
+
+def test_a_reused_folder_holds_only_the_new_run(tmp_path):
+    from fmsam.outputs import write_outputs
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's")
+    first = write_outputs(_small_result(labels=True), str(out))
+    assert "warped_labels.nii.gz" in first
+    second = write_outputs(_small_result(labels=False), str(out))
+    assert sorted(os.listdir(out)) == sorted(list(second) + ["notes.txt"])
+    assert "warped_labels.nii.gz" not in os.listdir(out)  # the first run's, not this one's
+    assert json.load(open(out / "report.json"))["labels"] is False
+    assert (out / "notes.txt").read_text() == "the user's"
+
+
+_KILLED_WRITER = """
+import sys, time
+sys.path[:0] = sys.argv[2:]
+import fmsam.outputs as outputs
+from test_outputs import _small_result
+
+def hang():
+    print("staged", flush=True)
+    time.sleep(120)
+
+outputs.write_outputs(_small_result(), sys.argv[1], before_commit=hang)
+"""
+
+
+def test_a_killed_runs_partial_folder_is_removed_by_the_next_run(tmp_path):
+    from fmsam.outputs import PARTIAL_PREFIX, partial_prefix, write_outputs
+
+    out = tmp_path / "out"
+    writer = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(out), os.path.join(ROOT, "Logic"),
+                               os.path.join(ROOT, "Testing"), os.path.dirname(os.path.abspath(__file__))],
+                              stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "staged"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    leftovers = [name for name in os.listdir(out) if name.startswith(PARTIAL_PREFIX)]
+    assert len(leftovers) == 1 and os.listdir(out / leftovers[0])  # what SIGKILL leaves
+    assert not any(name in os.listdir(out) for name in ("report.json", "transform.h5"))
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        # a running writer's folder (another process) and the user's own hidden folder stay
+        running = out / (partial_prefix().replace("-%d-" % os.getpid(), "-%d-" % alive.pid) + "x")
+        running.mkdir()
+        (out / ".fmsam-partial-mine").mkdir()
+        write_outputs(_small_result(), str(out))
+        names = set(os.listdir(out))
+        assert leftovers[0] not in names
+        assert {running.name, ".fmsam-partial-mine", "report.json", "transform.h5"} <= names
+        assert len([name for name in names if name.startswith(PARTIAL_PREFIX)]) == 2
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_identical_runs_write_identical_bytes(registered_sample, sample_paths, tmp_path):
+    """Everything but the report's timings; the transform is still the DisplacementFieldTransform
+    SimpleITK reads."""
+    from fmsam.cli import main
+
+    again = str(tmp_path / "again")
+    assert main(["register", sample_paths["fixed"], sample_paths["moving"], "--out", again,
+                 "--fixed-labels", sample_paths["fixed_labels"],
+                 "--moving-labels", sample_paths["moving_labels"], "--device", "cpu", "--quiet"]) == 0
+    names = sorted(os.listdir(registered_sample))
+    assert names == sorted(os.listdir(again))
+    assert set(names) == {"transform.h5", "warped.nii.gz", "warped_labels.nii.gz", "jacobian.nii.gz",
+                          "overview.png", "report.json"}
+    for name in names:
+        if name != "report.json":
+            assert open(os.path.join(registered_sample, name), "rb").read() == \
+                open(os.path.join(again, name), "rb").read(), name
+    reports = [json.load(open(os.path.join(folder, "report.json"))) for folder in (registered_sample, again)]
+    for report in reports:
+        report.pop("seconds")
+    assert reports[0] == reports[1]
+    transform = sitk.ReadTransform(os.path.join(again, "transform.h5"))
+    if isinstance(transform, sitk.CompositeTransform):
+        transform = transform.GetNthTransform(0)
+    assert transform.GetName() == "DisplacementFieldTransform"
+    field = sitk.DisplacementFieldTransform(transform).GetDisplacementField()
+    assert field.GetSize() == sitk.ReadImage(sample_paths["fixed"]).GetSize()
+
+
+def test_report_is_strict_json_with_weights_and_version(registered_sample):
+    import fmsam
+    from fmsam.weights import bundled_weights
+
+    def refuse(constant):
+        raise AssertionError("not JSON: %s" % constant)
+
+    report = json.load(open(os.path.join(registered_sample, "report.json")), parse_constant=refuse)
+    path, checksum = bundled_weights()
+    assert report["weights"] == {"file": path, "sha256": checksum, "verified": True}
+    assert report["fmsam_version"] == fmsam.__version__
+
+
+def test_a_report_with_nan_is_not_written(tmp_path):
+    from fmsam.outputs import write_outputs
+
+    result = _small_result()
+    result.report["dice_after"] = float("nan")
+    with pytest.raises(ValueError, match="JSON"):
+        write_outputs(result, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_scene_failure_after_registering_exits_cleanly_and_writes_nothing(pair, tmp_path, capsys,
+                                                                          monkeypatch):
+    pytest.importorskip("slicer", reason="needs slicer-core (pip install slicer-core)")
+    import FMSAMRegistrationLib.scene_export as scene_export
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("vtkMRMLScene: cannot write bundle\nNo space left on device")
+
+    monkeypatch.setattr(scene_export, "write_registration_scene", fail)
+    out, mrb = tmp_path / "out", tmp_path / "scene.mrb"
+    code, lines, _ = _cli(["register", pair[0], pair[1], "--out", str(out), "--scene", str(mrb),
+                           "--device", "cpu", "--quiet"], capsys)
+    _one_line(code, lines, "the scene %s could not be written (No space left on device); no output was "
+              "written" % mrb, exit_code=1)
+    assert os.listdir(tmp_path) == []
+
+
+def test_scene_path_that_is_a_folder_is_refused_before_any_work(pair, tmp_path, capsys):
+    pytest.importorskip("slicer", reason="needs slicer-core (pip install slicer-core)")
+    folder = tmp_path / "scene.mrb"
+    folder.mkdir()
+    code, lines, printed = _cli(["register", pair[0], pair[1], "--out", str(tmp_path / "out"),
+                                 "--scene", str(folder)], capsys)
+    _one_line(code, lines, "--scene %s is a folder" % folder)
+    assert printed == "" and os.listdir(tmp_path) == ["scene.mrb"]
