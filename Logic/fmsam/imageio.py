@@ -161,6 +161,15 @@ def check_same_grid(image, labels, labels_name, image_name):
                          % (labels_name, image_name, describe_grid_difference(image, labels)))
 
 
+def load_label_map_on_grid(labels, image, image_source, role):
+    """Read ``labels`` (the ``role``, 'fixed' or 'moving', image's label map) and check that it lies
+    on ``image``'s grid (``image_source``: the path or image it came from, for messages)."""
+    label_map = load_label_map(labels, role + " label map")
+    check_same_grid(image, label_map, describe(role + " label map", labels),
+                    describe("the %s image" % role, image_source))
+    return label_map
+
+
 def read_displacement_transform(path):
     """Read an ITK displacement-field transform file (LPS, fixed point -> moving point); every
     displacement must be finite."""

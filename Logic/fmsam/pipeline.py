@@ -14,7 +14,7 @@ from . import __version__, fields
 from .arguments import check_register_arguments
 from .contrast import MIN_CORRELATION_GAIN, apply_lookup, contrast_decision
 from .errors import RegistrationError
-from .imageio import check_same_grid, describe, load_label_map, load_scalar_volume
+from .imageio import load_label_map_on_grid, load_scalar_volume
 from .intensity import normalise
 from .jacobian import jacobian_determinant, jacobian_statistics
 from .metrics import labels_in_both, mean_dice
@@ -155,13 +155,9 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
     moving_image = load_scalar_volume(moving, "moving image")
     fixed_label_map = moving_label_map = None
     if fixed_labels is not None:
-        fixed_label_map = load_label_map(fixed_labels, "fixed label map")
-        check_same_grid(fixed_image, fixed_label_map, describe("fixed label map", fixed_labels),
-                        describe("the fixed image", fixed))
+        fixed_label_map = load_label_map_on_grid(fixed_labels, fixed_image, fixed, "fixed")
     if moving_labels is not None:
-        moving_label_map = load_label_map(moving_labels, "moving label map")
-        check_same_grid(moving_image, moving_label_map, describe("moving label map", moving_labels),
-                        describe("the moving image", moving))
+        moving_label_map = load_label_map_on_grid(moving_labels, moving_image, moving, "moving")
     loading = None
     if model is not None:
         config = model[1]
