@@ -134,10 +134,15 @@ def expected_checksum(path):
         if os.path.abspath(path) == os.path.abspath(bundled_path):
             return bundled_sha
     sidecar = path + ".sha256"
-    if os.path.isfile(sidecar):
-        with open(sidecar) as handle:
-            return handle.read().split()[0]
-    return None
+    if not os.path.isfile(sidecar):
+        return None
+    with open(sidecar, "rb") as handle:
+        words = handle.read(4096).split()
+    checksum = words[0].decode("ascii", "replace").lower() if words else ""
+    if len(checksum) != 64 or any(c not in "0123456789abcdef" for c in checksum):
+        raise InputError("checksum file %s does not start with a SHA-256 (64 hexadecimal digits, as "
+                         "sha256sum writes)" % sidecar)
+    return checksum
 
 
 def verify_checksum(path, allow_unverified=False):

@@ -158,3 +158,16 @@ def test_overflowing_weights_exit_1_and_write_nothing(tmp_path, capsys):
                        capsys)
     assert code == 1 and len(lines) == 1 and "non-finite displacement field" in lines[0], lines
     assert path in lines[0] and not out.exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"not-a-checksum  copy.pt\n", b"\xff\xfe"])
+def test_a_malformed_checksum_file_is_an_error_not_a_traceback(tmp_path, content):
+    copy = str(tmp_path / "copy.pt")
+    shutil.copy(bundled_weights()[0], copy)
+    with open(copy + ".sha256", "wb") as handle:
+        handle.write(content)
+    with pytest.raises(InputError, match="checksum file .*copy.pt.sha256 does not start with a SHA-256"):
+        load_model(copy)
+    with open(copy + ".sha256", "w") as handle:  # sha256sum's own format, upper case accepted
+        handle.write(sha256_of(copy).upper() + "  copy.pt\n")
+    assert load_model(copy)[0].fmsam_weights["verified"] is True
