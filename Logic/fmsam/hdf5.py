@@ -7,6 +7,7 @@ although the arrays are equal. :func:`clear_object_times` sets those times to 0 
 header's checksum, in place: the file stays a valid HDF5 file that ITK, SimpleITK and Slicer read
 as before, and identical transforms give identical bytes.
 """
+import mmap
 import struct
 
 _MASK = 0xFFFFFFFF
@@ -78,21 +79,19 @@ def _object_header(data, start):
 
 def clear_object_times(path):
     """Zero the times in every version-2 object header of the HDF5 file ``path`` and update the
-    headers' checksums, in place. Returns the number of headers changed. Bytes that merely look
-    like a header (``OHDR`` inside data) are left alone: their checksum does not match."""
-    with open(path, "rb") as handle:
-        data = bytearray(handle.read())
+    headers' checksums, in place (only those bytes are written). Returns the number of headers
+    changed. Bytes that merely look like a header (``OHDR`` inside data) are left alone: their
+    checksum does not match."""
     changed = 0
-    start = data.find(b"OHDR")
-    while start >= 0:
-        header = _object_header(data, start)
-        if header is not None and header[0] is not None:
-            times, checksum = header
-            data[times:times + 16] = bytes(16)
-            struct.pack_into("<I", data, checksum, lookup3(data[start:checksum]))
-            changed += 1
-        start = data.find(b"OHDR", start + 4)
-    if changed:
-        with open(path, "wb") as handle:
-            handle.write(data)
+    with open(path, "r+b") as handle, mmap.mmap(handle.fileno(), 0) as data:
+        start = data.find(b"OHDR")
+        while start >= 0:
+            header = _object_header(data, start)
+            if header is not None and header[0] is not None:
+                times, checksum = header
+                data[times:times + 16] = bytes(16)
+                data[checksum:checksum + 4] = struct.pack("<I", lookup3(data[start:checksum]))
+                changed += 1
+            start = data.find(b"OHDR", start + 4)
+        data.flush()
     return changed
