@@ -134,12 +134,17 @@ class _SceneWriter:
             write_registration_scene(staged, self.result, self.args.fixed, self.args.moving,
                                      self.args.fixed_labels, self.args.moving_labels)
         except Exception as error:  # MRML and its writers raise many kinds
+            from .imageio import error_line
+
             raise RegistrationError("the scene %s could not be written (%s); no output was written"
-                                    % (self.args.scene, str(error).strip().splitlines()[-1]
-                                       if str(error).strip() else type(error).__name__)) from None
+                                    % (self.args.scene, error_line(error))) from None
 
     def commit(self):
-        os.replace(os.path.join(self.staging, os.path.basename(self.args.scene)), self.args.scene)
+        try:
+            os.replace(os.path.join(self.staging, os.path.basename(self.args.scene)), self.args.scene)
+        except OSError as error:
+            raise RegistrationError("the outputs are in %s, but the scene could not be moved to %s (%s)"
+                                    % (self.args.out, self.args.scene, error.strerror or error)) from None
 
     def discard(self):
         if self.staging is not None:

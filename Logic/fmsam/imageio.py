@@ -24,7 +24,8 @@ MAX_LABEL = 2 ** 32 - 1
 DIRECTION_TOLERANCE = 1e-3
 
 
-def _error_line(error):
+def error_line(error):
+    """The last line of an exception's message (SimpleITK's say where, then what), or its type."""
     text = str(error).strip()
     return text.splitlines()[-1] if text else type(error).__name__
 
@@ -46,7 +47,7 @@ def read_image(path_or_image, what="image"):
         return reader.Execute()
     except RuntimeError as error:
         raise InputError("cannot read %s %s (expected %s): %s"
-                         % (what, path, _READABLE_HINT, _error_line(error))) from None
+                         % (what, path, _READABLE_HINT, error_line(error))) from None
 
 
 def check_direction(direction, name):
