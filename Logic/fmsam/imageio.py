@@ -22,6 +22,8 @@ MIN_AXIS_VOXELS, MIN_PLANE_VOXELS, MIN_VOXELS = 2, 16, 4096
 MAX_LABEL = 2 ** 32 - 1
 #: How far a direction matrix may be from orthonormal (D^T D = I): float32 headers round to 1e-7.
 DIRECTION_TOLERANCE = 1e-3
+#: Largest voxel spacing accepted, in mm (10 m): anything larger is a broken header.
+MAX_SPACING_MM = 1e4
 
 
 def error_line(error):
@@ -31,9 +33,10 @@ def error_line(error):
 
 
 def read_image(path_or_image, what="image"):
-    """Return a SimpleITK image from a path or an image. A file's header is read first, and a
-    direction matrix that is not a rotation (sheared, scaled or singular) is refused with a message
-    naming the file; the voxels are not checked here (see :func:`load_scalar_volume`)."""
+    """Return a SimpleITK image from a path or an image. A file's header is read first, and broken
+    geometry (:func:`check_geometry`: a spacing that is not positive, a non-finite origin, a direction
+    matrix that is not a rotation) is refused with a message naming the file; the voxels are not
+    checked here (see :func:`load_scalar_volume`)."""
     if isinstance(path_or_image, sitk.Image):
         return path_or_image
     path = os.fspath(path_or_image)
@@ -43,11 +46,25 @@ def read_image(path_or_image, what="image"):
     reader.SetFileName(path)
     try:
         reader.ReadImageInformation()
-        check_direction(reader.GetDirection(), "%s %s" % (what, path))
+        check_geometry(reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection(),
+                       "%s %s" % (what, path))
         return reader.Execute()
     except RuntimeError as error:
         raise InputError("cannot read %s %s (expected %s): %s"
                          % (what, path, _READABLE_HINT, error_line(error))) from None
+
+
+def check_geometry(spacing, origin, direction, name):
+    """Raise :class:`InputError` unless the spacing (mm) is positive, finite and at most
+    :data:`MAX_SPACING_MM`, the origin (LPS mm) finite and the direction a rotation."""
+    spacing, origin = np.asarray(spacing, dtype=np.float64), np.asarray(origin, dtype=np.float64)
+    if not (np.all(np.isfinite(spacing)) and np.all(spacing > 0) and np.all(spacing <= MAX_SPACING_MM)):
+        raise InputError("%s has voxel spacing %s mm; each spacing must be positive and at most %g mm"
+                         % (name, "x".join("%g" % v for v in spacing), MAX_SPACING_MM))
+    if not np.all(np.isfinite(origin)):
+        raise InputError("%s has origin %s; it must be finite (mm)"
+                         % (name, "x".join("%g" % v for v in origin)))
+    check_direction(direction, name)
 
 
 def check_direction(direction, name):
@@ -95,7 +112,7 @@ def load_scalar_volume(path_or_image, what="image"):
     """Read a 3D scalar volume and check that it can be registered.
 
     Returns the image unchanged (pixel type and geometry as read). Raises :class:`InputError` for
-    2D or 4D images, vector images, direction matrices that are not rotations, volumes under the
+    2D or 4D images, vector images, broken geometry (:func:`check_geometry`), volumes under the
     minimum size (:func:`check_size`), non-finite values (also where a NIfTI reader turned them
     into 0), and empty or constant images.
     """
@@ -106,7 +123,7 @@ def load_scalar_volume(path_or_image, what="image"):
                          % (name, image.GetNumberOfComponentsPerPixel()))
     if image.GetDimension() != 3:
         raise InputError("%s is %dD; a 3D volume is needed" % (name, image.GetDimension()))
-    check_direction(image.GetDirection(), name)
+    check_geometry(image.GetSpacing(), image.GetOrigin(), image.GetDirection(), name)
     check_size(image, name)
     voxels = sitk.GetArrayViewFromImage(image)
     if voxels.dtype.kind == "f" and not np.all(np.isfinite(voxels)):
@@ -123,7 +140,7 @@ def load_label_map(path_or_image, what="label map"):
     name = describe(what, path_or_image)
     if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() != 3:
         raise InputError("%s must be a 3D scalar label map" % name)
-    check_direction(image.GetDirection(), name)
+    check_geometry(image.GetSpacing(), image.GetOrigin(), image.GetDirection(), name)
     values = sitk.GetArrayViewFromImage(image)
     if values.dtype.kind == "f":
         _check_raw_values(path_or_image, name)

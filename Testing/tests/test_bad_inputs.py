@@ -46,13 +46,19 @@ def bad_files(tmp_path_factory):
     sitk.WriteImage(_image(infinite), paths["inf_nifti"])
     for name in ("nan_nifti", "inf_nifti"):
         assert np.isfinite(sitk.GetArrayViewFromImage(sitk.ReadImage(paths[name]))).all()
-    for name, direction in (("sheared", "1 0.3 0 0 1 0 0 0 1"), ("singular", "1 0 0 0 1 0 0 0 0")):
+    for name, field, value in (("sheared", "TransformMatrix", "1 0.3 0 0 1 0 0 0 1"),
+                               ("singular", "TransformMatrix", "1 0 0 0 1 0 0 0 0"),
+                               ("spacing_zero", "ElementSpacing", "0 1 1"),
+                               ("spacing_negative", "ElementSpacing", "1 -2 1"),
+                               ("spacing_huge", "ElementSpacing", "1 1 1e30")):
         # SimpleITK refuses to build such images, so the MetaImage header is edited.
         header = open(paths["good"], "rb").read()
+        identity = {"TransformMatrix": "1 0 0 0 1 0 0 0 1", "ElementSpacing": "1 1 1"}[field]
+        assert ("%s = %s" % (field, identity)).encode() in header
         paths[name] = str(folder / (name + ".mha"))
         with open(paths[name], "wb") as handle:
-            handle.write(header.replace(b"TransformMatrix = 1 0 0 0 1 0 0 0 1",
-                                        b"TransformMatrix = " + direction.encode()))
+            handle.write(header.replace(("%s = %s" % (field, identity)).encode(),
+                                        ("%s = %s" % (field, value)).encode()))
     paths["vector"] = str(folder / "vector.nii.gz")
     sitk.WriteImage(_image(rng.random((12, 14, 16, 3)).astype(np.float32), vector=True), paths["vector"])
     paths["4d"] = str(folder / "4d.nii.gz")
@@ -84,6 +90,9 @@ CASES = [
     ("one_slice", "moving", "has 20x18x1 voxels"),
     ("sheared", "moving", "direction matrix that is not orthonormal (1 0 0 / 0.3 1 0 / 0 0 1)"),
     ("singular", "fixed", "direction matrix that is singular (1 0 0 / 0 1 0 / 0 0 0)"),
+    ("spacing_zero", "moving", "voxel spacing 0x1x1 mm; each spacing must be positive and at most"),
+    ("spacing_negative", "fixed", "voxel spacing 1x-2x1 mm"),
+    ("spacing_huge", "moving", "voxel spacing 1x1x1e+30 mm"),
 ]
 
 
