@@ -109,6 +109,8 @@ def check_output_folder(out_dir, what="--out"):
     """Raise :class:`InputError` unless ``out_dir`` is a folder, or can be created as one, where
     files can be written. Creates nothing (a probe file without a name is made and dropped)."""
     out_dir = os.fspath(out_dir)
+    if not out_dir:
+        raise InputError("%s is empty; give a folder" % what)
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         raise InputError("%s %s exists and is not a folder; give a folder (it is created if missing)"
                          % (what, out_dir))
@@ -127,8 +129,8 @@ def check_output_file(path, what="--out"):
     """Raise :class:`InputError` unless a file can be written at ``path``: not a folder, in an
     existing folder where files can be written."""
     path = os.fspath(path)
-    if os.path.isdir(path):
-        raise InputError("%s %s is a folder; give a file name" % (what, path))
+    if not path or os.path.isdir(path) or path.endswith(("/", os.sep)):
+        raise InputError("%s %r is a folder or empty; give a file name" % (what, path))
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise InputError("%s %s cannot be written: its folder %s does not exist" % (what, path, folder))

@@ -80,7 +80,8 @@ def test_a_failed_registration_stops_the_batch_on_its_own_line(images, tmp_path,
 
 @pytest.mark.parametrize("option,fragment", [
     (["--io-steps", "5000"], "io_steps must be an integer from 0 to 2000, not 5000"),
-    (["--out", "FOLDER"], "is a folder; give a file name"),
+    (["--out", "FOLDER"], "is a folder or empty; give a file name"),
+    (["--out", ""], "--out '' is a folder or empty; give a file name"),
 ])
 def test_bad_options_are_refused_before_any_pair_is_read(images, tmp_path, capsys, option, fragment):
     pairs = _pairs(tmp_path / "pairs.csv", [(images["a"], os.path.join(str(tmp_path), "missing.nii.gz"))])

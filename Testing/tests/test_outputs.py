@@ -61,7 +61,8 @@ def test_out_that_is_a_file_or_cannot_be_written_is_refused_before_any_work(pair
     existing.write_text("mine")
     for out, fragment in ((existing, "--out %s exists and is not a folder" % existing),
                           (existing / "sub", "cannot be created: %s is not a folder" % existing),
-                          ("/sys/fmsam-out", "--out /sys/fmsam-out cannot be written")):
+                          ("/sys/fmsam-out", "--out /sys/fmsam-out cannot be written"),
+                          ("", "--out is empty; give a folder")):
         code, lines, printed = _cli(["register", pair[0], pair[1], "--out", str(out)], capsys)
         _one_line(code, lines, fragment)
         assert printed == ""  # no stage began
@@ -201,5 +202,5 @@ def test_scene_path_that_is_a_folder_is_refused_before_any_work(pair, tmp_path, 
     folder.mkdir()
     code, lines, printed = _cli(["register", pair[0], pair[1], "--out", str(tmp_path / "out"),
                                  "--scene", str(folder)], capsys)
-    _one_line(code, lines, "--scene %s is a folder" % folder)
+    _one_line(code, lines, "--scene '%s' is a folder or empty" % folder)
     assert printed == "" and os.listdir(tmp_path) == ["scene.mrb"]
