@@ -21,10 +21,11 @@ import shutil
 import socket
 import tempfile
 
+import numpy as np
 import SimpleITK as sitk
 
 from . import fields
-from .errors import InputError
+from .errors import InputError, RegistrationError
 from .hdf5 import clear_object_times
 from .overview import write_overview
 
@@ -185,6 +186,9 @@ def write_outputs(result, out_dir, moving=None, overview=True, before_commit=Non
     nothing is written. Returns ``{name: path}``."""
     out_dir = os.fspath(out_dir)
     check_output_folder(out_dir)
+    if not np.all(np.isfinite(result.field)):
+        raise RegistrationError("the result's displacement field is not finite (NaN or infinite "
+                                "values); nothing was written to %s" % out_dir)
     created_dir = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     remove_dead_partials(out_dir)

@@ -169,6 +169,17 @@ def test_report_is_strict_json_with_weights_and_version(registered_sample):
     assert report["fmsam_version"] == fmsam.__version__
 
 
+def test_a_non_finite_result_is_not_written(tmp_path):
+    from fmsam.errors import RegistrationError
+    from fmsam.outputs import write_outputs
+
+    result = _small_result()
+    result.field[3, 4, 5, 0] = np.inf
+    with pytest.raises(RegistrationError, match="not finite"):
+        write_outputs(result, str(tmp_path / "out"))
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_report_with_nan_is_not_written(tmp_path):
     from fmsam.outputs import write_outputs
 
