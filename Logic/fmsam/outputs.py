@@ -20,6 +20,7 @@ import re
 import shutil
 import socket
 import tempfile
+import time
 
 import numpy as np
 import SimpleITK as sitk
@@ -35,6 +36,10 @@ OUTPUT_NAMES = ("transform.h5", "warped.nii.gz", "jacobian.nii.gz", "overview.pn
 REPORT = "report.json"
 PARTIAL_PREFIX = ".fmsam-partial-"
 _PARTIAL = re.compile(r"^\.fmsam-partial-([0-9a-f]{8})-(\d+)-")
+#: Staging folders of earlier versions (and of Slicer scene bundles) carry no PID: those older than
+#: a day, far longer than any write takes, are taken as left by a killed run.
+_UNOWNED_PARTIAL = re.compile(r"^\.fmsam-partial-[a-z0-9_]{8}$")
+UNOWNED_MAX_AGE_S = 24 * 3600
 
 
 def _host_tag():
@@ -72,19 +77,31 @@ def _process_alive(pid):
     return True
 
 
+def _left_by_a_dead_run(name, path):
+    match = _PARTIAL.match(name)
+    if match:
+        return match.group(1) == _host_tag() and not _process_alive(int(match.group(2)))
+    if _UNOWNED_PARTIAL.match(name):
+        try:
+            return time.time() - os.lstat(path).st_mtime > UNOWNED_MAX_AGE_S
+        except OSError:
+            return False
+    return False
+
+
 def remove_dead_partials(folder):
     """Remove the staging folders and temporary files that runs on this machine which no longer
-    exist left in ``folder`` (killed while writing). Returns the names removed."""
+    exist left in ``folder`` (killed while writing), and PID-less ones of earlier versions older
+    than a day. Returns the names removed."""
     removed = []
     try:
         names = os.listdir(folder)
     except OSError:
         return removed
     for name in names:
-        match = _PARTIAL.match(name)
-        if not match or match.group(1) != _host_tag() or _process_alive(int(match.group(2))):
-            continue
         path = os.path.join(folder, name)
+        if not _left_by_a_dead_run(name, path):
+            continue
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path, ignore_errors=True)
         else:

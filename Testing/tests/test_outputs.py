@@ -117,11 +117,16 @@ def test_a_killed_runs_partial_folder_is_removed_by_the_next_run(tmp_path):
         running = out / (partial_prefix().replace("-%d-" % os.getpid(), "-%d-" % alive.pid) + "x")
         running.mkdir()
         (out / ".fmsam-partial-mine").mkdir()
+        # an earlier version's staging folder (no PID): removed once it is a day old
+        recent, old = out / ".fmsam-partial-ab_cd123", out / ".fmsam-partial-x1y2z3w4"
+        recent.mkdir()
+        old.mkdir()
+        os.utime(old, (time.time() - 2 * 24 * 3600,) * 2)
         write_outputs(_small_result(), str(out))
         names = set(os.listdir(out))
-        assert leftovers[0] not in names
-        assert {running.name, ".fmsam-partial-mine", "report.json", "transform.h5"} <= names
-        assert len([name for name in names if name.startswith(PARTIAL_PREFIX)]) == 2
+        assert leftovers[0] not in names and old.name not in names
+        assert {running.name, ".fmsam-partial-mine", recent.name, "report.json", "transform.h5"} <= names
+        assert len([name for name in names if name.startswith(PARTIAL_PREFIX)]) == 3
     finally:
         alive.kill()
         alive.wait()
