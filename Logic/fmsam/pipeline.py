@@ -116,7 +116,7 @@ def check_finite_field(field, network):
     if not finite.all():
         raise RegistrationError(
             "the registration produced a non-finite displacement field (%d of %d values NaN or "
-            "infinite) with the weights %s; no result was written"
+            "infinite) with the weights %s; no result is returned or written"
             % (finite.size - int(finite.sum()), finite.size, weights_provenance(network)["file"] or "given"))
 
 

@@ -220,3 +220,25 @@ def test_scene_path_that_is_a_folder_is_refused_before_any_work(pair, tmp_path, 
                                  "--scene", str(folder)], capsys)
     _one_line(code, lines, "--scene '%s' is a folder or empty" % folder)
     assert printed == "" and os.listdir(tmp_path) == ["scene.mrb"]
+
+
+def test_label_maps_sharing_no_label_give_strict_json_and_a_warning(pair, tmp_path, capsys):
+    """Mean Dice over no label is NaN, which is not JSON: the report leaves Dice out and says why."""
+    paths = []
+    for value in (1, 2):
+        labels = np.zeros(SHAPE, np.uint8)
+        labels[4:12, 4:14, 4:16] = value
+        paths.append(str(tmp_path / ("labels%d.nii.gz" % value)))
+        sitk.WriteImage(sitk.GetImageFromArray(labels), paths[-1])
+    out = tmp_path / "out"
+    code, lines, printed = _cli(["register", pair[0], pair[1], "--out", str(out), "--fixed-labels", paths[0],
+                                 "--moving-labels", paths[1], "--device", "cpu", "--quiet"], capsys)
+    assert code == 0 and "Dice" not in printed
+    assert "fmsam: warning: the two label maps share no label (> 0): no Dice is reported" in lines
+
+    def refuse(constant):
+        raise AssertionError("not JSON: %s" % constant)
+
+    report = json.load(open(out / "report.json"), parse_constant=refuse)
+    assert report["dice_labels"] == 0 and not any(key.startswith("dice_") and key != "dice_labels"
+                                                  for key in report)
