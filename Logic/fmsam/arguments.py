@@ -7,6 +7,7 @@ PyTorch.
 import numbers
 import os
 
+import numpy as np
 import SimpleITK as sitk
 
 from .contrast import CONTRAST_MATCHING
@@ -48,7 +49,7 @@ def check_choice(value, name, choices):
 
 
 def check_flag(value, name):
-    if not isinstance(value, bool) and type(value).__name__ != "bool_":  # numpy's bool too
+    if not isinstance(value, (bool, np.bool_)):
         raise InputError("%s must be True or False, not %s" % (name, _given(value)))
 
 
