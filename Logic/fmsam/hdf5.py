@@ -72,7 +72,9 @@ def _object_header(data, start):
     width = 1 << (flags & 3)
     chunk = int.from_bytes(data[position:position + width], "little")
     checksum = position + width + chunk
-    if checksum + 4 > len(data) or lookup3(data[start:checksum]) != struct.unpack_from("<I", data, checksum)[0]:
+    if checksum + 4 > len(data):
+        return None
+    if lookup3(data[start:checksum]) != struct.unpack_from("<I", data, checksum)[0]:
         return None
     return times, checksum
 

@@ -2,25 +2,12 @@
 reaches the caller as itself."""
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 
 import fmsam
 from fmsam.errors import InputError
 
-SHAPE = (16, 18, 20)
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("pair")
-    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in SHAPE], indexing="ij"))
-    paths = []
-    for index, shift in enumerate((0.0, 0.15)):
-        blob = np.exp(-3 * ((grid[0] - shift) ** 2 + grid[1] ** 2 + grid[2] ** 2)) * 100 + 1
-        paths.append(str(folder / ("image%d.mha" % index)))
-        sitk.WriteImage(sitk.GetImageFromArray(blob.astype(np.float32)), paths[-1])
-    return paths
+from conftest import SMALL_SHAPE as SHAPE
 
 
 BAD_ARGUMENTS = [
@@ -53,9 +40,10 @@ BAD_ARGUMENTS = [
 
 
 @pytest.mark.parametrize("change,message", BAD_ARGUMENTS)
-def test_bad_arguments_are_refused_before_any_work(pair, change, message):
+def test_bad_arguments_are_refused_before_any_work(small_pair, change, message):
     stages = []
-    arguments = dict(fixed=pair[0], moving=pair[1], progress=lambda stage, fraction: stages.append(stage))
+    arguments = dict(fixed=small_pair[0], moving=small_pair[1],
+                     progress=lambda stage, fraction: stages.append(stage))
     arguments.update(change)
     with pytest.raises(InputError) as raised:
         fmsam.register(**arguments)
@@ -64,24 +52,25 @@ def test_bad_arguments_are_refused_before_any_work(pair, change, message):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
-def test_cuda_without_a_gpu_is_refused_before_any_work(pair, tmp_path, capsys):
+def test_cuda_without_a_gpu_is_refused_before_any_work(small_pair, tmp_path, capsys):
     from fmsam.cli import main
 
     stages = []
     with pytest.raises(InputError, match="no usable CUDA GPU"):
-        fmsam.register(*pair, device="cuda", progress=lambda stage, fraction: stages.append(stage))
+        fmsam.register(*small_pair, device="cuda", progress=lambda stage, fraction: stages.append(stage))
     assert stages == []
     out = tmp_path / "out"
-    assert main(["register", pair[0], pair[1], "--out", str(out), "--device", "cuda", "--quiet"]) == 2
+    assert main(["register", small_pair[0], small_pair[1], "--out", str(out), "--device", "cuda",
+                 "--quiet"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "no usable CUDA GPU" in lines[0] and not out.exists()
 
 
-def test_io_steps_above_the_limit_exit_2_at_once(pair, tmp_path, capsys):
+def test_io_steps_above_the_limit_exit_2_at_once(small_pair, tmp_path, capsys):
     from fmsam.cli import main
 
     out = tmp_path / "out"
-    assert main(["register", pair[0], pair[1], "--out", str(out), "--io-steps", "100000"]) == 2
+    assert main(["register", small_pair[0], small_pair[1], "--out", str(out), "--io-steps", "100000"]) == 2
     captured = capsys.readouterr()
     assert captured.err.strip() == "fmsam: error: io_steps must be an integer from 0 to 2000, not 100000"
     assert captured.out == "" and not out.exists()  # no stage was printed
@@ -93,12 +82,12 @@ class _MyError(Exception):
 
 @pytest.mark.parametrize("stage", ["affine", "network"])
 @pytest.mark.parametrize("error", [_MyError("the callback's own"), fmsam.Cancelled("stop")])
-def test_a_progress_callback_exception_comes_back_as_itself(pair, stage, error):
+def test_a_progress_callback_exception_comes_back_as_itself(small_pair, small_network_grid, stage, error):
     """In the affine stage the callback runs inside an ITK command, which swallows exceptions."""
     def progress(name, fraction):
         if name == stage and fraction > 0:  # affine: from the optimiser's iteration command
             raise error
 
     with pytest.raises(type(error)) as raised:
-        fmsam.register(*pair, device="cpu", progress=progress)
+        fmsam.register(*small_pair, device="cpu", progress=progress)
     assert raised.value is error

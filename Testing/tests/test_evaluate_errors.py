@@ -7,22 +7,18 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-SHAPE = (16, 18, 20)
+from conftest import small_volume, write_small_pair
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
+    """NIfTI volumes a, b, and b with one NaN voxel (which ITK's NIfTI reader gives as 0)."""
     folder = tmp_path_factory.mktemp("evaluate")
-    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in SHAPE], indexing="ij"))
-    paths = {}
-    for name, shift in (("a", 0.0), ("b", 0.15)):
-        blob = np.exp(-3 * ((grid[0] - shift) ** 2 + grid[1] ** 2 + grid[2] ** 2)) * 100 + 1
-        paths[name] = str(folder / (name + ".nii.gz"))
-        sitk.WriteImage(sitk.GetImageFromArray(blob.astype(np.float32)), paths[name])
-        if shift:
-            blob[5, 6, 7] = np.nan  # ITK's NIfTI reader gives 0 here
-            paths["nan"] = str(folder / "nan.nii.gz")
-            sitk.WriteImage(sitk.GetImageFromArray(blob.astype(np.float32)), paths["nan"])
+    paths = dict(zip("ab", write_small_pair(folder, ".nii.gz")))
+    poisoned = small_volume(0.15)
+    poisoned[5, 6, 7] = np.nan
+    paths["nan"] = str(folder / "nan.nii.gz")
+    sitk.WriteImage(sitk.GetImageFromArray(poisoned), paths["nan"])
     return paths
 
 
@@ -53,7 +49,8 @@ def test_a_bad_pair_stops_the_batch_before_any_work_naming_its_line(images, tmp_
     assert not results.exists()
 
 
-def test_a_failed_registration_stops_the_batch_on_its_own_line(images, tmp_path, capsys, monkeypatch):
+def test_a_failed_registration_stops_the_batch_on_its_own_line(images, small_network_grid, tmp_path, capsys,
+                                                               monkeypatch):
     import fmsam.pipeline as pipeline
     from fmsam.errors import RegistrationError
 
@@ -74,7 +71,8 @@ def test_a_failed_registration_stops_the_batch_on_its_own_line(images, tmp_path,
     progress, message = err.split("\n")[:2]
     assert progress.startswith("\r[") and " 1/2" in progress  # the bar of the pair done, then a new line
     assert message == ("fmsam: error: pairs file %s, line 3 (pair 2 of 2: fixed %s, moving %s): the "
-                       "registration produced a non-finite displacement field" % (pairs, images["b"], images["a"]))
+                       "registration produced a non-finite displacement field"
+                       % (pairs, images["b"], images["a"]))
     assert err.endswith(message + "\n") and not results.exists()
 
 

@@ -1,29 +1,14 @@
 """Weights that cannot be trusted are refused: unverifiable, non-finite, or with a bad config; a
 result that is not finite is an error, never a report of 0 % folding."""
-import os
 import shutil
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 
 import fmsam
 from fmsam.errors import InputError, RegistrationError
 from fmsam.weights import bundled_weights, load_model, sha256_of
-
-SHAPE = (16, 18, 20)
-
-
-def _images(folder):
-    """Two small smooth volumes (files) a registration accepts."""
-    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in SHAPE], indexing="ij"))
-    paths = []
-    for index, shift in enumerate((0.0, 0.15)):
-        blob = np.exp(-3 * ((grid[0] - shift) ** 2 + grid[1] ** 2 + grid[2] ** 2)) * 100 + 1
-        paths.append(str(folder / ("image%d.mha" % index)))
-        sitk.WriteImage(sitk.GetImageFromArray(blob.astype(np.float32)), paths[-1])
-    return paths
 
 
 def _weights(folder, name, change_config=None, change_state=None, sidecar=True):
@@ -58,7 +43,7 @@ def _cli(argv, capsys):
     return code, capsys.readouterr().err.strip().splitlines()
 
 
-def test_unverifiable_weights_are_refused_unless_explicitly_allowed(tmp_path, capsys):
+def test_unverifiable_weights_are_refused_unless_explicitly_allowed(small_pair, tmp_path, capsys):
     copy = str(tmp_path / "copy.pt")
     shutil.copy(bundled_weights()[0], copy)
     network, _ = load_model(copy, allow_unverified=True)
@@ -66,7 +51,7 @@ def test_unverifiable_weights_are_refused_unless_explicitly_allowed(tmp_path, ca
     _flip_bytes(copy, 0.005)  # the damage a bad download does; no checksum says so
     with pytest.raises(InputError, match="cannot be verified.*copy.pt.sha256.*allow_unverified=True"):
         load_model(copy)
-    fixed, moving = _images(tmp_path)
+    fixed, moving = small_pair
     out = tmp_path / "out"
     code, lines = _cli(["register", fixed, moving, "--out", str(out), "--weights", copy], capsys)
     assert code == 2 and len(lines) == 1 and lines[0].startswith("fmsam: error: weights file " + copy)
@@ -76,11 +61,11 @@ def test_unverifiable_weights_are_refused_unless_explicitly_allowed(tmp_path, ca
         fmsam.register(fixed, moving, weights=copy, device="cpu")
 
 
-def test_the_allow_option_reaches_the_loader(tmp_path, capsys):
+def test_the_allow_option_reaches_the_loader(small_pair, tmp_path, capsys):
     """With --allow-unverified-weights the checksum is skipped, and the next check speaks."""
     nan = _weights(tmp_path, "nan.pt", change_state=lambda state: state["fine.head.bias"].fill_(np.nan),
                    sidecar=False)
-    fixed, moving = _images(tmp_path)
+    fixed, moving = small_pair
     code, lines = _cli(["register", fixed, moving, "--out", str(tmp_path / "out"), "--weights", nan,
                         "--allow-unverified-weights"], capsys)
     assert code == 2 and len(lines) == 1 and "non-finite values" in lines[0], lines
@@ -119,12 +104,12 @@ def test_weights_config_is_validated(tmp_path, change, message):
     assert str(raised.value).startswith("weights %s: config" % path) and message in str(raised.value)
 
 
-def test_a_given_model_is_checked_like_a_loaded_one(tmp_path):
+def test_a_given_model_is_checked_like_a_loaded_one(small_pair, tmp_path):
     network, config = load_model()
     with pytest.raises(InputError, match="'orientation' is 'up'"):
-        fmsam.register(*_images(tmp_path), model=(network, dict(config, orientation="up")))
+        fmsam.register(*small_pair, model=(network, dict(config, orientation="up")))
     with pytest.raises(InputError, match="model must be a \\(network, config\\) pair.*\\('junk',\\)"):
-        fmsam.register(*_images(tmp_path), model=("junk",))
+        fmsam.register(*small_pair, model=("junk",))
 
 
 class _NaNNetwork(torch.nn.Module):
@@ -138,21 +123,23 @@ class _NaNNetwork(torch.nn.Module):
         return torch.full((fixed.shape[0], 3) + tuple(fixed.shape[2:]), float("nan")) * self.scale
 
 
-def test_a_non_finite_field_is_an_error_not_a_result(tmp_path):
-    config = load_model()[1]
+def test_a_non_finite_field_is_an_error_not_a_result(small_pair, tmp_path):
+    config = dict(load_model()[1], grid=[16, 16, 16])
     with pytest.raises(RegistrationError, match=r"non-finite displacement field \(\d+ of \d+ values"):
-        fmsam.register(*_images(tmp_path), model=(_NaNNetwork(), config), device="cpu")
+        fmsam.register(*small_pair, model=(_NaNNetwork(), config), device="cpu")
 
 
-def test_overflowing_weights_exit_1_and_write_nothing(tmp_path, capsys):
+def test_overflowing_weights_exit_1_and_write_nothing(small_pair, tmp_path, capsys):
     """Finite but huge weights overflow to a NaN field: exit 1, one line, no output folder."""
     def huge(state):
         for key, tensor in state.items():
             if key.endswith("weight"):
                 tensor.mul_(1e30)
 
-    path = _weights(tmp_path, "huge.pt", change_state=huge)
-    fixed, moving = _images(tmp_path)
+    # a small network grid (a valid config) keeps the registration short
+    path = _weights(tmp_path, "huge.pt", change_state=huge,
+                    change_config=lambda config: config.update(grid=[16, 16, 16]))
+    fixed, moving = small_pair
     out = tmp_path / "out"
     code, lines = _cli(["register", fixed, moving, "--out", str(out), "--weights", path, "--device", "cpu"],
                        capsys)
