@@ -14,7 +14,7 @@ from . import __version__, fields
 from .arguments import check_register_arguments
 from .contrast import MIN_CORRELATION_GAIN, apply_lookup, contrast_decision
 from .errors import RegistrationError
-from .imageio import load_label_map_on_grid, load_scalar_volume
+from .imageio import error_line, load_label_map_on_grid, load_scalar_volume
 from .intensity import normalise
 from .jacobian import jacobian_determinant, jacobian_statistics
 from .metrics import labels_in_both, mean_dice
@@ -58,6 +58,7 @@ class _Stages:
         self.callback = callback
         self.seconds = {}
         self._stage, self._start, self._fraction = None, None, 0.0
+        self.raised = None  # what the callback raised, told apart from the library's own errors
 
     def begin(self, stage):
         self.end()
@@ -67,7 +68,11 @@ class _Stages:
     def update(self, fraction):
         self._fraction = max(self._fraction, fraction)
         if self.callback is not None:
-            self.callback(self._stage, self._fraction)
+            try:
+                self.callback(self._stage, self._fraction)
+            except BaseException as raised:
+                self.raised = raised
+                raise
 
     def end(self):
         if self._stage is not None:
@@ -101,6 +106,21 @@ def back_to_grid(field, field_grid, fixed_image):
         return field
     restored = sitk.DICOMOrient(fields.field_image(field, field_grid), orientation_of(fixed_image))
     return sitk.GetArrayFromImage(restored).astype(np.float64)
+
+
+def prealign_or_explain(stages, fixed, moving, initial=None):
+    """:func:`affine_prealign` of two normalised images (progress to ``stages``), with SimpleITK's
+    own failures (images it cannot align, e.g. ones that do not overlap) turned into a
+    :class:`RegistrationError` that says what to do; the progress callback's exceptions pass
+    through as themselves."""
+    try:
+        return affine_prealign(fixed, moving, progress=stages.update, initial=initial)
+    except RuntimeError as error:
+        if error is stages.raised:
+            raise
+        raise RegistrationError("the affine pre-alignment failed on these images (%s); check that they "
+                                "show the same anatomy, or register without it (--no-affine, "
+                                "prealign=False)" % error_line(error)) from None
 
 
 def weights_provenance(network):
@@ -180,8 +200,7 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
     moving_normalised, moving_modality = normalised_image(reorient(moving_image, layout), moving_modality)
 
     stages.begin("affine")
-    affine = (affine_prealign(network_fixed, moving_normalised, progress=stages.update) if prealign
-              else identity_affine())
+    affine = prealign_or_explain(stages, network_fixed, moving_normalised) if prealign else identity_affine()
     moving_on_fixed = fields.resample(moving_normalised, network_fixed, affine)
     report = {}
     lookup, gain = contrast_decision(*(sitk.GetArrayViewFromImage(image)[DECISION_SAMPLING]
@@ -197,8 +216,7 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
         moving_normalised = fields.image_on_grid(
             apply_lookup(lookup, sitk.GetArrayViewFromImage(moving_normalised)), moving_normalised)
         if prealign:
-            affine = affine_prealign(network_fixed, moving_normalised, progress=stages.update,
-                                     initial=affine)
+            affine = prealign_or_explain(stages, network_fixed, moving_normalised, initial=affine)
         moving_on_fixed = fields.resample(moving_normalised, network_fixed, affine)
 
     stages.begin("network")

@@ -81,7 +81,8 @@ class _MyError(Exception):
 
 
 @pytest.mark.parametrize("stage", ["affine", "network"])
-@pytest.mark.parametrize("error", [_MyError("the callback's own"), fmsam.Cancelled("stop")])
+@pytest.mark.parametrize("error", [_MyError("the callback's own"), fmsam.Cancelled("stop"),
+                                   RuntimeError("the callback's, like SimpleITK's")])
 def test_a_progress_callback_exception_comes_back_as_itself(small_pair, small_network_grid, stage, error):
     """In the affine stage the callback runs inside an ITK command, which swallows exceptions."""
     def progress(name, fraction):
@@ -91,3 +92,24 @@ def test_a_progress_callback_exception_comes_back_as_itself(small_pair, small_ne
     with pytest.raises(type(error)) as raised:
         fmsam.register(*small_pair, device="cpu", progress=progress)
     assert raised.value is error
+
+
+def test_simpleitk_failing_in_the_affine_is_one_line_and_writes_nothing(small_pair, tmp_path, capsys,
+                                                                        monkeypatch):
+    """What ITK raises when it cannot align two images (here simulated: real cases depend on ITK's
+    version and on the other stages) is a RegistrationError that says what to do."""
+    import fmsam.pipeline as pipeline
+    from fmsam.cli import main
+
+    def itk_fails(*args, **kwargs):
+        raise RuntimeError("Exception thrown in SimpleITK ImageRegistrationMethod_Execute: itkMatt.hxx:1:\n"
+                           "ITK ERROR: Too many samples map outside moving image buffer: 0 / 10")
+
+    monkeypatch.setattr(pipeline, "affine_prealign", itk_fails)
+    out = tmp_path / "out"
+    assert main(["register", small_pair[0], small_pair[1], "--out", str(out), "--quiet"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["fmsam: error: the affine pre-alignment failed on these images (ITK ERROR: Too many "
+                     "samples map outside moving image buffer: 0 / 10); check that they show the same "
+                     "anatomy, or register without it (--no-affine, prealign=False)"]
+    assert not out.exists()
