@@ -131,7 +131,7 @@ def expected_checksum(path):
     ``.sha256`` file beside it, else None (not verifiable)."""
     if os.path.isfile(MANIFEST):
         bundled_path, bundled_sha = bundled_weights()
-        if os.path.abspath(path) == os.path.abspath(bundled_path):
+        if os.path.realpath(path) == os.path.realpath(bundled_path):
             return bundled_sha
     sidecar = path + ".sha256"
     if not os.path.isfile(sidecar):
@@ -147,12 +147,14 @@ def expected_checksum(path):
 
 def verify_checksum(path, allow_unverified=False):
     """Return ``{"file": absolute path, "sha256": its checksum, "verified": bool}`` for a weights
-    file, or raise :class:`InputError` when it fails its expected checksum, or has none and
-    ``allow_unverified`` is false."""
+    file, or raise :class:`InputError` when it fails its expected checksum, or has none (and is not
+    a byte-for-byte copy of the bundled model) and ``allow_unverified`` is false."""
     expected = expected_checksum(path)
     actual = sha256_of(path)
     if expected is not None and actual != expected:
         raise InputError("weights file %s is corrupt (SHA-256 does not match)" % path)
+    if expected is None and os.path.isfile(MANIFEST) and actual == bundled_weights()[1]:
+        expected = actual  # a copy of the bundled model, byte for byte
     if expected is None and not allow_unverified:
         raise InputError("weights file %s cannot be verified: it is not the bundled model and has no "
                          "%s beside it; write its checksum there (sha256sum FILE > FILE.sha256) if "

@@ -46,8 +46,14 @@ def _cli(argv, capsys):
 def test_unverifiable_weights_are_refused_unless_explicitly_allowed(small_pair, tmp_path, capsys):
     copy = str(tmp_path / "copy.pt")
     shutil.copy(bundled_weights()[0], copy)
-    network, _ = load_model(copy, allow_unverified=True)
-    assert network.fmsam_weights == {"file": copy, "sha256": sha256_of(copy), "verified": False}
+    network, _ = load_model(copy)  # the bundled model's bytes: known by the manifest
+    assert network.fmsam_weights == {"file": copy, "sha256": bundled_weights()[1], "verified": True}
+    tuned = _weights(tmp_path, "tuned.pt", change_state=lambda state: state["fine.head.bias"].add_(1e-3),
+                     sidecar=False)
+    with pytest.raises(InputError, match="cannot be verified"):
+        load_model(tuned)
+    network, _ = load_model(tuned, allow_unverified=True)
+    assert network.fmsam_weights == {"file": tuned, "sha256": sha256_of(tuned), "verified": False}
     _flip_bytes(copy, 0.005)  # the damage a bad download does; no checksum says so
     with pytest.raises(InputError, match="cannot be verified.*copy.pt.sha256.*allow_unverified=True"):
         load_model(copy)
