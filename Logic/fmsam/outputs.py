@@ -28,6 +28,7 @@ import SimpleITK as sitk
 from . import fields
 from .errors import InputError, RegistrationError
 from .hdf5 import clear_object_times
+from .imageio import error_line
 from .overview import write_overview
 
 OUTPUT_NAMES = ("transform.h5", "warped.nii.gz", "jacobian.nii.gz", "overview.png", "report.json",
@@ -211,7 +212,11 @@ def write_outputs(result, out_dir, moving=None, overview=True, before_commit=Non
     remove_dead_partials(out_dir)
     staging = tempfile.mkdtemp(prefix=partial_prefix(), dir=out_dir)
     try:
-        written = _stage(result, staging, moving, overview)
+        try:
+            written = _stage(result, staging, moving, overview)
+        except (OSError, RuntimeError) as error:  # a full disk, a quota: SimpleITK raises RuntimeError
+            raise RegistrationError("the outputs could not be written to %s (%s); nothing was written"
+                                    % (out_dir, error_line(error))) from None
         if before_commit is not None:
             before_commit()
         return _commit(written, out_dir)

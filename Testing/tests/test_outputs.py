@@ -182,6 +182,23 @@ def test_a_non_finite_result_is_not_written(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_failed_write_is_one_error_and_leaves_nothing(tmp_path, monkeypatch):
+    import fmsam.outputs as outputs
+    from fmsam.errors import RegistrationError
+
+    def disk_full(image, path, useCompression=False):
+        raise RuntimeError("Exception thrown in SimpleITK ImageFileWriter_Execute: ...\n"
+                           "ITK ERROR: NiftiImageIO: No space left on device")
+
+    monkeypatch.setattr(outputs.sitk, "WriteImage", disk_full)
+    out = tmp_path / "out"
+    with pytest.raises(RegistrationError) as raised:
+        outputs.write_outputs(_small_result(), str(out))
+    assert str(raised.value) == ("the outputs could not be written to %s (ITK ERROR: NiftiImageIO: No space "
+                                 "left on device); nothing was written" % out)
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_report_with_nan_is_not_written(tmp_path):
     from fmsam.outputs import write_outputs
 
