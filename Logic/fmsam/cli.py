@@ -77,9 +77,16 @@ def _add_evaluate(commands):
     _add_contrast_matching(parser)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported like every other error: one line, exit code 2."""
+
+    def error(self, message):
+        self.exit(2, "fmsam: error: %s (see %s --help)\n" % (message, self.prog))
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(prog="fmsam", description="FM-SAM deformable registration "
-                                     "with a SAM-trained foundation model.")
+    parser = _Parser(prog="fmsam", description="FM-SAM deformable registration "
+                     "with a SAM-trained foundation model.")
     commands = parser.add_subparsers(dest="command", required=True)
     for add in (_add_register, _add_warp, _add_jacobian, _add_evaluate):
         add(commands)

@@ -113,3 +113,18 @@ def test_simpleitk_failing_in_the_affine_is_one_line_and_writes_nothing(small_pa
                      "samples map outside moving image buffer: 0 / 10); check that they show the same "
                      "anatomy, or register without it (--no-affine, prealign=False)"]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("option,message", [
+    (["--io-steps", "1.5"], "argument --io-steps: invalid int value: '1.5'"),
+    (["--device", "gpu"], "argument --device: invalid choice: 'gpu'"),
+])
+def test_command_line_mistakes_are_one_line_too(small_pair, tmp_path, capsys, option, message):
+    from fmsam.cli import main
+
+    with pytest.raises(SystemExit) as raised:
+        main(["register", small_pair[0], small_pair[1], "--out", str(tmp_path / "out")] + option)
+    captured = capsys.readouterr()
+    assert raised.value.code == 2 and captured.out == ""
+    assert captured.err.startswith("fmsam: error: " + message) and captured.err.count("\n") == 1
+    assert captured.err.endswith("(see fmsam register --help)\n")
