@@ -166,7 +166,7 @@ def _register(args):
     from .overview import start_importing_matplotlib
     from .pipeline import register
 
-    check_output_folder(args.out)
+    check_output_folder(args.out, inputs=(args.fixed, args.moving, args.fixed_labels, args.moving_labels))
     if args.scene:
         _check_scene(args.scene)
     start_importing_matplotlib()  # for the overview picture, while the registration runs
@@ -205,7 +205,7 @@ def _warp(args):
     from .imageio import read_displacement_transform, read_image, write_atomically
     from .outputs import check_output_file
 
-    check_output_file(args.out)
+    check_output_file(args.out, inputs=(args.image, args.reference, args.transform))
     image = read_image(args.image, "image")
     reference = read_image(args.reference, "reference image")
     transform = read_displacement_transform(args.transform)
@@ -222,7 +222,7 @@ def _jacobian(args):
     from .jacobian import jacobian_determinant, jacobian_statistics
     from .outputs import check_output_file
 
-    check_output_file(args.out)
+    check_output_file(args.out, inputs=(args.transform,))
     field, reference = field_from_transform(read_displacement_transform(args.transform))
     determinant = jacobian_determinant(field, reference)
     image = image_on_grid(determinant.astype(np.float32), reference)

@@ -58,12 +58,12 @@ def check_pair(pair):
             load_label_map_on_grid(pair[role + "_labels"], image, pair[role], role)
 
 
-def _check_options(out_csv, device, io_steps, prealign, contrast_matching):
+def _check_options(pairs_csv, out_csv, device, io_steps, prealign, contrast_matching):
     from .arguments import check_choice, check_device, check_flag, check_io_steps
     from .contrast import CONTRAST_MATCHING
     from .outputs import check_output_file
 
-    check_output_file(out_csv)
+    check_output_file(out_csv, inputs=(pairs_csv,))
     check_io_steps(io_steps)
     check_flag(prealign, "prealign")
     check_choice(contrast_matching, "contrast_matching", CONTRAST_MATCHING)
@@ -82,7 +82,7 @@ def evaluate_pairs(pairs_csv, out_csv, device="auto", io_steps=0, weights=None, 
     from .pipeline import register
     from .weights import load_model
 
-    _check_options(out_csv, device, io_steps, prealign, contrast_matching)
+    _check_options(pairs_csv, out_csv, device, io_steps, prealign, contrast_matching)
     pairs = read_pairs(pairs_csv)
     for pair in pairs:
         try:

@@ -124,12 +124,18 @@ def _existing_ancestor(path):
     return path
 
 
-def check_output_folder(out_dir, what="--out"):
+def check_output_folder(out_dir, what="--out", inputs=()):
     """Raise :class:`InputError` unless ``out_dir`` is a folder, or can be created as one, where
-    files can be written. Creates nothing (a probe file without a name is made and dropped)."""
+    files can be written, and where writing the outputs replaces none of the ``inputs`` (paths
+    the run reads). Creates nothing (a probe file without a name is made and dropped)."""
     out_dir = os.fspath(out_dir)
     if not out_dir:
         raise InputError("%s is empty; give a folder" % what)
+    for source in (os.fspath(path) for path in inputs if path is not None):
+        folder = os.path.dirname(os.path.abspath(source))
+        if os.path.basename(source) in OUTPUT_NAMES and os.path.realpath(folder) == os.path.realpath(out_dir):
+            raise InputError("%s %s would replace the input %s with this run's output of that name; give "
+                             "another folder" % (what, out_dir, os.fspath(source)))
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         raise InputError("%s %s exists and is not a folder; give a folder (it is created if missing)"
                          % (what, out_dir))
@@ -144,10 +150,14 @@ def check_output_folder(out_dir, what="--out"):
                          % (what, out_dir, error.strerror or type(error).__name__, ancestor)) from None
 
 
-def check_output_file(path, what="--out"):
-    """Raise :class:`InputError` unless a file can be written at ``path``: not a folder, in an
-    existing folder where files can be written."""
+def check_output_file(path, what="--out", inputs=()):
+    """Raise :class:`InputError` unless a file can be written at ``path``: not a folder, not one of
+    the ``inputs`` (paths the command reads: they are never overwritten), in an existing folder
+    where files can be written."""
     path = os.fspath(path)
+    for source in inputs:
+        if source is not None and os.path.realpath(path) == os.path.realpath(os.fspath(source)):
+            raise InputError("%s %s is also an input of this command; give another file name" % (what, path))
     if not path or os.path.isdir(path) or path.endswith(("/", os.sep)):
         raise InputError("%s %r is a folder or empty; give a file name" % (what, path))
     folder = os.path.dirname(os.path.abspath(path))

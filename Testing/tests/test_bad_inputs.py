@@ -248,3 +248,15 @@ def test_non_finite_transform_is_refused_by_jacobian_and_warp(bad_files, tmp_pat
                         "--out", str(out)], capsys)
     _assert_one_line_error(code, lines, path, "non-finite")
     assert os.listdir(tmp_path) == ["nan_transform.h5"]
+
+
+def test_warp_and_jacobian_never_write_over_their_inputs(bad_files, tmp_path, capsys):
+    path = str(tmp_path / "identity.h5")
+    sitk.WriteTransform(sitk.DisplacementFieldTransform(_image(np.zeros(SHAPE + (3,)), vector=True)), path)
+    before = open(path, "rb").read()
+    code, lines = _cli(["jacobian", path, "--out", path], capsys)
+    _assert_one_line_error(code, lines, "--out %s is also an input of this command" % path)
+    code, lines = _cli(["warp", bad_files["good"], "--transform", path, "--reference", bad_files["good"],
+                        "--out", bad_files["good"]], capsys)
+    _assert_one_line_error(code, lines, "--out %s is also an input" % bad_files["good"])
+    assert open(path, "rb").read() == before

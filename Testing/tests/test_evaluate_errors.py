@@ -80,11 +80,12 @@ def test_a_failed_registration_stops_the_batch_on_its_own_line(images, small_net
     (["--io-steps", "5000"], "io_steps must be an integer from 0 to 2000, not 5000"),
     (["--out", "FOLDER"], "is a folder or empty; give a file name"),
     (["--out", ""], "--out '' is a folder or empty; give a file name"),
+    (["--out", "PAIRS"], "is also an input of this command; give another file name"),
 ])
 def test_bad_options_are_refused_before_any_pair_is_read(images, tmp_path, capsys, option, fragment):
     pairs = _pairs(tmp_path / "pairs.csv", [(images["a"], os.path.join(str(tmp_path), "missing.nii.gz"))])
     argv = ["evaluate", "--pairs", pairs, "--out", str(tmp_path / "results.csv")] + \
-        [str(tmp_path) if value == "FOLDER" else value for value in option]
+        [{"FOLDER": str(tmp_path), "PAIRS": pairs}.get(value, value) for value in option]
     code, err = _run(argv, capsys)
     assert code == 2 and err.count("\n") == 1 and fragment in err and err.startswith("fmsam: error: ")
     assert sorted(os.listdir(tmp_path)) == ["pairs.csv"]

@@ -55,6 +55,17 @@ def test_out_that_is_a_file_or_cannot_be_written_is_refused_before_any_work(smal
     assert existing.read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["results.txt"]
 
 
+def test_a_previous_result_registered_again_into_its_folder_is_not_replaced(small_pair, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    moving = str(out / "warped.nii.gz")  # last run's result, now the moving image
+    sitk.WriteImage(sitk.ReadImage(small_pair[1]), moving)
+    before = open(moving, "rb").read()
+    code, lines, printed = _cli(["register", small_pair[0], moving, "--out", str(out)], capsys)
+    _one_line(code, lines, "--out %s would replace the input %s" % (out, moving))
+    assert printed == "" and open(moving, "rb").read() == before
+
+
 def test_a_reused_folder_holds_only_the_new_run(tmp_path):
     from fmsam.outputs import write_outputs
 
