@@ -260,3 +260,23 @@ def test_warp_and_jacobian_never_write_over_their_inputs(bad_files, tmp_path, ca
                         "--out", bad_files["good"]], capsys)
     _assert_one_line_error(code, lines, "--out %s is also an input" % bad_files["good"])
     assert open(path, "rb").read() == before
+
+
+def test_the_largest_labels_are_counted_without_a_count_per_value():
+    """Labels up to 2^32 - 1 are accepted, so Dice must not allocate a count for every value below
+    them (32 GB for a label of 4e9)."""
+    import tracemalloc
+
+    from fmsam.metrics import dice_per_label
+
+    fixed = np.zeros((20, 30, 40), np.uint32)
+    fixed[2:10, 5:20, 5:30], fixed[12:18, 5:20, 5:30] = 2 ** 32 - 1, 7
+    warped = np.roll(fixed, 1, axis=0)
+    tracemalloc.start()
+    try:
+        dice = dice_per_label(fixed, warped)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert dice == {7: pytest.approx(2 * 5 / 12), 2 ** 32 - 1: pytest.approx(2 * 7 / 16)}
+    assert peak < 20e6
