@@ -24,8 +24,18 @@ def read_pairs(path):
     ``line`` (its line number in the file) and ``number`` (1 for the first pair)."""
     if not os.path.isfile(path):
         raise InputError("pairs file not found: %s" % path)
+    try:
+        rows = _read_rows(path)
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise InputError("pairs file %s is not a CSV text file (%s)" % (path, error)) from None
+    if not rows:
+        raise InputError("pairs file %s has no pairs" % path)
+    return rows
+
+
+def _read_rows(path):
     base = os.path.dirname(os.path.abspath(path))
-    with open(path, newline="") as handle:
+    with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         missing = [c for c in COLUMNS[:2] if c not in (reader.fieldnames or [])]
         if missing:
@@ -36,8 +46,6 @@ def read_pairs(path):
             pair = {c: os.path.join(base, row[c]) if row.get(c) else None for c in COLUMNS}
             pair.update(line=reader.line_num, number=len(rows) + 1)
             rows.append(pair)
-    if not rows:
-        raise InputError("pairs file %s has no pairs" % path)
     return rows
 
 

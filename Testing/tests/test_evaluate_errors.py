@@ -89,3 +89,9 @@ def test_bad_options_are_refused_before_any_pair_is_read(images, tmp_path, capsy
     code, err = _run(argv, capsys)
     assert code == 2 and err.count("\n") == 1 and fragment in err and err.startswith("fmsam: error: ")
     assert sorted(os.listdir(tmp_path)) == ["pairs.csv"]
+
+
+def test_a_pairs_file_that_is_not_text_is_one_line(images, tmp_path, capsys):
+    code, err = _run(["evaluate", "--pairs", images["a"], "--out", str(tmp_path / "results.csv")], capsys)
+    assert code == 2 and err.startswith("fmsam: error: pairs file %s is not a CSV text file (" % images["a"])
+    assert err.count("\n") == 1 and os.listdir(tmp_path) == []
