@@ -225,7 +225,12 @@ def _jacobian(args):
     check_output_file(args.out, inputs=(args.transform,))
     field, reference = field_from_transform(read_displacement_transform(args.transform))
     determinant = jacobian_determinant(field, reference)
-    image = image_on_grid(determinant.astype(np.float32), reference)
+    with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, refused here
+        values = determinant.astype(np.float32)
+    if not np.all(np.isfinite(values)):
+        raise InputError("transform %s has displacements too large for a finite Jacobian determinant"
+                         % args.transform)
+    image = image_on_grid(values, reference)
     write_atomically(lambda path: sitk.WriteImage(image, path, useCompression=True), args.out)
     stats = jacobian_statistics(determinant)
     print("folding %.4f %%; det J %.3f..%.3f; std log|J| %.4f" % (

@@ -129,15 +129,17 @@ def weights_provenance(network):
     return dict(getattr(network, "fmsam_weights", None) or {"file": None, "sha256": None, "verified": False})
 
 
-def check_finite_field(field, network):
-    """Raise :class:`RegistrationError` unless every displacement of ``field`` (k, j, i, 3) is finite:
-    a NaN field would warp to an empty image and count no folding."""
-    finite = np.isfinite(field)
+def check_finite_result(values, network, what="displacement field"):
+    """Raise :class:`RegistrationError` unless every value of ``values`` (the field (k, j, i, 3) in
+    mm, or the Jacobian determinant as written, float32) is finite: a NaN field would warp to an
+    empty image and count no folding, an infinite determinant is not JSON."""
+    finite = np.isfinite(values)
     if not finite.all():
         raise RegistrationError(
-            "the registration produced a non-finite displacement field (%d of %d values NaN or "
-            "infinite) with the weights %s; no result is returned or written"
-            % (finite.size - int(finite.sum()), finite.size, weights_provenance(network)["file"] or "given"))
+            "the registration produced a non-finite %s (%d of %d values NaN or infinite) with the "
+            "weights %s; no result is returned or written"
+            % (what, finite.size - int(finite.sum()), finite.size,
+               weights_provenance(network)["file"] or "given"))
 
 
 def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True, io_steps=0,
@@ -255,7 +257,7 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
     deformable_index = fields.network_to_fixed_index_displacement(displacement, network_fixed.GetSize())
     field = fields.compose_fixed_to_moving(network_fixed, affine, deformable_index)
     field = back_to_grid(field, network_fixed, fixed_image)
-    check_finite_field(field, network)
+    check_finite_result(field, network)
     transform = fields.field_transform(field, fixed_image)
 
     stages.begin("warp")
@@ -283,7 +285,10 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
 
     stages.begin("jacobian")
     determinant = jacobian_determinant(field, fixed_image)
-    jacobian = fields.image_on_grid(determinant.astype(np.float32), fixed_image)
+    with np.errstate(over="ignore"):  # beyond float32: inf, refused here
+        jacobian_values = determinant.astype(np.float32)
+    check_finite_result(jacobian_values, network, "Jacobian determinant")
+    jacobian = fields.image_on_grid(jacobian_values, fixed_image)
     stages.end()
 
     report.update(jacobian_statistics(determinant))

@@ -250,6 +250,16 @@ def test_non_finite_transform_is_refused_by_jacobian_and_warp(bad_files, tmp_pat
     assert os.listdir(tmp_path) == ["nan_transform.h5"]
 
 
+def test_a_transform_too_large_for_a_finite_jacobian_is_refused(tmp_path, capsys):
+    k, j, i = np.indices(SHAPE, dtype=np.float64)
+    field = np.stack([i, j, k], axis=-1) * 1e20  # det J about 1e60: beyond float32
+    path = str(tmp_path / "huge.h5")
+    sitk.WriteTransform(sitk.DisplacementFieldTransform(_image(field, vector=True)), path)
+    code, lines = _cli(["jacobian", path, "--out", str(tmp_path / "jacobian.nii.gz")], capsys)
+    _assert_one_line_error(code, lines, "transform %s has displacements too large for a finite Jacobian" % path)
+    assert os.listdir(tmp_path) == ["huge.h5"]
+
+
 def test_warp_and_jacobian_never_write_over_their_inputs(bad_files, tmp_path, capsys):
     path = str(tmp_path / "identity.h5")
     sitk.WriteTransform(sitk.DisplacementFieldTransform(_image(np.zeros(SHAPE + (3,)), vector=True)), path)

@@ -55,15 +55,15 @@ def test_a_failed_registration_stops_the_batch_on_its_own_line(images, small_net
     from fmsam.errors import RegistrationError
 
     calls = []
-    real_check = pipeline.check_finite_field
+    real_check = pipeline.check_finite_result
 
-    def fail_second(field, network):
-        calls.append(1)
-        if len(calls) == 2:
+    def fail_second(values, network, what="displacement field"):
+        calls.append(what)
+        if calls.count("displacement field") == 2:
             raise RegistrationError("the registration produced a non-finite displacement field")
-        return real_check(field, network)
+        return real_check(values, network, what)
 
-    monkeypatch.setattr(pipeline, "check_finite_field", fail_second)
+    monkeypatch.setattr(pipeline, "check_finite_result", fail_second)
     pairs = _pairs(tmp_path / "pairs.csv", [(images["a"], images["b"]), (images["b"], images["a"])])
     results = tmp_path / "results.csv"
     code, err = _run(["evaluate", "--pairs", pairs, "--out", str(results), "--device", "cpu"], capsys)

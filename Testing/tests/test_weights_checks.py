@@ -135,6 +135,16 @@ def test_a_non_finite_field_is_an_error_not_a_result(small_pair, tmp_path):
         fmsam.register(*small_pair, model=(_NaNNetwork(), config), device="cpu")
 
 
+def test_a_jacobian_beyond_float32_is_an_error_not_a_result(small_pair, small_network_grid, monkeypatch):
+    """A finite field can still have a determinant float32 cannot hold (written as inf, and not
+    JSON in the report)."""
+    import fmsam.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "jacobian_determinant", lambda field, grid: np.full(field.shape[:3], 1e39))
+    with pytest.raises(RegistrationError, match=r"non-finite Jacobian determinant \((\d+) of \1 values"):
+        fmsam.register(*small_pair, device="cpu", prealign=False)
+
+
 def test_overflowing_weights_exit_1_and_write_nothing(small_pair, tmp_path, capsys):
     """Finite but huge weights overflow to a NaN field: exit 1, one line, no output folder."""
     def huge(state):
