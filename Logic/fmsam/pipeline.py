@@ -142,6 +142,19 @@ def check_finite_result(values, network, what="displacement field"):
                weights_provenance(network)["file"] or "given"))
 
 
+def non_finite_entries(report, prefix=""):
+    """Keys (``"seconds.total"`` for nested ones) of the report's values that are NaN or infinite."""
+    found = []
+    items = report.items() if isinstance(report, dict) else enumerate(report)
+    for key, value in items:
+        name = "%s%s" % (prefix, key)
+        if isinstance(value, (dict, list, tuple)):
+            found += non_finite_entries(value, name + ".")
+        elif isinstance(value, float) and not np.isfinite(value):
+            found.append(name)
+    return found
+
+
 def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True, io_steps=0,
              device="auto", weights=None, modality="auto", progress=None, model=None,
              contrast_matching="auto", allow_unverified=False):
@@ -301,5 +314,8 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
         "fixed_size": list(fixed_image.GetSize()), "fixed_spacing": list(fixed_image.GetSpacing()),
         "weights": weights_provenance(network), "fmsam_version": __version__,
     })
+    if non_finite_entries(report):  # report.json is strict JSON
+        raise RegistrationError("the registration's figures %s are not finite; no result is returned or "
+                                "written" % ", ".join(non_finite_entries(report)))
     return RegistrationResult(fixed=fixed_image, field=field, affine=affine, warped=warped,
                               warped_labels=warped_labels, jacobian=jacobian, report=report)

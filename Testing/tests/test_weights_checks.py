@@ -145,6 +145,14 @@ def test_a_jacobian_beyond_float32_is_an_error_not_a_result(small_pair, small_ne
         fmsam.register(*small_pair, device="cpu", prealign=False)
 
 
+def test_a_report_figure_that_is_not_finite_is_an_error(small_pair, small_network_grid, monkeypatch):
+    import fmsam.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "deformable_gain", lambda *images: (0.5, float("nan"), None))
+    with pytest.raises(RegistrationError, match="the registration's figures mi_registered are not finite"):
+        fmsam.register(*small_pair, device="cpu", prealign=False)
+
+
 def test_overflowing_weights_exit_1_and_write_nothing(small_pair, tmp_path, capsys):
     """Finite but huge weights overflow to a NaN field: exit 1, one line, no output folder."""
     def huge(state):
