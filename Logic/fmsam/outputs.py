@@ -46,7 +46,7 @@ UNOWNED_MAX_AGE_S = 24 * 3600
 def _host_tag():
     """8 hex digits naming this machine, so that a folder shared over the network is only cleaned
     up by processes that can tell whether its writer is alive."""
-    return hashlib.sha1(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
+    return hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
 
 
 def partial_prefix():
