@@ -37,8 +37,16 @@ def _manifest():
     if not os.path.isfile(MANIFEST):
         raise InputError("no bundled model in this installation (%s is missing); pass a weights "
                          "file" % MANIFEST)
-    with open(MANIFEST) as handle:
-        return json.load(handle)
+    try:
+        with open(MANIFEST) as handle:
+            manifest = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise InputError("the bundled model's manifest %s is unreadable (%s); reinstall fmsam"
+                         % (MANIFEST, error)) from None
+    if not isinstance(manifest, dict) or not all(key in manifest for key in ("file", "sha256", "config")):
+        raise InputError("the bundled model's manifest %s lacks file, sha256 or config; reinstall fmsam"
+                         % MANIFEST)
+    return manifest
 
 
 def bundled_config():

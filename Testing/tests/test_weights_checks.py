@@ -182,3 +182,13 @@ def test_a_malformed_checksum_file_is_an_error_not_a_traceback(tmp_path, content
     with open(copy + ".sha256", "w") as handle:  # sha256sum's own format, upper case accepted
         handle.write(sha256_of(copy).upper() + "  copy.pt\n")
     assert load_model(copy)[0].fmsam_weights["verified"] is True
+
+
+@pytest.mark.parametrize("content", ['{"file": "x.pt"', '{"file": "x.pt"}', "[]"])
+def test_a_damaged_manifest_is_one_error(small_pair, tmp_path, monkeypatch, content):
+    import fmsam.weights as weights
+
+    (tmp_path / "manifest.json").write_text(content)
+    monkeypatch.setattr(weights, "MANIFEST", str(tmp_path / "manifest.json"))
+    with pytest.raises(InputError, match="the bundled model's manifest .* reinstall fmsam"):
+        fmsam.register(*small_pair, device="cpu")
