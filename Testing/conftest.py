@@ -63,3 +63,51 @@ def registered_sample(tmp_path_factory, sample_paths, input_digests_before):
                  "--moving-labels", sample_paths["moving_labels"], "--device", "cpu"])
     assert code == 0
     return out
+
+
+#: (k, j, i) shape of the small synthetic volumes: above the minimum size a registration accepts.
+SMALL_SHAPE = (16, 18, 20)
+
+
+def small_volume(shift=0.0):
+    """A smooth blob (float32 array of SMALL_SHAPE, values 1 to 101), moved by ``shift`` of the
+    half extent along k."""
+    import numpy as np
+
+    grid = np.meshgrid(*[np.linspace(-1, 1, n) for n in SMALL_SHAPE], indexing="ij")
+    return (np.exp(-3 * ((grid[0] - shift) ** 2 + grid[1] ** 2 + grid[2] ** 2)) * 100 + 1).astype(np.float32)
+
+
+def write_small_pair(folder, suffix=".mha"):
+    """Paths of two small volumes (1 mm voxels) a registration accepts, the second one shifted."""
+    import SimpleITK as sitk
+
+    paths = []
+    for index, shift in enumerate((0.0, 0.15)):
+        paths.append(os.path.join(str(folder), "image%d%s" % (index, suffix)))
+        sitk.WriteImage(sitk.GetImageFromArray(small_volume(shift)), paths[-1])
+    return paths
+
+
+@pytest.fixture(scope="session")
+def small_pair(tmp_path_factory):
+    return write_small_pair(tmp_path_factory.mktemp("small_pair"))
+
+
+@pytest.fixture
+def small_network_grid(monkeypatch):
+    """The bundled model run on a 16x16x16 network grid (4096 voxels instead of 800 000), so that a
+    registration of small volumes takes a fraction of a second: for tests of what surrounds it."""
+    import fmsam.weights as weights
+
+    bundled_config, load_model = weights.bundled_config, weights.load_model
+
+    def small(config):
+        return dict(config, grid=[16, 16, 16])
+
+    def load_small(*args, **kwargs):
+        network, config = load_model(*args, **kwargs)
+        return network, small(config)
+
+    monkeypatch.setattr(weights, "bundled_config", lambda: small(bundled_config()))
+    monkeypatch.setattr(weights, "load_model", load_small)

@@ -6,7 +6,7 @@ Slicer-free; the Slicer module and the ``fmsam`` command line both call :func:`r
     >>> result = fmsam.register("fixed.nii.gz", "moving.nii.gz")
     >>> result.report["folding_percent"], result.transform
 """
-from .errors import Cancelled, InputError
+from .errors import Cancelled, InputError, RegistrationError
 
 __version__ = "0.1.0"
 
@@ -18,4 +18,4 @@ def register(*args, **kwargs):
     return _register(*args, **kwargs)
 
 
-__all__ = ["register", "InputError", "Cancelled", "__version__"]
+__all__ = ["register", "InputError", "RegistrationError", "Cancelled", "__version__"]

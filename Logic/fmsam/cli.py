@@ -1,13 +1,14 @@
 """The ``fmsam`` command line: register, warp, jacobian, evaluate.
 
-Problems with the inputs exit with code 2 and a one-line ``fmsam: error: ...`` message, and leave
-no partial outputs behind.
+Problems with the inputs exit with code 2 and a one-line ``fmsam: error: ...`` message, a result
+that cannot be used or written (e.g. a non-finite field) with code 1 and such a line; neither leaves
+partial outputs behind.
 """
 import argparse
 import os
 import sys
 
-from .errors import InputError
+from .errors import InputError, RegistrationError
 
 
 def _add_register(commands):
@@ -18,8 +19,9 @@ def _add_register(commands):
     parser.add_argument("--fixed-labels", help="label map on the fixed grid (for Dice)")
     parser.add_argument("--moving-labels", help="label map on the moving grid (warped, for Dice)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--io-steps", type=int, default=0, help="instance-optimisation steps (0: off)")
-    parser.add_argument("--weights", help="weights file (default: the bundled model)")
+    parser.add_argument("--io-steps", type=int, default=0,
+                        help="instance-optimisation steps, 0 (off) to 2000")
+    _add_weights(parser)
     parser.add_argument("--no-affine", action="store_true", help="skip affine pre-alignment")
     parser.add_argument("--modality", choices=["auto", "mr", "ct"], default="auto",
                         help="intensity normalisation (default: detected per image)")
@@ -28,6 +30,14 @@ def _add_register(commands):
     parser.add_argument("--scene", metavar="OUT.mrb",
                         help="also write a Slicer scene bundle (inputs, transform, warped volume, "
                         "Jacobian map with its colours); needs slicer-core or Slicer's Python")
+
+
+def _add_weights(parser):
+    parser.add_argument("--weights", help="weights file (default: the bundled model); its SHA-256 is "
+                        "checked against FILE.sha256")
+    parser.add_argument("--allow-unverified-weights", action="store_true",
+                        help="use a weights file that has no FILE.sha256 (its checksum cannot be "
+                        "verified); refused without this option")
 
 
 def _add_contrast_matching(parser):
@@ -60,15 +70,23 @@ def _add_evaluate(commands):
                         help="CSV with columns fixed, moving, fixed_labels, moving_labels")
     parser.add_argument("--out", required=True, help="results CSV")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--io-steps", type=int, default=0)
-    parser.add_argument("--weights")
+    parser.add_argument("--io-steps", type=int, default=0,
+                        help="instance-optimisation steps, 0 (off) to 2000")
+    _add_weights(parser)
     parser.add_argument("--no-affine", action="store_true")
     _add_contrast_matching(parser)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported like every other error: one line, exit code 2."""
+
+    def error(self, message):
+        self.exit(2, "fmsam: error: %s (see %s --help)\n" % (message, self.prog))
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(prog="fmsam", description="FM-SAM deformable registration "
-                                     "with a SAM-trained foundation model.")
+    parser = _Parser(prog="fmsam", description="FM-SAM deformable registration "
+                     "with a SAM-trained foundation model.")
     commands = parser.add_subparsers(dest="command", required=True)
     for add in (_add_register, _add_warp, _add_jacobian, _add_evaluate):
         add(commands)
@@ -87,30 +105,86 @@ def _progress_printer(quiet):
     return progress
 
 
+def _check_scene(path):
+    """Everything ``--scene`` needs, checked before any work: Slicer's MRML and a writable path."""
+    try:
+        from FMSAMRegistrationLib.scene_export import check_scene_path
+    except ImportError as error:
+        raise InputError("--scene needs Slicer's MRML classes in Python (pip install slicer-core on "
+                         "Python 3.10+, or run fmsam from Slicer's Python): %s" % error) from None
+    from .outputs import check_output_file
+
+    check_scene_path(path)
+    check_output_file(path, "--scene")
+
+
+class _SceneWriter:
+    """Writes the ``--scene`` bundle into a hidden staging folder beside it (the bundle keeps its
+    final name: Slicer names the scene after the file), moved into place by :meth:`commit` once the
+    other outputs are in place; any failure becomes a :class:`RegistrationError`."""
+
+    def __init__(self, args, result):
+        self.args, self.result, self.staging = args, result, None
+
+    def stage(self):
+        import tempfile
+
+        from FMSAMRegistrationLib.scene_export import write_registration_scene
+
+        from .outputs import partial_prefix, remove_dead_partials
+
+        folder = os.path.dirname(os.path.abspath(self.args.scene))
+        remove_dead_partials(folder)
+        self.staging = tempfile.mkdtemp(prefix=partial_prefix(), dir=folder)
+        staged = os.path.join(self.staging, os.path.basename(self.args.scene))
+        try:
+            write_registration_scene(staged, self.result, self.args.fixed, self.args.moving,
+                                     self.args.fixed_labels, self.args.moving_labels)
+        except Exception as error:  # MRML and its writers raise many kinds
+            from .imageio import error_line
+
+            raise RegistrationError("the scene %s could not be written (%s); no output was written"
+                                    % (self.args.scene, error_line(error))) from None
+
+    def commit(self):
+        try:
+            os.replace(os.path.join(self.staging, os.path.basename(self.args.scene)), self.args.scene)
+        except OSError as error:
+            raise RegistrationError("the outputs are in %s, but the scene could not be moved to %s (%s)"
+                                    % (self.args.out, self.args.scene, error.strerror or error)) from None
+
+    def discard(self):
+        if self.staging is not None:
+            import shutil
+
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+
 def _register(args):
     from .imageio import read_image
-    from .outputs import write_outputs
+    from .outputs import check_output_folder, write_outputs
     from .overview import start_importing_matplotlib
     from .pipeline import register
 
+    check_output_folder(args.out, inputs=(args.fixed, args.moving, args.fixed_labels, args.moving_labels))
     if args.scene:
-        try:
-            from FMSAMRegistrationLib.scene_export import check_scene_path
-        except ImportError as error:
-            raise InputError("--scene needs Slicer's MRML classes in Python (pip install slicer-core on "
-                             "Python 3.10+, or run fmsam from Slicer's Python): %s" % error) from None
-        check_scene_path(args.scene)
+        _check_scene(args.scene)
     start_importing_matplotlib()  # for the overview picture, while the registration runs
     result = register(args.fixed, args.moving, args.fixed_labels, args.moving_labels,
                       prealign=not args.no_affine, io_steps=args.io_steps, device=args.device,
                       weights=args.weights, modality=args.modality,
                       contrast_matching=args.contrast_matching,
+                      allow_unverified=args.allow_unverified_weights,
                       progress=_progress_printer(args.quiet))
-    write_outputs(result, args.out, moving=read_image(args.moving))
-    if args.scene:
-        from FMSAMRegistrationLib.scene_export import write_registration_scene
-        write_registration_scene(args.scene, result, args.fixed, args.moving, args.fixed_labels,
-                                 args.moving_labels)
+    scene = _SceneWriter(args, result) if args.scene else None
+    try:
+        write_outputs(result, args.out, moving=read_image(args.moving),
+                      before_commit=scene.stage if scene else None)
+        if scene:
+            scene.commit()
+    finally:
+        if scene:
+            scene.discard()
     report = result.report
     line = "registered in %.1f s on %s; folding %.4f %%; det J %.3f..%.3f" % (
         report["seconds"]["total"], report["device"], report["folding_percent"],
@@ -129,7 +203,9 @@ def _warp(args):
 
     from .fields import resample
     from .imageio import read_displacement_transform, read_image, write_atomically
+    from .outputs import check_output_file
 
+    check_output_file(args.out, inputs=(args.image, args.reference, args.transform))
     image = read_image(args.image, "image")
     reference = read_image(args.reference, "reference image")
     transform = read_displacement_transform(args.transform)
@@ -144,10 +220,17 @@ def _jacobian(args):
     from .fields import field_from_transform, image_on_grid
     from .imageio import read_displacement_transform, write_atomically
     from .jacobian import jacobian_determinant, jacobian_statistics
+    from .outputs import check_output_file
 
+    check_output_file(args.out, inputs=(args.transform,))
     field, reference = field_from_transform(read_displacement_transform(args.transform))
     determinant = jacobian_determinant(field, reference)
-    image = image_on_grid(determinant.astype(np.float32), reference)
+    with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, refused here
+        values = determinant.astype(np.float32)
+    if not np.all(np.isfinite(values)):
+        raise InputError("transform %s has displacements too large for a finite Jacobian determinant"
+                         % args.transform)
+    image = image_on_grid(values, reference)
     write_atomically(lambda path: sitk.WriteImage(image, path, useCompression=True), args.out)
     stats = jacobian_statistics(determinant)
     print("folding %.4f %%; det J %.3f..%.3f; std log|J| %.4f" % (
@@ -160,7 +243,8 @@ def _evaluate(args):
 
     evaluate_pairs(args.pairs, args.out, device=args.device, io_steps=args.io_steps,
                    weights=args.weights, prealign=not args.no_affine,
-                   contrast_matching=args.contrast_matching)
+                   contrast_matching=args.contrast_matching,
+                   allow_unverified=args.allow_unverified_weights)
 
 
 def main(argv=None):
@@ -171,6 +255,9 @@ def main(argv=None):
     except InputError as error:
         print("fmsam: error: %s" % error, file=sys.stderr)
         return 2
+    except RegistrationError as error:
+        print("fmsam: error: %s" % error, file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("fmsam: interrupted", file=sys.stderr)
         return 130

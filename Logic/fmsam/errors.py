@@ -1,7 +1,8 @@
 """Errors the engine raises for problems the user can fix.
 
-The command line turns :class:`InputError` into exit code 2 and a one-line message; the Slicer
-module shows the same message in a dialog. Anything else is a bug and keeps its traceback.
+The command line turns :class:`InputError` into exit code 2 and :class:`RegistrationError` into
+exit code 1, each with a one-line message; the Slicer module shows the same message in a dialog.
+Anything else is a bug and keeps its traceback.
 """
 
 
@@ -11,3 +12,8 @@ class InputError(ValueError):
 
 class Cancelled(RuntimeError):
     """The caller asked a running registration to stop (raised from a progress callback)."""
+
+
+class RegistrationError(RuntimeError):
+    """The inputs were accepted but no usable result came out (e.g. a non-finite displacement
+    field), or a result could not be written; nothing was written."""

@@ -2,6 +2,20 @@
 import numpy as np
 
 
+def _positions(values, labels):
+    """Index of each value in the sorted ``labels``, plus one; 0 for values not among them."""
+    position = np.searchsorted(labels, values)
+    found = np.zeros(values.shape, dtype=bool)
+    inside = position < len(labels)
+    found[inside] = labels[position[inside]] == values[inside]
+    return np.where(found, position + 1, 0)
+
+
+#: Labels below this are counted by value (fast); a map with larger labels is counted by the labels'
+#: positions, so that a label of 4e9 does not ask for a 32 GB count array.
+DIRECT_COUNT_LIMIT = 1 << 24
+
+
 def dice_per_label(fixed_labels, warped_labels, labels=None):
     """Dice of each label (> 0) between two integer arrays of the same shape.
 
@@ -12,15 +26,22 @@ def dice_per_label(fixed_labels, warped_labels, labels=None):
     if labels is None:
         labels = np.intersect1d(np.unique(fixed_labels), np.unique(warped_labels))
     labels = [int(label) for label in labels if label > 0]
-    size = max([int(fixed_labels.max()), int(warped_labels.max())] + labels) + 1
-    fixed_counts = np.bincount(fixed_labels, minlength=size)
-    warped_counts = np.bincount(warped_labels, minlength=size)
-    both = fixed_labels == warped_labels
-    overlap = np.bincount(fixed_labels[both], minlength=size)
+    largest = max([int(fixed_labels.max()), int(warped_labels.max())] + labels)
+    if largest < DIRECT_COUNT_LIMIT:
+        wanted = None
+        fixed_at, warped_at, size = fixed_labels, warped_labels, largest + 1
+    else:
+        wanted = np.unique(np.array(labels, dtype=np.int64))
+        fixed_at, warped_at = _positions(fixed_labels, wanted), _positions(warped_labels, wanted)
+        size = len(wanted) + 1
+    fixed_counts = np.bincount(fixed_at, minlength=size)
+    warped_counts = np.bincount(warped_at, minlength=size)
+    overlap = np.bincount(fixed_at[fixed_at == warped_at], minlength=size)
     result = {}
     for label in labels:
-        total = fixed_counts[label] + warped_counts[label]
-        result[label] = 2.0 * overlap[label] / total if total else float("nan")
+        index = label if wanted is None else int(np.searchsorted(wanted, label)) + 1
+        total = fixed_counts[index] + warped_counts[index]
+        result[label] = 2.0 * overlap[index] / total if total else float("nan")
     return result
 
 

@@ -10,10 +10,11 @@ import time
 import numpy as np
 import SimpleITK as sitk
 
-from . import fields
-from .contrast import CONTRAST_MATCHING, MIN_CORRELATION_GAIN, apply_lookup, contrast_decision
-from .errors import InputError
-from .imageio import check_same_grid, load_label_map, load_scalar_volume
+from . import __version__, fields
+from .arguments import check_register_arguments
+from .contrast import MIN_CORRELATION_GAIN, apply_lookup, contrast_decision
+from .errors import RegistrationError
+from .imageio import error_line, load_label_map_on_grid, load_scalar_volume
 from .intensity import normalise
 from .jacobian import jacobian_determinant, jacobian_statistics
 from .metrics import labels_in_both, mean_dice
@@ -57,6 +58,7 @@ class _Stages:
         self.callback = callback
         self.seconds = {}
         self._stage, self._start, self._fraction = None, None, 0.0
+        self.raised = None  # what the callback raised, told apart from the library's own errors
 
     def begin(self, stage):
         self.end()
@@ -66,7 +68,11 @@ class _Stages:
     def update(self, fraction):
         self._fraction = max(self._fraction, fraction)
         if self.callback is not None:
-            self.callback(self._stage, self._fraction)
+            try:
+                self.callback(self._stage, self._fraction)
+            except BaseException as raised:
+                self.raised = raised
+                raise
 
     def end(self):
         if self._stage is not None:
@@ -102,29 +108,80 @@ def back_to_grid(field, field_grid, fixed_image):
     return sitk.GetArrayFromImage(restored).astype(np.float64)
 
 
+def prealign_or_explain(stages, fixed, moving, initial=None):
+    """:func:`affine_prealign` of two normalised images (progress to ``stages``), with SimpleITK's
+    own failures (images it cannot align, e.g. ones that do not overlap) turned into a
+    :class:`RegistrationError` that says what to do; the progress callback's exceptions pass
+    through as themselves."""
+    try:
+        return affine_prealign(fixed, moving, progress=stages.update, initial=initial)
+    except RuntimeError as error:
+        if error is stages.raised:
+            raise
+        raise RegistrationError("the affine pre-alignment failed on these images (%s); check that they "
+                                "show the same anatomy, or register without it (--no-affine, "
+                                "prealign=False)" % error_line(error)) from None
+
+
+def weights_provenance(network):
+    """``{"file", "sha256", "verified"}`` of the weights file a network was loaded from (all None or
+    False for a network that did not come from :func:`fmsam.weights.load_model`)."""
+    return dict(getattr(network, "fmsam_weights", None) or {"file": None, "sha256": None, "verified": False})
+
+
+def check_finite_result(values, network, what="displacement field"):
+    """Raise :class:`RegistrationError` unless every value of ``values`` (the field (k, j, i, 3) in
+    mm, or the Jacobian determinant as written, float32) is finite: a NaN field would warp to an
+    empty image and count no folding, an infinite determinant is not JSON."""
+    finite = np.isfinite(values)
+    if not finite.all():
+        raise RegistrationError(
+            "the registration produced a non-finite %s (%d of %d values NaN or infinite) with the "
+            "weights %s; no result is returned or written"
+            % (what, finite.size - int(finite.sum()), finite.size,
+               weights_provenance(network)["file"] or "given"))
+
+
+def non_finite_entries(report, prefix=""):
+    """Keys (``"seconds.total"`` for nested ones) of the report's values that are NaN or infinite."""
+    found = []
+    items = report.items() if isinstance(report, dict) else enumerate(report)
+    for key, value in items:
+        name = "%s%s" % (prefix, key)
+        if isinstance(value, (dict, list, tuple)):
+            found += non_finite_entries(value, name + ".")
+        elif isinstance(value, float) and not np.isfinite(value):
+            found.append(name)
+    return found
+
+
 def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True, io_steps=0,
              device="auto", weights=None, modality="auto", progress=None, model=None,
-             contrast_matching="auto"):
+             contrast_matching="auto", allow_unverified=False):
     """Register ``moving`` to ``fixed`` and return a :class:`RegistrationResult`.
 
     ``fixed``/``moving``: paths (NIfTI, NRRD, MHA) or SimpleITK images, any size, spacing,
     orientation and pixel type. ``fixed_labels``/``moving_labels``: optional label maps on their
     image's grid, for the Dice report and the warped label map. ``prealign``: affine pre-alignment
-    on/off. ``io_steps``: instance-optimisation steps (0 = off). ``device``: 'auto', 'cpu' or
-    'cuda'. ``weights``: a weights file (default: bundled model). ``modality``: 'auto', 'mr' or 'ct'
-    for both images, or a (fixed, moving) pair. ``contrast_matching``: give the moving image the
-    fixed image's contrast before the network ('auto': when the contrasts differ; 'on'; 'off'),
-    see :mod:`fmsam.contrast`. ``progress(stage, fraction)``: called often; it may
-    raise :class:`fmsam.errors.Cancelled` to stop. ``model``: an already loaded
-    ``(network, config)`` to reuse across calls.
+    on/off (bool). ``io_steps``: instance-optimisation steps, an int from 0 (off) to 2000.
+    ``device``: 'auto', 'cpu' or 'cuda' ('cuda' needs a usable GPU). ``weights``: a weights file
+    (default: bundled model) whose SHA-256 is verified against ``<file>.sha256``; a file without one
+    is refused unless ``allow_unverified=True``. ``modality``: 'auto', 'mr' or 'ct' for both images,
+    or a (fixed, moving) pair. ``contrast_matching``: give the moving image the fixed image's
+    contrast before the network ('auto': when the contrasts differ; 'on'; 'off'), see
+    :mod:`fmsam.contrast`. ``progress(stage, fraction)``: called often; it may raise
+    :class:`fmsam.errors.Cancelled` to stop, and any exception it raises reaches the caller as
+    itself. ``model``: an already loaded ``(network, config)`` to reuse across calls (instead of
+    ``weights``).
+
+    Every argument is checked before any work (:mod:`fmsam.arguments`): a bad one raises
+    :class:`InputError`, as do bad images and weights. :class:`RegistrationError`: the result is
+    not finite (nothing is returned).
     """
     from .weights import bundled_config, load_model
 
-    if io_steps < 0:
-        raise InputError("io_steps must be 0 or more, not %r" % io_steps)
-    if contrast_matching not in CONTRAST_MATCHING:
-        raise InputError("contrast_matching must be one of %s, not %r"
-                         % (", ".join(CONTRAST_MATCHING), contrast_matching))
+    check_register_arguments(fixed, moving, fixed_labels, moving_labels, prealign, io_steps, device,
+                             weights, modality, progress, model, contrast_matching, allow_unverified)
     stages = _Stages(progress)
     total_start = time.perf_counter()
 
@@ -133,11 +190,9 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
     moving_image = load_scalar_volume(moving, "moving image")
     fixed_label_map = moving_label_map = None
     if fixed_labels is not None:
-        fixed_label_map = load_label_map(fixed_labels, "fixed label map")
-        check_same_grid(fixed_image, fixed_label_map, "fixed label map")
+        fixed_label_map = load_label_map_on_grid(fixed_labels, fixed_image, fixed, "fixed")
     if moving_labels is not None:
-        moving_label_map = load_label_map(moving_labels, "moving label map")
-        check_same_grid(moving_image, moving_label_map, "moving label map")
+        moving_label_map = load_label_map_on_grid(moving_labels, moving_image, moving, "moving")
     loading = None
     if model is not None:
         config = model[1]
@@ -149,7 +204,7 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
         loading = loader.submit(load_model, None, "cpu")
         loader.shutdown(wait=False)
     else:
-        model = load_model(weights, "cpu")
+        model = load_model(weights, "cpu", allow_unverified)
         config = model[1]
     fixed_modality, moving_modality = (modality, modality) if isinstance(modality, str) else modality
     # Both images are brought to the axis layout of the training images by a pure permutation or
@@ -160,8 +215,7 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
     moving_normalised, moving_modality = normalised_image(reorient(moving_image, layout), moving_modality)
 
     stages.begin("affine")
-    affine = (affine_prealign(network_fixed, moving_normalised, progress=stages.update) if prealign
-              else identity_affine())
+    affine = prealign_or_explain(stages, network_fixed, moving_normalised) if prealign else identity_affine()
     moving_on_fixed = fields.resample(moving_normalised, network_fixed, affine)
     report = {}
     lookup, gain = contrast_decision(*(sitk.GetArrayViewFromImage(image)[DECISION_SAMPLING]
@@ -177,8 +231,7 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
         moving_normalised = fields.image_on_grid(
             apply_lookup(lookup, sitk.GetArrayViewFromImage(moving_normalised)), moving_normalised)
         if prealign:
-            affine = affine_prealign(network_fixed, moving_normalised, progress=stages.update,
-                                     initial=affine)
+            affine = prealign_or_explain(stages, network_fixed, moving_normalised, initial=affine)
         moving_on_fixed = fields.resample(moving_normalised, network_fixed, affine)
 
     stages.begin("network")
@@ -217,6 +270,7 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
     deformable_index = fields.network_to_fixed_index_displacement(displacement, network_fixed.GetSize())
     field = fields.compose_fixed_to_moving(network_fixed, affine, deformable_index)
     field = back_to_grid(field, network_fixed, fixed_image)
+    check_finite_result(field, network)
     transform = fields.field_transform(field, fixed_image)
 
     stages.begin("warp")
@@ -229,19 +283,25 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
         labels = labels_in_both(fixed_array, sitk.GetArrayViewFromImage(moving_label_map))
         initial_labels = fields.resample(moving_label_map, fixed_image, sitk.Transform(), nearest=True)
         affine_labels = fields.resample(moving_label_map, fixed_image, affine, nearest=True)
-        report["dice_initial"] = mean_dice(fixed_array, sitk.GetArrayViewFromImage(initial_labels), labels)
-        report["dice_affine"] = mean_dice(fixed_array, sitk.GetArrayViewFromImage(affine_labels), labels)
-        report["dice_after"] = mean_dice(fixed_array, sitk.GetArrayViewFromImage(warped_labels), labels)
         report["dice_labels"] = int(len(labels))
+        for key, labels_on_fixed in (("dice_initial", initial_labels), ("dice_affine", affine_labels),
+                                     ("dice_after", warped_labels)):
+            if len(labels):  # no shared label: no Dice (NaN is not JSON), and a warning below
+                report[key] = mean_dice(fixed_array, sitk.GetArrayViewFromImage(labels_on_fixed), labels)
 
     # Label-free check: did the deformable step make the images more alike than the affine did?
     report["mi_affine"], report["mi_registered"], warning = deformable_gain(
         fixed_image, fields.resample(moving_image, fixed_image, affine), warped)
     report["warnings"] = [warning] if warning else []
+    if report.get("dice_labels") == 0:
+        report["warnings"].append("the two label maps share no label (> 0): no Dice is reported")
 
     stages.begin("jacobian")
     determinant = jacobian_determinant(field, fixed_image)
-    jacobian = fields.image_on_grid(determinant.astype(np.float32), fixed_image)
+    with np.errstate(over="ignore"):  # beyond float32: inf, refused here
+        jacobian_values = determinant.astype(np.float32)
+    check_finite_result(jacobian_values, network, "Jacobian determinant")
+    jacobian = fields.image_on_grid(jacobian_values, fixed_image)
     stages.end()
 
     report.update(jacobian_statistics(determinant))
@@ -252,6 +312,10 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
         "prealign": bool(prealign), "io_steps": int(io_steps), "network_grid": list(grid),
         "modality": {"fixed": fixed_modality, "moving": moving_modality},
         "fixed_size": list(fixed_image.GetSize()), "fixed_spacing": list(fixed_image.GetSpacing()),
+        "weights": weights_provenance(network), "fmsam_version": __version__,
     })
+    if non_finite_entries(report):  # report.json is strict JSON
+        raise RegistrationError("the registration's figures %s are not finite; no result is returned or "
+                                "written" % ", ".join(non_finite_entries(report)))
     return RegistrationResult(fixed=fixed_image, field=field, affine=affine, warped=warped,
                               warped_labels=warped_labels, jacobian=jacobian, report=report)

@@ -5,8 +5,6 @@ resampling direction), so ``sitk.Resample(moving, fixed, transform)`` aligns mov
 """
 import SimpleITK as sitk
 
-from .errors import Cancelled
-
 #: Seed for the metric's random sampling: the same inputs always give the same transform.
 SAMPLING_SEED = 20250510
 
@@ -45,8 +43,8 @@ def affine_prealign(fixed, moving, iterations=60, sampling=0.10, progress=None, 
     ``initial``: an affine transform to refine (levels ``REFINE_LEVELS``, no rigid stage) instead of
     starting from the images' moments.
     Returns an ``sitk.AffineTransform`` (fixed LPS point -> moving LPS point). ``progress(fraction)``
-    is called every optimiser iteration; when it raises :class:`Cancelled` the optimiser stops at
-    that iteration and the exception is raised again here. Runs on one ITK
+    is called every optimiser iteration; when it raises (e.g. :class:`fmsam.Cancelled`) the
+    optimiser stops at that iteration and the exception is raised again here. Runs on one ITK
     thread: the multi-threaded metric adds partial sums in varying order, and the transform then
     differed in the last bits from run to run (outputs were not reproducible byte for byte).
     """
@@ -66,8 +64,9 @@ def affine_prealign(fixed, moving, iterations=60, sampling=0.10, progress=None, 
 
 class _Progress:
     """Forwards optimiser iterations as a fraction of the worst case (every level runs to the
-    iteration limit), and turns a :class:`Cancelled` raised by the callback into a stopped
-    optimiser: SimpleITK does not propagate exceptions out of its commands."""
+    iteration limit), and turns any exception the callback raises (:class:`Cancelled` or its own
+    error) into a stopped optimiser and raises it again after ``Execute``: SimpleITK does not
+    propagate exceptions out of its commands (it reports a generic error of its own)."""
 
     def __init__(self, callback, total_iterations):
         self.callback, self.total = callback, float(total_iterations)
@@ -85,8 +84,8 @@ class _Progress:
             return
         try:
             self.callback(min(self.done / self.total, 0.99))
-        except Cancelled as cancelled:
-            self.cancelled = cancelled
+        except BaseException as raised:  # Cancelled, or the callback's own error: raised as itself
+            self.cancelled = raised
             method.StopRegistration()
 
     def execute(self, method, fixed, moving):
