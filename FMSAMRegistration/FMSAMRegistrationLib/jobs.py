@@ -13,7 +13,7 @@ import typing
 
 import SimpleITK as sitk
 
-from fmsam.errors import Cancelled, InputError
+from fmsam.errors import Cancelled, InputError, RegistrationError
 
 #: After Cancel, how long the engine process may take to end before the call returns (seconds).
 CANCEL_SECONDS = 2.0
@@ -44,6 +44,7 @@ class RegistrationRequest:
     modality: str = "auto"
     contrast_matching: str = "auto"
     weights: typing.Optional[str] = None        # weights file, None: the bundled model
+    allow_unverified: bool = False              # accept a weights file without a checksum to verify
     progress: typing.Optional[typing.Callable[[str, float], None]] = None
     transform_node: typing.Any = None           # output nodes given by the caller, or None
     create_warped: bool = True
@@ -134,7 +135,7 @@ class RegistrationJob(_Progress):
                 request.fixed_image, request.moving_image, request.fixed_labels, request.moving_labels,
                 prealign=request.prealign, io_steps=request.io_steps, device=request.device,
                 modality=request.modality, contrast_matching=request.contrast_matching,
-                progress=self._progress, model=self._logic.loadModel(request.weights))
+                progress=self._progress, model=self._logic.loadModel(request.weights, request.allow_unverified))
         finally:
             self._logic._job = None
         return self._logic.createOutputNodes(request, result)
@@ -176,7 +177,8 @@ class BackgroundRegistrationJob(_Progress):
                 "fixed_labels": files.get("fixed_labels"), "moving_labels": files.get("moving_labels"),
                 "prealign": request.prealign, "io_steps": request.io_steps, "device": request.device,
                 "modality": request.modality, "contrast_matching": request.contrast_matching,
-                "weights": os.path.abspath(request.weights) if request.weights else None, "out": "result"}
+                "weights": os.path.abspath(request.weights) if request.weights else None,
+                "allow_unverified": request.allow_unverified, "out": "result"}
             request_path = os.path.join(folder, "request.json")
             with open(request_path, "w") as handle:
                 json.dump(description, handle, indent=2)
@@ -244,8 +246,12 @@ class BackgroundRegistrationJob(_Progress):
             self.wait()
             if self._cancelled:
                 raise Cancelled("registration cancelled")
-            if self.returncode == 2:
+            from fmsam import worker
+
+            if self.returncode == worker.BAD_INPUT:
                 raise InputError(self.message or "the engine refused the inputs")
+            if self.returncode == worker.NO_RESULT:
+                raise RegistrationError(self.message or "the registration gave no usable result")
             if self.returncode != 0 or not self.done:
                 log = "\n".join(self._engine.lines[-20:])
                 raise RuntimeError("the registration engine failed (exit code %s): %s\n%s"

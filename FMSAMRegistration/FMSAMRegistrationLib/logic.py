@@ -143,7 +143,8 @@ class FMSAMRegistrationLogic:
         * ``showResults`` (True): put the results into the slice views.
         * ``contrastMatching`` ('auto'): give the moving volume the fixed volume's contrast before
           the network: 'auto' (when their contrasts differ), 'on' or 'off'.
-        * ``modality`` ('auto'), ``weights`` (bundled model), ``progress(stage, fraction)``.
+        * ``modality`` ('auto'), ``weights`` (bundled model; a file of your own needs its
+          ``.sha256`` beside it, or ``allowUnverifiedWeights=True``), ``progress(stage, fraction)``.
         """
         job = self._own(RegistrationJob(self, self.prepare(fixedVolumeNode, movingVolumeNode, **options)))
         return job.run()
@@ -172,7 +173,8 @@ class FMSAMRegistrationLogic:
                 movingSegmentationNode=None, prealign=True, device="auto", mode="fast", ioSteps=None,
                 outputTransformNode=None, createWarpedVolume=True, warpedVolumeNode=None,
                 createJacobian=True, jacobianVolumeNode=None, showResults=True, modality="auto",
-                weights=None, progress=None, contrastMatching="auto", movingVolumeAction="keep"):
+                weights=None, progress=None, contrastMatching="auto", movingVolumeAction="keep",
+                allowUnverifiedWeights=False):
         """Check the inputs and read them into memory; returns a :class:`RegistrationRequest`."""
         if self._job is not None:
             raise InputError("a registration is already running")
@@ -220,7 +222,8 @@ class FMSAMRegistrationLogic:
             fixed_node=fixedVolumeNode, moving_node=movingVolumeNode, fixed_image=fixed_image,
             moving_image=moving_image, fixed_labels=fixed_labels, moving_labels=moving_labels,
             prealign=bool(prealign), device=device, io_steps=int(ioSteps), modality=modality,
-            contrast_matching=contrastMatching, weights=weights, progress=progress,
+            contrast_matching=contrastMatching, weights=weights,
+            allow_unverified=bool(allowUnverifiedWeights), progress=progress,
             transform_node=outputTransformNode,
             create_warped=bool(createWarpedVolume) or warpedVolumeNode is not None, warped_node=warpedVolumeNode,
             create_jacobian=bool(createJacobian) or jacobianVolumeNode is not None,
@@ -251,13 +254,14 @@ class FMSAMRegistrationLogic:
             if node is not None and (not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode")):
                 raise InputError("the %s output must be a scalar volume node" % what)
 
-    def loadModel(self, weights=None):
-        """``(network, config)`` for in-process runs, loaded once and kept (imports PyTorch)."""
+    def loadModel(self, weights=None, allowUnverified=False):
+        """``(network, config)`` for in-process runs, loaded once and kept (imports PyTorch).
+        A weights file without a checksum to verify it is refused unless ``allowUnverified``."""
         from fmsam.weights import load_model
 
-        source = weights or "bundled"
+        source = (weights or "bundled", bool(allowUnverified))
         if self._model is None or self._model_source != source:
-            self._model, self._model_source = load_model(weights, "cpu"), source
+            self._model, self._model_source = load_model(weights, "cpu", allowUnverified), source
         return self._model
 
     # -- part 3: engine result -> nodes -----------------------------------------------------------------

@@ -13,6 +13,7 @@ import slicer
 import vtk
 
 from fmsam.errors import InputError
+from fmsam.outputs import partial_prefix, remove_dead_partials
 
 
 @contextlib.contextmanager
@@ -79,7 +80,11 @@ class HeadlessScene:
         path = os.path.abspath(path)
         # Slicer names the scene inside the bundle after the file, so the partial file gets the
         # final name, in a hidden folder beside it.
-        staging = tempfile.mkdtemp(prefix=".fmsam-partial-", dir=os.path.dirname(path))
+        # Named like the engine's staging folders (host and process), so that a run killed while
+        # writing leaves nothing the next run does not clean up.
+        folder = os.path.dirname(path)
+        remove_dead_partials(folder)
+        staging = tempfile.mkdtemp(prefix=partial_prefix(), dir=folder)
         try:
             partial = os.path.join(staging, os.path.basename(path))
             if not self.scene.WriteToMRB(partial):

@@ -11,14 +11,15 @@ the run at once. Any program can do the same::
 
     {"fixed": "fixed.mha", "moving": "moving.mha", "fixed_labels": null, "moving_labels": null,
      "prealign": true, "io_steps": 0, "device": "auto", "modality": "auto",
-     "contrast_matching": "auto", "weights": null, "out": "result"}
+     "contrast_matching": "auto", "weights": null, "allow_unverified": false, "out": "result"}
 
 Relative paths are relative to the request file's folder. Standard output carries one line per
 event, each starting with a tag:
 
 * ``FMSAM-PROGRESS <stage> <fraction>``: the stage (as :func:`fmsam.register` names it) and how much
   of it is done (0..1); printed when the stage changes or its fraction grows by 1 % or more;
-* ``FMSAM-ERROR <message>``: the run failed (one line; exit code 2 for bad input, 1 otherwise);
+* ``FMSAM-ERROR <message>``: the run failed (one line; exit code 2 for bad input, 3 for inputs that
+  gave no usable result, 1 for anything else, whose traceback precedes the line);
 * ``FMSAM-DONE``: every result file is written (exit code 0).
 
 Results, in ``out`` (uncompressed, to be read back at once): ``field.mha`` (the fixed-to-moving
@@ -33,7 +34,9 @@ import traceback
 PROGRESS, ERROR, DONE = "FMSAM-PROGRESS", "FMSAM-ERROR", "FMSAM-DONE"
 RESULT_FILES = {"field": "field.mha", "warped": "warped.mha", "jacobian": "jacobian.mha",
                 "report": "report.json"}
-OPTIONS = ("prealign", "io_steps", "device", "modality", "contrast_matching", "weights")
+OPTIONS = ("prealign", "io_steps", "device", "modality", "contrast_matching", "weights", "allow_unverified")
+#: Exit codes besides 0 (done).
+BAD_INPUT, NO_RESULT, FAILED = 2, 3, 1
 
 
 def _say(tag, *words):
@@ -75,8 +78,9 @@ def write_results(result, out):
 
 
 def run(request_path):
-    """Run the request; returns the process exit code (0 done, 2 bad input, 1 anything else)."""
-    from .errors import InputError
+    """Run the request; returns the process exit code (0 done, or :data:`BAD_INPUT`,
+    :data:`NO_RESULT`, :data:`FAILED`)."""
+    from .errors import InputError, RegistrationError
     from .pipeline import register
 
     try:
@@ -87,11 +91,14 @@ def run(request_path):
         write_results(result, request["out"])
     except InputError as error:
         _say(ERROR, str(error).replace("\n", " "))
-        return 2
+        return BAD_INPUT
+    except RegistrationError as error:
+        _say(ERROR, str(error).replace("\n", " "))
+        return NO_RESULT
     except Exception as error:  # a bug: its traceback goes to the log, one line to the user
         traceback.print_exc(file=sys.stdout)
         _say(ERROR, ("%s: %s" % (type(error).__name__, error)).replace("\n", " "))
-        return 1
+        return FAILED
     _say(DONE)
     return 0
 
@@ -102,7 +109,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         _say(ERROR, "usage: worker REQUEST.json")
-        code = 2
+        code = BAD_INPUT
     else:
         code = run(argv[0])
     sys.stdout.flush()

@@ -366,13 +366,15 @@ def test_engine_errors_reach_the_caller_as_one_message_and_change_nothing(pair_s
     count = scene.GetNumberOfNodes()
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"not a weights file")
-    job = logic.start(nodes["fixed"], nodes["moving"], device="cpu", weights=str(broken))
-    folder = job._engine.folder
-    job.wait()
-    with pytest.raises(InputError, match="unreadable weights file"):
-        job.finish()
-    assert scene.GetNumberOfNodes() == count and not os.path.exists(folder)
-    assert logic.state == ProcessingState.IDLE
+    for allow, message in ((False, "cannot be verified|no .*sha256|unverif"), (True, "unreadable weights file")):
+        job = logic.start(nodes["fixed"], nodes["moving"], device="cpu", weights=str(broken),
+                          allowUnverifiedWeights=allow)
+        folder = job._engine.folder
+        job.wait()
+        with pytest.raises(InputError, match=message):
+            job.finish()
+        assert scene.GetNumberOfNodes() == count and not os.path.exists(folder)
+        assert logic.state == ProcessingState.IDLE
 
 
 def test_moving_volume_can_be_placed_under_the_result_or_hardened(pair_scene):
