@@ -20,8 +20,7 @@ def _make_engine_importable():
 
 _make_engine_importable()
 
-from .logic import (DEVICES, MODES, MOVING_VOLUME_ACTIONS, FMSAMRegistrationLogic,  # noqa: E402
-                    ProcessingState, RegistrationOutcome)
+from .logic import (MOVING_VOLUME_ACTIONS, FMSAMRegistrationLogic, ProcessingState,  # noqa: E402
+                    RegistrationOutcome)
 
-__all__ = ["FMSAMRegistrationLogic", "ProcessingState", "RegistrationOutcome", "DEVICES", "MODES",
-           "MOVING_VOLUME_ACTIONS"]
+__all__ = ["FMSAMRegistrationLogic", "ProcessingState", "RegistrationOutcome", "MOVING_VOLUME_ACTIONS"]

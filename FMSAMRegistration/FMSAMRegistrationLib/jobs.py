@@ -14,15 +14,11 @@ import typing
 import SimpleITK as sitk
 
 from fmsam.errors import Cancelled, InputError, RegistrationError
+from fmsam.options import STAGE_TITLES
 
 #: After Cancel, how long the engine process may take to end before the call returns (seconds).
 CANCEL_SECONDS = 2.0
 
-STAGE_TITLES = {
-    "prepare": "Preparing images", "affine": "Affine pre-alignment", "network": "Running the network",
-    "instance_optimisation": "Instance optimisation", "compose": "Composing the transform",
-    "warp": "Warping the moving volume", "jacobian": "Jacobian determinant",
-}
 #: Rough share of a run's time per stage (CPU, fast mode), for one overall progress bar.
 STAGE_WEIGHTS = {"prepare": 0.05, "affine": 0.45, "network": 0.2, "instance_optimisation": 0.0,
                  "compose": 0.1, "warp": 0.1, "jacobian": 0.1}

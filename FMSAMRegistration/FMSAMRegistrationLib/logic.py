@@ -20,16 +20,13 @@ import os
 
 import slicer
 
-from fmsam.contrast import CONTRAST_MATCHING
 from fmsam.errors import InputError
+from fmsam.options import CONTRAST_MATCHING, DEVICES, MODES
 
 from . import display, mrml_io
 from .jobs import BackgroundRegistrationJob, RegistrationJob, RegistrationRequest
 from .torch_support import torch_problem
 
-#: Instance-optimisation steps of the GUI's "Fast" and "Accurate" modes.
-MODES = {"fast": 0, "accurate": 50}
-DEVICES = ("auto", "cuda", "cpu")
 #: What happens to the moving volume node: left alone, placed under the result transform (nothing
 #: is resampled; undo by removing it from the transform), or hardened (its voxels resampled through
 #: the transform, as Slicer's Harden transform does).

@@ -10,14 +10,8 @@ import os
 import numpy as np
 import SimpleITK as sitk
 
-from .contrast import CONTRAST_MATCHING
 from .errors import InputError
-from .intensity import MODALITIES
-
-#: Devices ``register`` accepts (also in :mod:`fmsam.inference`, which needs PyTorch).
-DEVICES = ("auto", "cpu", "cuda")
-#: Most instance-optimisation steps accepted: 50 take about 80 s on two CPU cores, 2000 an hour.
-MAX_IO_STEPS = 2000
+from .options import CONTRAST_MATCHING, DEVICES, MAX_IO_STEPS, MODALITIES
 
 
 def _given(value):

@@ -9,6 +9,7 @@ import os
 import sys
 
 from .errors import InputError, RegistrationError
+from .options import CONTRAST_MATCHING, DEVICES, MAX_IO_STEPS, MODALITIES, MODES
 
 
 def _add_register(commands):
@@ -18,18 +19,30 @@ def _add_register(commands):
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
     parser.add_argument("--fixed-labels", help="label map on the fixed grid (for Dice)")
     parser.add_argument("--moving-labels", help="label map on the moving grid (warped, for Dice)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--io-steps", type=int, default=0,
-                        help="instance-optimisation steps, 0 (off) to 2000")
+    _add_device_and_mode(parser)
     _add_weights(parser)
     parser.add_argument("--no-affine", action="store_true", help="skip affine pre-alignment")
-    parser.add_argument("--modality", choices=["auto", "mr", "ct"], default="auto",
+    parser.add_argument("--modality", choices=MODALITIES, default="auto",
                         help="intensity normalisation (default: detected per image)")
     _add_contrast_matching(parser)
     parser.add_argument("--quiet", action="store_true", help="print only the summary line")
     parser.add_argument("--scene", metavar="OUT.mrb",
                         help="also write a Slicer scene bundle (inputs, transform, warped volume, "
                         "Jacobian map with its colours); needs slicer-core or Slicer's Python")
+
+
+def _add_device_and_mode(parser):
+    parser.add_argument("--device", choices=DEVICES, default="auto")
+    parser.add_argument("--mode", choices=tuple(MODES), default="fast",
+                        help="fast: the network alone; accurate: + %d instance-optimisation steps"
+                        % MODES["accurate"])
+    parser.add_argument("--io-steps", type=int, default=None,
+                        help="instance-optimisation steps, 0 (off) to %d; overrides --mode" % MAX_IO_STEPS)
+
+
+def io_steps(args):
+    """The instance-optimisation steps asked for: ``--io-steps`` if given, else ``--mode``'s."""
+    return args.io_steps if args.io_steps is not None else MODES[args.mode]
 
 
 def _add_weights(parser):
@@ -41,8 +54,6 @@ def _add_weights(parser):
 
 
 def _add_contrast_matching(parser):
-    from .contrast import CONTRAST_MATCHING
-
     parser.add_argument("--contrast-matching", choices=CONTRAST_MATCHING, default="auto",
                         help="give the moving image the fixed image's contrast before the network "
                         "(auto: when their contrasts differ)")
@@ -69,9 +80,7 @@ def _add_evaluate(commands):
     parser.add_argument("--pairs", required=True,
                         help="CSV with columns fixed, moving, fixed_labels, moving_labels")
     parser.add_argument("--out", required=True, help="results CSV")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--io-steps", type=int, default=0,
-                        help="instance-optimisation steps, 0 (off) to 2000")
+    _add_device_and_mode(parser)
     _add_weights(parser)
     parser.add_argument("--no-affine", action="store_true")
     _add_contrast_matching(parser)
@@ -171,7 +180,7 @@ def _register(args):
         _check_scene(args.scene)
     start_importing_matplotlib()  # for the overview picture, while the registration runs
     result = register(args.fixed, args.moving, args.fixed_labels, args.moving_labels,
-                      prealign=not args.no_affine, io_steps=args.io_steps, device=args.device,
+                      prealign=not args.no_affine, io_steps=io_steps(args), device=args.device,
                       weights=args.weights, modality=args.modality,
                       contrast_matching=args.contrast_matching,
                       allow_unverified=args.allow_unverified_weights,
@@ -241,7 +250,7 @@ def _jacobian(args):
 def _evaluate(args):
     from .evaluate import evaluate_pairs
 
-    evaluate_pairs(args.pairs, args.out, device=args.device, io_steps=args.io_steps,
+    evaluate_pairs(args.pairs, args.out, device=args.device, io_steps=io_steps(args),
                    weights=args.weights, prealign=not args.no_affine,
                    contrast_matching=args.contrast_matching,
                    allow_unverified=args.allow_unverified_weights)

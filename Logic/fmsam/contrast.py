@@ -14,7 +14,6 @@ see the matched image; the warped output is always the original moving image.
 """
 import numpy as np
 
-CONTRAST_MATCHING = ("auto", "on", "off")
 #: 'auto' matches contrast when that raises the images' correlation (every second voxel, after the
 #: affine) by at least this much. Measured with this version's affine (Testing/Benchmarks/
 #: label_free_checks.py --gains, docs/benchmarks.md): same-contrast pairs (30 IXI, 10 thick-slice

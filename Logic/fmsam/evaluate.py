@@ -68,7 +68,7 @@ def check_pair(pair):
 
 def _check_options(pairs_csv, out_csv, device, io_steps, prealign, contrast_matching):
     from .arguments import check_choice, check_device, check_flag, check_io_steps
-    from .contrast import CONTRAST_MATCHING
+    from .options import CONTRAST_MATCHING
     from .outputs import check_output_file
 
     check_output_file(out_csv, inputs=(pairs_csv,))

@@ -6,8 +6,7 @@ import torch
 
 from .layers import invert, resize
 from .networks import network_grid_shape
-
-DEVICES = ("auto", "cpu", "cuda")
+from .options import DEVICES
 
 
 def cuda_usable():

@@ -5,12 +5,12 @@ fixed window keeps tissue contrast comparable between scans (as uniGradICON does
 """
 import numpy as np
 
+from .options import MODALITIES
+
 #: Hounsfield window mapped to [0, 1] for CT.
 CT_WINDOW_HU = (-1000.0, 1000.0)
 #: Percentiles mapped to 0 and 1 for MR (and anything else that is not CT).
 MR_PERCENTILES = (0.5, 99.5)
-
-MODALITIES = ("auto", "mr", "ct")
 
 
 def detect_modality(voxels):

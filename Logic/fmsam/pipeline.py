@@ -24,8 +24,6 @@ from .quality import deformable_gain
 #: Axis layout (DICOM orientation code) of the images the bundled model was trained on (IXI).
 TRAINING_ORIENTATION = "PSR"
 
-STAGES = ("prepare", "affine", "network", "instance_optimisation", "compose", "warp", "jacobian")
-
 
 class RegistrationResult:
     """Everything a registration produced. Images are SimpleITK images on the fixed grid (LPS)."""

@@ -107,7 +107,8 @@ def _volume(scene, name, labelmap=False):
 
 
 def test_parameter_node_defaults_every_field_and_a_saved_scene(release, tmp_path):
-    from FMSAMRegistrationLib import DEVICES, MODES, MOVING_VOLUME_ACTIONS, mrml_io
+    from fmsam.options import DEVICES, MODES
+    from FMSAMRegistrationLib import MOVING_VOLUME_ACTIONS, mrml_io
     from FMSAMRegistrationLib.scene import new_scene
 
     scene = release.headless.scene

@@ -1,0 +1,32 @@
+"""The engine's choices, in one place: what each option accepts and what each mode means.
+
+Imports nothing heavy (no PyTorch, no SimpleITK), so the command line, the Slicer module and the
+benchmarks read their choices from here before anything is loaded.
+"""
+
+#: ``device``: CUDA when one is usable, else the CPU; or either, explicitly.
+DEVICES = ("auto", "cpu", "cuda")
+#: ``modality``: intensity normalisation, detected per image or forced (see :mod:`fmsam.intensity`).
+MODALITIES = ("auto", "mr", "ct")
+#: ``contrast_matching``: give the moving image the fixed image's contrast before the network
+#: ('auto': when their contrasts differ; see :mod:`fmsam.contrast`).
+CONTRAST_MATCHING = ("auto", "on", "off")
+#: The modes and their instance-optimisation steps: 'fast' is the network alone (symmetric
+#: inference, smoothed), 'accurate' refines the network's fields on the pair for 50 steps.
+MODES = {"fast": 0, "accurate": 50}
+#: Most instance-optimisation steps accepted: 50 take about 80 s on two CPU cores, 2000 an hour.
+MAX_IO_STEPS = 2000
+#: The stages of a registration, in order, as progress callbacks name them, with their titles.
+STAGE_TITLES = {
+    "prepare": "Preparing images", "affine": "Affine pre-alignment", "network": "Running the network",
+    "instance_optimisation": "Instance optimisation", "compose": "Composing the transform",
+    "warp": "Warping the moving volume", "jacobian": "Jacobian determinant",
+}
+STAGES = tuple(STAGE_TITLES)
+
+
+def io_steps_of(mode):
+    """Instance-optimisation steps of a mode name ('fast' or 'accurate')."""
+    if mode not in MODES:
+        raise ValueError("mode must be one of %s, not %r" % (", ".join(MODES), mode))
+    return MODES[mode]
