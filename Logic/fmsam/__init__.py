@@ -1,4 +1,5 @@
-"""FM-SAM registration engine: a SAM-trained, uniGradICON-style registration foundation model.
+"""FM-SAM registration engine: a uniGradICON-style registration foundation model, trained with
+Sharpness-Aware Minimization or Adam (the bundled model: see weights/MODEL_CARD.md).
 
 Slicer-free; the Slicer module and the ``fmsam`` command line both call :func:`register`.
 

@@ -95,7 +95,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser():
     parser = _Parser(prog="fmsam", description="FM-SAM deformable registration "
-                     "with a SAM-trained foundation model.")
+                     "with a uniGradICON-style registration foundation model.")
     commands = parser.add_subparsers(dest="command", required=True)
     for add in (_add_register, _add_warp, _add_jacobian, _add_evaluate):
         add(commands)
@@ -114,16 +114,38 @@ def _progress_printer(quiet):
     return progress
 
 
-def _check_scene(path):
-    """Everything ``--scene`` needs, checked before any work: Slicer's MRML and a writable path."""
+#: Entry-point group of the ``--scene`` writer. The engine knows no Slicer code: the Slicer module's
+#: library offers itself here (``pyproject.toml``), so the import arrow points from the module down
+#: to the engine, never back up.
+SCENE_EXPORT_GROUP = "fmsam.scene_export"
+
+
+def _entry_points(group):
+    from importlib import metadata
+
+    found = metadata.entry_points()
+    return list(found.select(group=group)) if hasattr(found, "select") else list(found.get(group, []))
+
+
+def _scene_export():
+    """The installed ``--scene`` writer: a module with ``check_scene_path(path)`` and
+    ``write_registration_scene(path, result, fixed, moving, fixed_labels, moving_labels)``."""
+    points = _entry_points(SCENE_EXPORT_GROUP)
+    if not points:
+        raise InputError("--scene needs the FMSAMRegistration module's library installed with the "
+                         "engine (pip install -e '.[slicer]' from the extension's source)")
     try:
-        from FMSAMRegistrationLib.scene_export import check_scene_path
+        return points[0].load()
     except ImportError as error:
         raise InputError("--scene needs Slicer's MRML classes in Python (pip install slicer-core on "
                          "Python 3.10+, or run fmsam from Slicer's Python): %s" % error) from None
+
+
+def _check_scene(path):
+    """Everything ``--scene`` needs, checked before any work: Slicer's MRML and a writable path."""
     from .outputs import check_output_file
 
-    check_scene_path(path)
+    _scene_export().check_scene_path(path)
     check_output_file(path, "--scene")
 
 
@@ -138,8 +160,6 @@ class _SceneWriter:
     def stage(self):
         import tempfile
 
-        from FMSAMRegistrationLib.scene_export import write_registration_scene
-
         from .outputs import partial_prefix, remove_dead_partials
 
         folder = os.path.dirname(os.path.abspath(self.args.scene))
@@ -147,10 +167,10 @@ class _SceneWriter:
         self.staging = tempfile.mkdtemp(prefix=partial_prefix(), dir=folder)
         staged = os.path.join(self.staging, os.path.basename(self.args.scene))
         try:
-            write_registration_scene(staged, self.result, self.args.fixed, self.args.moving,
-                                     self.args.fixed_labels, self.args.moving_labels)
+            _scene_export().write_registration_scene(staged, self.result, self.args.fixed, self.args.moving,
+                                                     self.args.fixed_labels, self.args.moving_labels)
         except Exception as error:  # MRML and its writers raise many kinds
-            from .imageio import error_line
+            from .errors import error_line
 
             raise RegistrationError("the scene %s could not be written (%s); no output was written"
                                     % (self.args.scene, error_line(error))) from None

@@ -6,6 +6,12 @@ Anything else is a bug and keeps its traceback.
 """
 
 
+def error_line(error):
+    """The last line of an exception's message (SimpleITK's say where, then what), or its type."""
+    text = str(error).strip()
+    return text.splitlines()[-1] if text else type(error).__name__
+
+
 class InputError(ValueError):
     """An input (image, label map, transform or weights file) cannot be used as given."""
 

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
+from .errors import InputError, error_line
 from .geometry import same_geometry
 from .nifti import nifti_nonfinite_voxels
 
@@ -24,12 +24,6 @@ MAX_LABEL = 2 ** 32 - 1
 DIRECTION_TOLERANCE = 1e-3
 #: Largest voxel spacing accepted, in mm (10 m): anything larger is a broken header.
 MAX_SPACING_MM = 1e4
-
-
-def error_line(error):
-    """The last line of an exception's message (SimpleITK's say where, then what), or its type."""
-    text = str(error).strip()
-    return text.splitlines()[-1] if text else type(error).__name__
 
 
 def read_image(path_or_image, what="image"):

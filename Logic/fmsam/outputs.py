@@ -26,9 +26,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import fields
-from .errors import InputError, RegistrationError
+from .errors import InputError, RegistrationError, error_line
 from .hdf5 import clear_object_times
-from .imageio import error_line
 from .overview import write_overview
 
 OUTPUT_NAMES = ("transform.h5", "warped.nii.gz", "jacobian.nii.gz", "overview.png", "report.json",

@@ -13,8 +13,8 @@ import SimpleITK as sitk
 from . import __version__, fields
 from .arguments import check_register_arguments
 from .contrast import MIN_CORRELATION_GAIN, apply_lookup, contrast_decision
-from .errors import RegistrationError
-from .imageio import error_line, load_label_map_on_grid, load_scalar_volume
+from .errors import RegistrationError, error_line
+from .imageio import load_label_map_on_grid, load_scalar_volume
 from .intensity import normalise
 from .jacobian import jacobian_determinant, jacobian_statistics
 from .metrics import labels_in_both, mean_dice

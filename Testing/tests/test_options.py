@@ -35,3 +35,16 @@ def test_choices_are_defined_once():
     assert owners == {name: [os.path.join("Logic", "fmsam", "options.py")] for name in names}
     with pytest.raises(ValueError, match="fast, accurate"):
         options.io_steps_of("slow")
+
+
+def test_the_engine_imports_nothing_from_the_slicer_module():
+    """Arrows point down: the module imports the engine, never the other way (``--scene`` finds the
+    module's writer through the ``fmsam.scene_export`` entry point instead)."""
+    engine = os.path.join(ROOT, "Logic", "fmsam")
+    for name in sorted(os.listdir(engine)):
+        if name.endswith(".py"):
+            for node in ast.walk(ast.parse(open(os.path.join(engine, name)).read())):
+                modules = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                           else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                assert not any(module.split(".")[0] in ("FMSAMRegistrationLib", "slicer", "FMSAMRegistration")
+                               for module in modules), "%s imports %s" % (name, modules)
