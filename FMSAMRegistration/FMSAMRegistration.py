@@ -44,7 +44,7 @@ class FMSAMRegistration(ScriptedLoadableModule):
             "result is a grid transform (fixed to moving, as ITK writes it), the moving volume warped "
             "onto the fixed grid, and a Jacobian-determinant map (green = folding). The registration "
             "runs in a separate process; Cancel stops it at once. "
-            "Documentation: <a href='%s'>README</a>." % DOCUMENTATION_URL)
+            "Documentation: <a href='%s'>README</a>.") % DOCUMENTATION_URL
         self.parent.acknowledgementText = _(
             "Method: Hu et al., Improving Generalization of Medical Image Registration Foundation Model, "
             "IJCNN 2025 (arXiv 2505.06527). Network in the style of uniGradICON. Bundled model trained "
@@ -72,6 +72,21 @@ class FMSAMRegistrationParameterNode:
     createJacobian: bool = True
     jacobianVolume: vtkMRMLScalarVolumeNode
     movingVolumeAction: str = "keep"
+
+
+def connectParameterNode(parameterNode, ui):
+    """Bind every widget of ``ui`` whose ``SlicerParameterName`` property names a parameter (as the
+    wrapper's ``connectGui`` does) and return the tag that :meth:`disconnectGui` takes.
+
+    ``connectGui`` itself returns no tag in Slicer 5.6 and 5.8, so disconnecting with it does
+    nothing there and every module enter would add another set of bindings;
+    ``connectParametersToGui`` returns the tag in every release."""
+    mapping = {}
+    for widget in vars(ui).values():
+        name = widget.property("SlicerParameterName") if hasattr(widget, "property") else None
+        if name:
+            mapping[name] = widget
+    return parameterNode.connectParametersToGui(mapping)
 
 
 class FMSAMRegistrationLogic(ScriptedLoadableModuleLogic, _RegistrationLogic):
@@ -143,6 +158,8 @@ class FMSAMRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         if self._job is not None:
             self._job.discard()
             self._job = None
+            self.ui.progressBar.setVisible(False)
+            self.ui.statusLabel.text = ""
 
     def enter(self):
         self.initializeParameterNode()
@@ -174,7 +191,7 @@ class FMSAMRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self._parameterNodeGuiTag = connectParameterNode(self._parameterNode, self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
             self._updateGui()
 
@@ -296,8 +313,11 @@ class FMSAMRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                 slicer.util.errorDisplay(_("This module needs PyTorch. Install the 'PyTorch' extension "
                                            "from the Extensions Manager, restart Slicer, and try again."))
                 return False
-            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-            if torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=">=2.0") is None:
+            installed = None
+            with slicer.util.tryWithErrorDisplay(_("PyTorch could not be installed."), waitCursor=True):
+                installed = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                    askConfirmation=True, torchVersionRequirement=">=2.0")
+            if installed is None:
                 return False
             problem = torch_problem()
         if problem is not None:

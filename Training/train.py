@@ -4,8 +4,9 @@ Runs as ``python Training/train.py ...`` and inside Slicer as
 ``Slicer --no-main-window --python-script Training/train.py --ignore-rest ...`` (no Slicer import).
 ``--ignore-rest`` stops Slicer's own parser, which would otherwise take ``--help`` and other
 options it knows for itself. Whatever happens, the script ends the process with a status code (0
-done, 2 bad arguments, 1 any error, 130 interrupted): a window-less Slicer whose script raised an
-exception would otherwise keep running forever.
+done, 2 bad arguments or a run folder started with other settings, 1 any error, 3 ranks ending with
+different weights, 130 interrupted): a window-less Slicer whose script raised an exception would
+otherwise keep running forever.
 
 A run directory holds ``config.json``, ``log.csv`` (loss every step, validation Dice every
 ``--val-every`` steps), ``latest.pt`` (checkpoint, written atomically) and ``best.pt``. Running the same command again resumes exactly where the checkpoint left off.

@@ -133,7 +133,8 @@ class RegistrationJob(_Progress):
                 modality=request.modality, contrast_matching=request.contrast_matching,
                 progress=self._progress, model=self._logic.loadModel(request.weights, request.allow_unverified))
         finally:
-            self._logic._job = None
+            if self._logic._job is self:
+                self._logic._job = None
         return self._logic.createOutputNodes(request, result)
 
 
@@ -141,26 +142,31 @@ class BackgroundRegistrationJob(_Progress):
     """One run in a separate engine process, followed from the main thread.
 
     Call :meth:`poll` (or read :attr:`running`) from a timer; when it is no longer running, call
-    :meth:`finish` for the outcome (or the error). :meth:`cancel` ends the process within
+    :meth:`finish` for the outcome (or the error), once. :meth:`cancel` ends the process within
     :data:`CANCEL_SECONDS`; the scene is never touched until :meth:`finish` creates the outputs.
+    A ``progress`` callback that raises ends the run too; :meth:`finish` raises its exception.
     """
 
     def __init__(self, logic, request):
         super().__init__(request.io_steps)
         self._logic, self._request = logic, request
         self._engine = None
+        self._callback_error = None
+        self._finished = False
         self.returncode = None
         self.message = ""          # the engine's error line, if any
         self.done = False          # the engine said all result files are written
 
     def start(self, python=None):
         """Write the inputs and the request into a private folder and start the engine process
-        (``python``: the interpreter, default :func:`.process.python_executable`)."""
-        from .process import EngineProcess
+        (``python``: the interpreter, default :func:`.process.python_executable`). The engine ends
+        itself, removing the folder, if this process dies (``owner_pid``)."""
+        from .process import EngineProcess, remove_abandoned_folders
 
         request = self._request
-        self._engine = EngineProcess()
         try:
+            remove_abandoned_folders()
+            self._engine = EngineProcess()
             folder = self._engine.folder
             files = {}
             for key in ("fixed_image", "moving_image", "fixed_labels", "moving_labels"):
@@ -174,7 +180,7 @@ class BackgroundRegistrationJob(_Progress):
                 "prealign": request.prealign, "io_steps": request.io_steps, "device": request.device,
                 "modality": request.modality, "contrast_matching": request.contrast_matching,
                 "weights": os.path.abspath(request.weights) if request.weights else None,
-                "allow_unverified": request.allow_unverified, "out": "result"}
+                "allow_unverified": request.allow_unverified, "out": "result", "owner_pid": os.getpid()}
             request_path = os.path.join(folder, "request.json")
             with open(request_path, "w") as handle:
                 json.dump(description, handle, indent=2)
@@ -187,30 +193,17 @@ class BackgroundRegistrationJob(_Progress):
     def _end(self):
         if self._engine is not None:
             self._engine.discard()
-        self._logic._job = None
+        if self._logic._job is self:
+            self._logic._job = None
 
     def poll(self):
         """Read the engine's new output (never blocks); returns True while the run goes on."""
-        from fmsam import worker
-
         engine = self._engine
         if engine is None or self.returncode is not None:
             return False
         returncode = engine.returncode  # read before the lines, so no line printed before exit is missed
         for line in engine.poll():
-            tag, _, rest = line.partition(" ")
-            if tag == worker.PROGRESS:
-                stage, fraction = rest.rsplit(" ", 1)
-                self._set_progress(stage, float(fraction))
-                if self._request.progress is not None and not self._cancelled:
-                    try:
-                        self._request.progress(self.stage, self.stageFraction)
-                    except Cancelled:
-                        self.cancel()
-            elif tag == worker.ERROR:
-                self.message = rest
-            elif tag == worker.DONE:
-                self.done = True
+            self._read_line(line)
         if self._cancelled and engine.running:
             engine.kill(timeout=CANCEL_SECONDS)
             returncode = engine.returncode
@@ -218,6 +211,31 @@ class BackgroundRegistrationJob(_Progress):
             return True
         self.returncode = returncode
         return False
+
+    def _read_line(self, line):
+        """One line of the engine's output: progress, its error line or its end (see fmsam.worker);
+        anything else (a traceback, warnings) is kept in the log only."""
+        from fmsam import worker
+
+        tag, _, rest = line.partition(" ")
+        if tag == worker.ERROR:
+            self.message = rest
+        elif tag == worker.DONE:
+            self.done = True
+        elif tag == worker.PROGRESS:
+            stage, _, fraction = rest.rpartition(" ")
+            try:
+                self._set_progress(stage, float(fraction))
+            except ValueError:
+                return
+            if self._request.progress is not None and not self._cancelled:
+                try:
+                    self._request.progress(self.stage, self.stageFraction)
+                except Cancelled:
+                    self.cancel()
+                except Exception as error:  # the caller's own bug: end the run, finish() raises it
+                    self._callback_error = error
+                    self.cancel()
 
     @property
     def running(self):
@@ -237,9 +255,15 @@ class BackgroundRegistrationJob(_Progress):
 
     def finish(self):
         """Main thread, once :attr:`running` is False: create the output nodes (or raise the
-        engine's error, or :class:`Cancelled`). The temporary folder is removed in every case."""
+        engine's error, or :class:`Cancelled`). The temporary folder is removed in every case.
+        Call it once: a second call raises ``RuntimeError``."""
+        if self._finished:
+            raise RuntimeError("this registration has already finished")
+        self._finished = True
         try:
             self.wait()
+            if self._callback_error is not None:
+                raise self._callback_error
             if self._cancelled:
                 raise Cancelled("registration cancelled")
             from fmsam import worker
@@ -276,4 +300,5 @@ class BackgroundRegistrationJob(_Progress):
     def discard(self):
         """Stop the engine and remove its files without creating anything (e.g. module cleanup)."""
         self._cancelled = True
+        self._finished = True
         self._end()

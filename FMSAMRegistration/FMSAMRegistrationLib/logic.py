@@ -143,14 +143,15 @@ class FMSAMRegistrationLogic:
         * ``modality`` ('auto'), ``weights`` (bundled model; a file of your own needs its
           ``.sha256`` beside it, or ``allowUnverifiedWeights=True``), ``progress(stage, fraction)``.
         """
-        job = self._own(RegistrationJob(self, self.prepare(fixedVolumeNode, movingVolumeNode, **options)))
-        return job.run()
+        request = self.prepare(fixedVolumeNode, movingVolumeNode, checkTorch=True, **options)
+        return self._own(RegistrationJob(self, request)).run()
 
     def start(self, fixedVolumeNode, movingVolumeNode, python=None, **options):
         """Like :meth:`register`, but the engine runs in a separate process (PythonSlicer inside
         Slicer, ``python`` or this interpreter elsewhere) and this returns at once with the running
         :class:`BackgroundRegistrationJob`: poll ``job.running`` from a timer (``progress`` is then
-        called from the polling thread), then call ``job.finish()`` for the outcome."""
+        called from the polling thread), then call ``job.finish()`` for the outcome. PyTorch is
+        not imported here (the engine process imports it; the widget checks it on Register)."""
         request = self.prepare(fixedVolumeNode, movingVolumeNode, **options)
         return self._own(BackgroundRegistrationJob(self, request)).start(python)
 
@@ -171,8 +172,9 @@ class FMSAMRegistrationLogic:
                 outputTransformNode=None, createWarpedVolume=True, warpedVolumeNode=None,
                 createJacobian=True, jacobianVolumeNode=None, showResults=True, modality="auto",
                 weights=None, progress=None, contrastMatching="auto", movingVolumeAction="keep",
-                allowUnverifiedWeights=False):
-        """Check the inputs and read them into memory; returns a :class:`RegistrationRequest`."""
+                allowUnverifiedWeights=False, checkTorch=False):
+        """Check the inputs and read them into memory; returns a :class:`RegistrationRequest`.
+        ``checkTorch``: refuse at once when PyTorch is not usable in this process (imports it)."""
         if self._job is not None:
             raise InputError("a registration is already running")
         if fixedVolumeNode is None or movingVolumeNode is None:
@@ -196,7 +198,7 @@ class FMSAMRegistrationLogic:
             ioSteps = MODES[mode]
         if weights is not None and not os.path.isfile(weights):
             raise InputError("weights file not found: %s" % weights)
-        problem = torch_problem()
+        problem = torch_problem() if checkTorch else None
         if problem is not None:
             raise InputError(problem)
         inputs = [node for node in (fixedVolumeNode, movingVolumeNode, fixedSegmentationNode,
@@ -250,6 +252,9 @@ class FMSAMRegistrationLogic:
         for node, what in ((warped_node, "warped volume"), (jacobian_node, "Jacobian volume")):
             if node is not None and (not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode")):
                 raise InputError("the %s output must be a scalar volume node" % what)
+        if warped_node is not None and jacobian_node is not None and warped_node.GetID() == jacobian_node.GetID():
+            raise InputError("the warped volume and the Jacobian volume are the same node '%s'; pick "
+                             "two nodes (or create new ones)" % warped_node.GetName())
 
     def loadModel(self, weights=None, allowUnverified=False):
         """``(network, config)`` for in-process runs, loaded once and kept (imports PyTorch).
@@ -279,6 +284,11 @@ class FMSAMRegistrationLogic:
             created.append(node)
             return node
 
+        for node in (request.fixed_node, request.moving_node, request.transform_node, request.warped_node,
+                     request.jacobian_node):
+            if node is not None and not scene.IsNodePresent(node):
+                raise InputError("the node '%s' was removed from the scene while the registration ran; "
+                                 "nothing was added" % node.GetName())
         fixed_name, moving_name = request.fixed_node.GetName(), request.moving_node.GetName()
         try:
             transform_node = request.transform_node or new_node(
@@ -318,14 +328,12 @@ class FMSAMRegistrationLogic:
             slicer.vtkSlicerTransformLogic.hardenTransform(request.moving_node)
 
     def _show(self, request, transform_node, warped_node, jacobian_node):
-        """Fixed volume under the registered moving one in the slice views; the Jacobian map in the
-        green view. Without a warped volume the moving volume is shown through the transform, which
-        changes only which transform it is under (its voxels and geometry are kept) and is done
-        only when it is under none."""
+        """Fixed volume under the registered moving one in the slice views (the warped volume, or
+        the moving volume when the caller placed it under the transform); the Jacobian map in the
+        green view. The moving volume's parent transform is changed only by ``movingVolumeAction``."""
         scene = self.scene
         moving_shown = warped_node
-        if moving_shown is None and request.moving_node.GetParentTransformNode() is None:
-            request.moving_node.SetAndObserveTransformNodeID(transform_node.GetID())
+        if moving_shown is None and request.moving_volume_action != "keep":
             moving_shown = request.moving_node
         views = display.SLICE_VIEWS if jacobian_node is None else display.SLICE_VIEWS[:2]
         display.show_layers(scene, request.fixed_node, moving_shown, 0.5, views)

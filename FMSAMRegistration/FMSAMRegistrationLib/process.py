@@ -14,9 +14,12 @@ call from a GUI timer.
 
 PythonSlicer is a launcher that starts the real interpreter as its child; stopping only the
 launcher would leave the child running, so the whole process tree is ended (a process group on
-POSIX, ``taskkill /T`` on Windows).
+POSIX, ``taskkill /T`` on Windows). Should Slicer itself die, the engine notices (it watches its
+owner's process id) and ends, removing its folder; folders of owners that are gone are also
+removed by the next run.
 """
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -28,6 +31,24 @@ import time
 _WORKER_CODE = ("import sys; sys.path.insert(0, sys.argv[1]); from fmsam.worker import main; "
                 "main(sys.argv[2:])")
 _CREATE_NO_WINDOW = 0x08000000  # Windows: no console window for the process
+#: Private folders are named ``FMSAMRegistration-<owner pid>-<random>`` in the temporary folder.
+FOLDER_PREFIX = "FMSAMRegistration-"
+_FOLDER = re.compile(r"^%s(\d+)-" % FOLDER_PREFIX)
+
+
+def remove_abandoned_folders(parent=None):
+    """Remove the private folders whose owner process is gone (a Slicer that crashed or was killed
+    while its engine ran); returns their names."""
+    from fmsam.outputs import process_alive
+
+    parent = parent or tempfile.gettempdir()
+    removed = []
+    for name in os.listdir(parent):
+        match = _FOLDER.match(name)
+        if match and not process_alive(int(match.group(1))):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+            removed.append(name)
+    return removed
 
 
 def python_executable():
@@ -61,8 +82,8 @@ class EngineProcess:
     :meth:`poll`; ``returncode`` is None while it runs.
     """
 
-    def __init__(self, prefix="FMSAMRegistration-"):
-        self.folder = tempfile.mkdtemp(prefix=prefix)
+    def __init__(self):
+        self.folder = tempfile.mkdtemp(prefix="%s%d-" % (FOLDER_PREFIX, os.getpid()))
         self.log_path = os.path.join(self.folder, "engine.log")
         self._process = None
         self._log = None
@@ -111,19 +132,25 @@ class EngineProcess:
         return new
 
     def kill(self, timeout=2.0):
-        """End the process and everything it started; returns once they are gone (or ``timeout``)."""
+        """End the process and everything it started; returns once they are gone (or ``timeout``).
+        On POSIX the whole process group is ended even when the launcher itself is already gone
+        (its child, the engine, may live on)."""
         process = self._process
-        if process is None or process.poll() is not None:
+        if process is None:
             return
-        self.killed = True
-        try:
-            if os.name == "nt":
+        if os.name != "nt":
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+                self.killed = True
+            except OSError:  # the group is empty: nothing runs any more
+                pass
+        elif process.poll() is None:
+            self.killed = True
+            try:
                 subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, creationflags=_CREATE_NO_WINDOW, timeout=timeout)
-            else:
-                os.killpg(process.pid, signal.SIGKILL)
-        except (OSError, subprocess.SubprocessError):
-            process.kill()
+            except (OSError, subprocess.SubprocessError):
+                process.kill()
         try:
             process.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -36,7 +36,9 @@ class HeadlessScene:
         with _vtk_messages(vtk.vtkLogger.VERBOSITY_OFF):
             self._create_logics()
         # Reading .mrb bundles goes through the data-IO manager, which needs a cache folder.
-        self._cache = cache_directory or tempfile.mkdtemp(prefix="fmsam-mrml-cache-")
+        # One shared folder, not one per scene: scenes are made per --scene run and per test.
+        self._cache = cache_directory or os.path.join(tempfile.gettempdir(), "fmsam-mrml-cache")
+        os.makedirs(self._cache, exist_ok=True)
         self.remote_io = slicer.vtkMRMLRemoteIOLogic()
         self.remote_io.SetMRMLScene(self.scene)
         self.remote_io.GetCacheManager().SetRemoteCacheDirectory(self._cache)

@@ -53,7 +53,7 @@ def partial_prefix():
     return "%s%s-%d-" % (PARTIAL_PREFIX, _host_tag(), os.getpid())
 
 
-def _process_alive(pid):
+def process_alive(pid):
     """True unless process ``pid`` of this machine is known to be gone (unsure counts as alive)."""
     if pid == os.getpid():
         return True
@@ -80,7 +80,7 @@ def _process_alive(pid):
 def _left_by_a_dead_run(name, path):
     match = _PARTIAL.match(name)
     if match:
-        return match.group(1) == _host_tag() and not _process_alive(int(match.group(2)))
+        return match.group(1) == _host_tag() and not process_alive(int(match.group(2)))
     if _UNOWNED_PARTIAL.match(name):
         try:
             return time.time() - os.lstat(path).st_mtime > UNOWNED_MAX_AGE_S

@@ -11,9 +11,12 @@ the run at once. Any program can do the same::
 
     {"fixed": "fixed.mha", "moving": "moving.mha", "fixed_labels": null, "moving_labels": null,
      "prealign": true, "io_steps": 0, "device": "auto", "modality": "auto",
-     "contrast_matching": "auto", "weights": null, "allow_unverified": false, "out": "result"}
+     "contrast_matching": "auto", "weights": null, "allow_unverified": false, "out": "result",
+     "owner_pid": 1234}
 
-Relative paths are relative to the request file's folder. Standard output carries one line per
+Relative paths are relative to the request file's folder. ``owner_pid`` (optional): the process
+the run is for; should it end (a crashed or killed Slicer), the worker removes the request's folder
+(which holds the owner's images) and exits at once. Standard output carries one line per
 event, each starting with a tag:
 
 * ``FMSAM-PROGRESS <stage> <fraction>``: the stage (as :func:`fmsam.register` names it) and how much
@@ -65,6 +68,27 @@ def read_request(path):
     return request
 
 
+#: How often the worker checks that its owner still runs (seconds).
+OWNER_CHECK_SECONDS = 1.0
+
+
+def watch_owner(owner_pid, folder):
+    """In a daemon thread: once process ``owner_pid`` is gone, remove ``folder`` and leave."""
+    import shutil
+    import threading
+    import time
+
+    from .outputs import process_alive
+
+    def watch():
+        while process_alive(owner_pid):
+            time.sleep(OWNER_CHECK_SECONDS)
+        shutil.rmtree(folder, ignore_errors=True)
+        os._exit(FAILED)
+
+    threading.Thread(target=watch, name="fmsam-owner-watch", daemon=True).start()
+
+
 def write_results(result, out):
     """Write the files the module reads back (see the module docstring)."""
     import SimpleITK as sitk
@@ -85,6 +109,8 @@ def run(request_path):
 
     try:
         request = read_request(request_path)
+        if request.get("owner_pid"):
+            watch_owner(int(request["owner_pid"]), os.path.dirname(os.path.abspath(request_path)))
         options = {key: request[key] for key in OPTIONS if key in request}
         result = register(request["fixed"], request["moving"], request.get("fixed_labels"),
                           request.get("moving_labels"), progress=_progress_printer(), **options)

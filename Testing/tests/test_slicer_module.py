@@ -87,6 +87,7 @@ def gui_run(sample_paths):
     job = logic.start(nodes["fixed"], nodes["moving"], fixedSegmentationNode=nodes["fixed_labels"],
                       movingSegmentationNode=nodes["moving_labels"], device="cpu",
                       progress=lambda stage, fraction: states.append(logic.state))
+    start_seconds = time.perf_counter() - started
     folder = job._engine.folder
     longest_poll, polls = drive_like_the_widget(job)
     finishing = time.perf_counter()
@@ -94,7 +95,8 @@ def gui_run(sample_paths):
     ended = time.perf_counter()
     return {"headless": headless, "nodes": nodes, "before": before, "outcome": outcome,
             "logic": logic, "states": states, "longest_poll": longest_poll, "polls": polls,
-            "seconds": ended - started, "finish_seconds": ended - finishing, "folder": folder}
+            "seconds": ended - started, "finish_seconds": ended - finishing, "folder": folder,
+            "start_seconds": start_seconds}
 
 
 def cli_seconds(sample_paths, out):
@@ -220,6 +222,7 @@ def test_outcome_reports_dice_and_the_inputs_are_untouched(gui_run, input_digest
 def test_main_thread_stays_responsive_and_progress_names_the_stages(gui_run):
     assert gui_run["longest_poll"] < 0.1, "one timer tick took %.2f s" % gui_run["longest_poll"]
     assert gui_run["finish_seconds"] < 1.5, "loading the results took %.2f s" % gui_run["finish_seconds"]
+    assert gui_run["start_seconds"] < 1.5, "start() held the main thread %.2f s" % gui_run["start_seconds"]
     stages = [stage for stage, _, _ in gui_run["polls"]]
     assert "affine" in stages and "network" in stages
     fractions = [fraction for _, fraction, _ in gui_run["polls"]]
@@ -377,9 +380,12 @@ def test_engine_errors_reach_the_caller_as_one_message_and_change_nothing(pair_s
         assert logic.state == ProcessingState.IDLE
 
 
-def test_moving_volume_can_be_placed_under_the_result_or_hardened(pair_scene):
+def test_moving_volume_can_be_left_alone_placed_under_the_result_or_hardened(pair_scene):
     headless, nodes, logic = pair_scene
     moving_before = slicer.util.arrayFromVolume(nodes["moving"]).copy()
+    logic.register(nodes["fixed"], nodes["moving"], device="cpu", createJacobian=False,
+                   createWarpedVolume=False)  # movingVolumeAction "keep", no warped volume to show
+    assert nodes["moving"].GetTransformNodeID() is None
     outcome = logic.register(nodes["fixed"], nodes["moving"], device="cpu", createJacobian=False,
                              movingVolumeAction="transform")
     assert nodes["moving"].GetTransformNodeID() == outcome.transformNode.GetID()
@@ -487,3 +493,128 @@ def test_python_slicer_is_found_from_slicers_own_paths(tmp_path, monkeypatch):
         process.python_executable()
     (home / "bin" / name).write_text("")
     assert process.python_executable() == str(home / "bin" / name)
+
+
+def fake_engine(tmp_path, body, name="engine"):
+    """An executable standing in for PythonSlicer whose 'engine' runs ``body`` (Python) instead of
+    fmsam.worker: for the failure modes a real engine rarely shows."""
+    import stat
+    import sys
+
+    path = tmp_path / name
+    path.write_text("#!%s\nimport sys, time\n%s\n" % (sys.executable, body))
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return str(path)
+
+
+posix_only = pytest.mark.skipif(os.name == "nt", reason="the engine stand-ins are POSIX scripts")
+
+
+@posix_only
+def test_a_start_that_fails_leaves_the_logic_idle(pair_scene, tmp_path, monkeypatch):
+    import tempfile
+
+    _, nodes, logic = pair_scene
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no such folder"))
+    with pytest.raises(OSError):
+        logic.start(nodes["fixed"], nodes["moving"])
+    assert logic.state == ProcessingState.IDLE
+    monkeypatch.undo()
+    job = logic.start(nodes["fixed"], nodes["moving"], python=fake_engine(tmp_path, "sys.exit(0)"))
+    job.wait()
+    with pytest.raises(RuntimeError, match="exit code 0"):  # no FMSAM-DONE: not a result
+        job.finish()
+    assert logic.state == ProcessingState.IDLE
+
+
+@posix_only
+def test_an_old_job_cannot_release_a_newer_one_and_finishes_once(pair_scene, tmp_path):
+    _, nodes, logic = pair_scene
+    first = logic.start(nodes["fixed"], nodes["moving"], python=fake_engine(tmp_path, "print('FMSAM-ERROR no', flush=True); sys.exit(2)", "refusing"))
+    first.wait()
+    with pytest.raises(InputError, match="no"):
+        first.finish()
+    second = logic.start(nodes["fixed"], nodes["moving"], python=fake_engine(tmp_path, "time.sleep(60)", "slow"))
+    with pytest.raises(RuntimeError, match="already finished"):
+        first.finish()
+    first.discard()
+    assert logic.state == ProcessingState.RUNNING
+    with pytest.raises(InputError, match="already running"):
+        logic.start(nodes["fixed"], nodes["moving"])
+    second.cancel()
+    assert not second.poll()
+    with pytest.raises(Cancelled):
+        second.finish()
+    assert logic.state == ProcessingState.IDLE
+
+
+@posix_only
+def test_odd_engine_lines_are_ignored_and_a_failing_progress_callback_ends_the_run(pair_scene, tmp_path):
+    _, nodes, logic = pair_scene
+    body = ("for line in ['FMSAM-PROGRESS', 'FMSAM-PROGRESS affine x', 'noise ' * 10000, "
+            "'FMSAM-PROGRESS affine 0.250']:\n    print(line, flush=True)\ntime.sleep(60)")
+    calls = []
+
+    def progress(stage, fraction):
+        calls.append((stage, fraction))
+        raise ValueError("the caller's own bug")
+
+    job = logic.start(nodes["fixed"], nodes["moving"], progress=progress, python=fake_engine(tmp_path, body))
+    started = time.perf_counter()
+    while job.poll() and time.perf_counter() - started < 20:
+        time.sleep(0.05)
+    assert calls == [("affine", 0.25)]
+    assert time.perf_counter() - started < 10, "the run went on after its callback failed"
+    with pytest.raises(ValueError, match="own bug"):
+        job.finish()
+    assert logic.state == ProcessingState.IDLE
+
+
+@posix_only
+def test_the_engine_ends_and_removes_its_files_when_slicer_dies(sample_paths, tmp_path):
+    """A crashed Slicer (here: a host process killed with SIGKILL) leaves no engine running and no
+    copies of its images in the temporary folder."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    host = subprocess.Popen([sys.executable, "-c", """
+import sys, time
+sys.path[:0] = [%r, %r]
+from FMSAMRegistrationLib import FMSAMRegistrationLogic
+from FMSAMRegistrationLib.scene import new_scene
+headless = new_scene()
+fixed, moving = headless.load_volume(%r), headless.load_volume(%r)
+job = FMSAMRegistrationLogic(headless.scene).start(fixed, moving, device="cpu")
+print(job._engine.folder, flush=True)
+time.sleep(120)
+""" % (os.path.join(ROOT, "Logic"), os.path.join(ROOT, "FMSAMRegistration"), sample_paths["fixed"],
+       sample_paths["moving"])], stdout=subprocess.PIPE, text=True)
+    folder = host.stdout.readline().strip()
+    assert os.path.isdir(folder) and processes_mentioning(folder)
+    time.sleep(1.0)  # the engine is running (importing, aligning)
+    host.send_signal(signal.SIGKILL)
+    host.wait()
+    deadline = time.perf_counter() + 8.0
+    while (processes_mentioning(folder) or os.path.exists(folder)) and time.perf_counter() < deadline:
+        time.sleep(0.2)
+    assert processes_mentioning(folder) == [] and not os.path.exists(folder)
+
+
+def test_outputs_are_refused_for_removed_inputs_and_one_node_for_two_outputs(pair_scene):
+    from FMSAMRegistrationLib.jobs import RegistrationRequest
+
+    headless, nodes, logic = pair_scene
+    scene = headless.scene
+    with pytest.raises(InputError, match="same node"):
+        logic.prepare(nodes["fixed"], nodes["moving"], warpedVolumeNode=nodes["fixed_labels"].GetScene()
+                      .AddNewNodeByClass("vtkMRMLScalarVolumeNode", "out"),
+                      jacobianVolumeNode=scene.GetFirstNodeByName("out"))
+    request = RegistrationRequest(fixed_node=nodes["fixed"], moving_node=nodes["moving"])
+    scene.RemoveNode(nodes["moving"])
+    count = scene.GetNumberOfNodes()
+    with pytest.raises(InputError, match="removed from the scene"):
+        logic.createOutputNodes(request, None)
+    assert scene.GetNumberOfNodes() == count

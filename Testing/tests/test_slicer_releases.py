@@ -76,21 +76,46 @@ def test_slicer_creates_a_connector_for_every_ui_binding_and_lists_the_ui_types(
             assert tuple(widget.nodeTypes) == listed, name
 
 
-def test_the_logic_refuses_nothing_a_selector_offers(release):
-    """Each class a selector lists is one the logic accepts in that role (a node of it is built)."""
+def test_the_logic_takes_every_node_class_a_selector_offers(release):
+    """The logic accepts, in its role, a node of each class Slicer's selector lists for a parameter
+    (prepare() reads inputs and checks outputs without running anything)."""
     from FMSAMRegistrationLib import mrml_io
 
     scene = release.headless.scene
-    for name, datatype in node_parameters(release).items():
-        for class_name in release.parameterNodeWrapper.getNodeTypes(datatype):
+    logic = release.module.FMSAMRegistrationLogic()
+    types = {name: release.parameterNodeWrapper.getNodeTypes(datatype)
+             for name, datatype in node_parameters(release).items()}
+    labels = np.zeros((16, 16, 16), dtype=np.int16)
+    labels[4:12, 4:12, 4:12] = 1
+
+    def node_of(class_name, name):
+        if class_name == "vtkMRMLSegmentationNode":
+            source = _volume(scene, name + " source", labelmap=True, voxels=labels)
             node = scene.AddNewNodeByClass(class_name, name)
-            if name == "outputTransform":
-                mrml_io.set_grid_transform_from_field(node, np.zeros((2, 2, 2, 3)), _tiny_image())
-                assert node.IsA("vtkMRMLGridTransformNode")
-            elif "Segmentation" in name:
-                assert node.IsA("vtkMRMLSegmentationNode") or node.IsA("vtkMRMLLabelMapVolumeNode")
-            else:
-                assert node.IsA("vtkMRMLScalarVolumeNode") and not node.IsA("vtkMRMLLabelMapVolumeNode")
+            assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(source, node)
+            return node
+        if class_name == "vtkMRMLGridTransformNode":
+            node = scene.AddNewNodeByClass(class_name, name)
+            mrml_io.set_grid_transform_from_field(node, np.zeros((2, 2, 2, 3)), _tiny_image())
+            return node
+        return _volume(scene, name, labelmap=class_name == "vtkMRMLLabelMapVolumeNode",
+                       voxels=labels if class_name == "vtkMRMLLabelMapVolumeNode" else None)
+
+    checked = 0
+    for fixed_class in types["fixedVolume"]:
+        for moving_class in types["movingVolume"]:
+            for segmentation_class in types["fixedSegmentation"]:
+                assert segmentation_class in types["movingSegmentation"]
+                request = logic.prepare(
+                    node_of(fixed_class, "fixed"), node_of(moving_class, "moving"),
+                    fixedSegmentationNode=node_of(segmentation_class, "fixed segments"),
+                    movingSegmentationNode=node_of(segmentation_class, "moving segments"),
+                    outputTransformNode=node_of(types["outputTransform"][0], "transform"),
+                    warpedVolumeNode=node_of(types["warpedVolume"][0], "warped"),
+                    jacobianVolumeNode=node_of(types["jacobianVolume"][0], "jacobian"))
+                assert request.fixed_labels is not None and request.moving_labels is not None
+                checked += 1
+    assert checked == 2
 
 
 def _tiny_image():
@@ -99,9 +124,11 @@ def _tiny_image():
     return sitk.Image(2, 2, 2, sitk.sitkFloat32)
 
 
-def _volume(scene, name, labelmap=False):
+def _volume(scene, name, labelmap=False, voxels=None):
     node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode", name)
-    slicer.util.updateVolumeFromArray(node, np.arange(24, dtype=np.int16 if labelmap else np.float32).reshape(2, 3, 4))
+    if voxels is None:
+        voxels = np.arange(16 ** 3, dtype=np.int16 if labelmap else np.float32).reshape(16, 16, 16)
+    slicer.util.updateVolumeFromArray(node, voxels)
     node.CreateDefaultDisplayNodes()
     return node
 
@@ -156,3 +183,64 @@ def test_parameter_node_defaults_every_field_and_a_saved_scene(release, tmp_path
             assert got is not None and got.GetName() == value.GetName() and got.GetClassName() == value.GetClassName(), name
         else:
             assert got == value, name
+
+
+class Signal:
+    """A Qt signal as Slicer's GUI connectors use it: connect, disconnect, emit."""
+
+    def __init__(self):
+        self.slots = []
+
+    def connect(self, slot):
+        self.slots.append(slot)
+
+    def disconnect(self, slot):
+        self.slots.remove(slot)
+
+    def emit(self):
+        for slot in list(self.slots):  # PythonQt passes a slot only the arguments it takes: none here
+            slot()
+
+
+def fake_ui(release):
+    """The .ui's bound widgets as placeholders of their real classes, with the signals, properties
+    and accessors Slicer's connectors use (the widgets themselves need Qt)."""
+    ui = type("ui", (), {})()
+    for name, (widget_class, _listed) in ui_bindings().items():
+        package = "slicer" if widget_class.startswith("qMRML") else "ctk" if widget_class.startswith("ctk") else "qt"
+        widget = release.placeholder("%s.%s" % (package, widget_class))()
+        widget.property = lambda key, name=name: name if key == "SlicerParameterName" else None
+        widget.stateChanged, widget.toggled, widget.currentNodeChanged = Signal(), Signal(), Signal()
+        widget.checked, widget.current = False, None
+        widget.currentNode = lambda widget=widget: widget.current
+        widget.setCurrentNode = lambda node, widget=widget: setattr(widget, "current", node)
+        setattr(ui, name + "Widget", widget)
+    return ui
+
+
+def connected_slots(ui):
+    return sum(len(getattr(widget, signal).slots) for widget in vars(ui).values()
+               for signal in ("stateChanged", "toggled", "currentNodeChanged"))
+
+
+def test_the_widget_binds_and_unbinds_the_parameter_node_in_every_release(release):
+    """Entering and leaving the module (connect, disconnect) must not pile up bindings: Slicer 5.6
+    and 5.8's connectGui returns no tag to disconnect with."""
+    logic = release.module.FMSAMRegistrationLogic()
+    parameters = logic.getParameterNode()
+    ui = fake_ui(release)
+    for _cycle in range(3):
+        tag = release.module.connectParameterNode(parameters, ui)
+        assert tag is not None and connected_slots(ui) == len(ui_bindings())
+        assert ui.prealignWidget.checked is True  # the parameter's value reached the widget
+        ui.prealignWidget.checked = False
+        ui.prealignWidget.stateChanged.emit()
+        ui.prealignWidget.toggled.emit()
+        assert parameters.prealign is False       # and the widget's back to the parameter
+        parameters.prealign = True
+        parameters.disconnectGui(tag)
+        assert connected_slots(ui) == 0
+    ui.prealignWidget.checked = False
+    ui.prealignWidget.stateChanged.emit()
+    ui.prealignWidget.toggled.emit()
+    assert parameters.prealign is True            # an unbound widget writes nothing
