@@ -20,7 +20,7 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from FMSAMRegistrationLib import FMSAMRegistrationLogic as _RegistrationLogic
+from FMSAMRegistrationLib import RegistrationLogic
 from FMSAMRegistrationLib import ProcessingState
 from FMSAMRegistrationLib.sample_data import register_sample_data
 from FMSAMRegistrationLib.torch_support import MISSING, cuda_usable, torch_problem
@@ -89,12 +89,12 @@ def connectParameterNode(parameterNode, ui):
     return parameterNode.connectParametersToGui(mapping)
 
 
-class FMSAMRegistrationLogic(ScriptedLoadableModuleLogic, _RegistrationLogic):
+class FMSAMRegistrationLogic(ScriptedLoadableModuleLogic, RegistrationLogic):
     """The library's logic with the scripted-module plumbing (parameter node) added."""
 
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
-        _RegistrationLogic.__init__(self)
+        RegistrationLogic.__init__(self)
 
     def getParameterNode(self):
         return FMSAMRegistrationParameterNode(super().getParameterNode())

@@ -20,7 +20,7 @@ def _make_engine_importable():
 
 _make_engine_importable()
 
-from .logic import (MOVING_VOLUME_ACTIONS, FMSAMRegistrationLogic, ProcessingState,  # noqa: E402
+from .logic import (MOVING_VOLUME_ACTIONS, ProcessingState, RegistrationLogic,  # noqa: E402
                     RegistrationOutcome)
 
-__all__ = ["FMSAMRegistrationLogic", "ProcessingState", "RegistrationOutcome", "MOVING_VOLUME_ACTIONS"]
+__all__ = ["RegistrationLogic", "ProcessingState", "RegistrationOutcome", "MOVING_VOLUME_ACTIONS"]

@@ -1,11 +1,14 @@
-"""FMSAMRegistrationLogic: nodes in, nodes out; the same call from the GUI and the Python console.
+"""RegistrationLogic: nodes in, nodes out; the same call from the GUI and the Python console.
+
+The module's ``FMSAMRegistrationLogic`` (``slicer.util.getModuleLogic("FMSAMRegistration")``) is this
+class with Slicer's scripted-module plumbing (the parameter node) added.
 
 A run has three parts:
 
 1. read the input nodes into SimpleITK images (main thread; MRML is not thread-safe);
 2. run the engine on those images, touching no node: in this process for the console's
-   :meth:`FMSAMRegistrationLogic.register` (which blocks, as a console call does), or in a separate
-   process for :meth:`FMSAMRegistrationLogic.start` (the GUI: Slicer's main thread holds Python's
+   :meth:`RegistrationLogic.register` (which blocks, as a console call does), or in a separate
+   process for :meth:`RegistrationLogic.start` (the GUI: Slicer's main thread holds Python's
    lock while idle, so a thread would crawl; see :mod:`.process`), followed by polling from the main
    thread and cancellable at any moment;
 3. create or fill the output nodes (main thread), only when the engine finished: a failed or
@@ -86,12 +89,12 @@ class RegistrationOutcome:
         return line
 
 
-class FMSAMRegistrationLogic:
+class RegistrationLogic:
     """Deformable registration of two volume nodes with the bundled FM-SAM model.
 
     Typical use from Slicer's Python console::
 
-        logic = FMSAMRegistrationLogic()
+        logic = RegistrationLogic()
         outcome = logic.register(fixedNode, movingNode, mode="accurate")
         print(outcome.summary())
     """

@@ -15,7 +15,7 @@ import vtk
 from vtk.util import numpy_support
 
 from fmsam.errors import InputError
-from fmsam.geometry import grid_from_ijk_to_ras, index_to_ras, lps_to_ras_points
+from fmsam.geometry import flip_lps_ras, grid_from_ijk_to_ras, index_to_ras
 
 
 def world_ijk_to_ras(node, what):
@@ -160,7 +160,7 @@ def set_grid_transform_from_field(transform_node, field_lps, reference):
     spacing = np.linalg.norm(ijk_to_ras[:3, :3], axis=0)
     direction = np.eye(4)
     direction[:3, :3] = ijk_to_ras[:3, :3] / spacing
-    field_ras = np.ascontiguousarray(lps_to_ras_points(field_lps).reshape(-1, 3))
+    field_ras = np.ascontiguousarray(flip_lps_ras(field_lps).reshape(-1, 3))
 
     grid = vtk.vtkImageData()
     grid.SetDimensions(*reference.GetSize())
@@ -194,7 +194,7 @@ def field_from_grid_transform_node(transform_node):
     reference = grid_from_ijk_to_ras(ijk_to_ras, grid.GetDimensions())
     field_ras = numpy_support.vtk_to_numpy(grid.GetPointData().GetScalars())
     size_i, size_j, size_k = grid.GetDimensions()
-    field_lps = lps_to_ras_points(field_ras).reshape(size_k, size_j, size_i, 3)
+    field_lps = flip_lps_ras(field_ras).reshape(size_k, size_j, size_i, 3)
     return field_lps, reference
 
 

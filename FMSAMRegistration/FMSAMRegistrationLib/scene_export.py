@@ -20,7 +20,7 @@ def check_scene_path(path):
 def write_registration_scene(path, result, fixed_path, moving_path, fixed_labels_path=None,
                              moving_labels_path=None):
     """Load the inputs as Slicer would, add the result's nodes, and write ``path`` (.mrb)."""
-    from .logic import FMSAMRegistrationLogic
+    from .logic import RegistrationLogic
     from .scene import new_scene
 
     headless = new_scene()
@@ -29,7 +29,7 @@ def write_registration_scene(path, result, fixed_path, moving_path, fixed_labels
     for labels_path in (fixed_labels_path, moving_labels_path):
         if labels_path:
             headless.load_volume(labels_path, labelmap=True)
-    logic = FMSAMRegistrationLogic(scene=headless.scene, colorLogic=headless.color_logic)
+    logic = RegistrationLogic(scene=headless.scene, colorLogic=headless.color_logic)
     outcome = logic.addResultToScene(fixed, moving, result)
     headless.write_bundle(path)
     return outcome

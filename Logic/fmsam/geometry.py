@@ -30,12 +30,10 @@ def index_to_ras(image):
     return LPS_TO_RAS @ index_to_lps(image)
 
 
-def lps_to_ras_points(points_lps):
-    """Flip an array of points or vectors (..., 3) between LPS and RAS."""
-    return np.asarray(points_lps, dtype=np.float64) * np.array([-1.0, -1.0, 1.0])
-
-
-ras_to_lps_points = lps_to_ras_points
+def flip_lps_ras(points):
+    """Points or vectors (..., 3) from LPS to RAS, or from RAS to LPS: the flip negates the first two
+    coordinates and is its own inverse."""
+    return np.asarray(points, dtype=np.float64) * np.array([-1.0, -1.0, 1.0])
 
 
 def grid_from_ijk_to_ras(ijk_to_ras, size_ijk):
@@ -63,12 +61,6 @@ def voxel_centres_lps(image):
     along_j = np.arange(size_j)[:, None, None] * matrix[:3, 1]
     along_k = np.arange(size_k)[:, None, None, None] * matrix[:3, 2]
     return along_k + (along_j + (along_i + matrix[:3, 3]))
-
-
-def index_vectors_to_lps(vectors_index, image):
-    """Turn displacement vectors in voxel-index units (..., 3) into LPS millimetres."""
-    linear = index_to_lps(image)[:3, :3]
-    return np.asarray(vectors_index, dtype=np.float64) @ linear.T
 
 
 def same_geometry(a, b, tolerance_mm=1e-4):

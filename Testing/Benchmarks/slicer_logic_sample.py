@@ -6,14 +6,14 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from conftest import FIXED, MOVING, sample  # noqa: E402
-from FMSAMRegistrationLib import FMSAMRegistrationLogic  # noqa: E402
+from FMSAMRegistrationLib import RegistrationLogic  # noqa: E402
 from FMSAMRegistrationLib.scene import new_scene  # noqa: E402
 
 headless = new_scene()
 fixed, moving = headless.load_volume(sample(FIXED)), headless.load_volume(sample(MOVING))
 fixed_labels = headless.load_volume(sample(FIXED, "labels"), labelmap=True)
 moving_labels = headless.load_volume(sample(MOVING, "labels"), labelmap=True)
-logic = FMSAMRegistrationLogic(headless.scene, headless.color_logic)
+logic = RegistrationLogic(headless.scene, headless.color_logic)
 for mode in ("fast", "accurate"):
     outcome = logic.register(fixed, moving, fixedSegmentationNode=fixed_labels,
                              movingSegmentationNode=moving_labels, device="cpu", mode=mode)

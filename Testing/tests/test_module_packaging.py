@@ -135,14 +135,14 @@ def run_without_torch(code):
 def test_without_torch_the_library_loads_and_registering_says_how_to_install():
     pytest.importorskip("slicer", reason="needs slicer-core")
     result = run_without_torch(
-        "from FMSAMRegistrationLib import FMSAMRegistrationLogic\n"
+        "from FMSAMRegistrationLib import RegistrationLogic\n"
         "from FMSAMRegistrationLib.torch_support import MISSING, torch_problem, cuda_usable\n"
         "from FMSAMRegistrationLib.scene import new_scene\n"
         "assert torch_problem() == MISSING and not cuda_usable()\n"
         "headless = new_scene()\n"
         "node = headless.scene.AddNewNodeByClass('vtkMRMLScalarVolumeNode')\n"
         "try:\n"
-        "    FMSAMRegistrationLogic(headless.scene).register(node, node)\n"
+        "    RegistrationLogic(headless.scene).register(node, node)\n"
         "except ValueError as error:\n"
         "    print('REFUSED:', error)\n")
     assert result.returncode == 0, result.stderr

@@ -16,7 +16,7 @@ slicer = pytest.importorskip("slicer", reason="needs slicer-core (pip install sl
 import vtk  # noqa: E402  (slicer-core's VTK)
 
 from fmsam.errors import Cancelled, InputError  # noqa: E402
-from FMSAMRegistrationLib import FMSAMRegistrationLogic, ProcessingState, display, mrml_io  # noqa: E402
+from FMSAMRegistrationLib import RegistrationLogic, ProcessingState, display, mrml_io  # noqa: E402
 from FMSAMRegistrationLib.scene import new_scene  # noqa: E402
 
 
@@ -81,7 +81,7 @@ def gui_run(sample_paths):
     headless = new_scene()
     nodes = load_pair(headless, sample_paths)
     before = {key: node_digest(node) for key, node in nodes.items()}
-    logic = FMSAMRegistrationLogic(headless.scene, headless.color_logic)
+    logic = RegistrationLogic(headless.scene, headless.color_logic)
     states = []
     started = time.perf_counter()
     job = logic.start(nodes["fixed"], nodes["moving"], fixedSegmentationNode=nodes["fixed_labels"],
@@ -337,7 +337,7 @@ def test_cancel_ends_the_engine_within_two_seconds_and_leaves_the_scene_as_it_wa
     scene = headless.scene
     ids_before = sorted(scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes()))
     digests = {key: node_digest(node) for key, node in nodes.items()}
-    logic = FMSAMRegistrationLogic(scene, headless.color_logic)
+    logic = RegistrationLogic(scene, headless.color_logic)
     job = logic.start(nodes["fixed"], nodes["moving"], device="cpu", python=launcher)
     folder = job._engine.folder
     cancelled = {}
@@ -403,7 +403,7 @@ def test_moving_volume_can_be_left_alone_placed_under_the_result_or_hardened(pai
 @pytest.fixture()
 def pair_scene(sample_paths):
     headless = new_scene()
-    return headless, load_pair(headless, sample_paths), FMSAMRegistrationLogic(headless.scene, headless.color_logic)
+    return headless, load_pair(headless, sample_paths), RegistrationLogic(headless.scene, headless.color_logic)
 
 
 def test_volume_under_a_linear_transform_is_read_in_world_coordinates(pair_scene):
@@ -583,11 +583,11 @@ def test_the_engine_ends_and_removes_its_files_when_slicer_dies(sample_paths, tm
     host = subprocess.Popen([sys.executable, "-c", """
 import sys, time
 sys.path[:0] = [%r, %r]
-from FMSAMRegistrationLib import FMSAMRegistrationLogic
+from FMSAMRegistrationLib import RegistrationLogic
 from FMSAMRegistrationLib.scene import new_scene
 headless = new_scene()
 fixed, moving = headless.load_volume(%r), headless.load_volume(%r)
-job = FMSAMRegistrationLogic(headless.scene).start(fixed, moving, device="cpu")
+job = RegistrationLogic(headless.scene).start(fixed, moving, device="cpu")
 print(job._engine.folder, flush=True)
 time.sleep(120)
 """ % (os.path.join(ROOT, "Logic"), os.path.join(ROOT, "FMSAMRegistration"), sample_paths["fixed"],
