@@ -10,7 +10,8 @@ and the patient split in ``cardiac_split.json``: tune on ``selection`` patients 
 
 Measures, all on the fixed image's grid and without labels (the data has none):
 
-* ``exit``: the exit code of ``fmsam register`` (0 for the other methods when they return).
+* ``exit``: the exit code of ``fmsam register``; for ANTs 1 when ``ants.registration`` raised
+  (SyN fails on some 3-slice stacks), else 0. A failed run has no other measure.
 * ``nmi``: normalised mutual information (:func:`fmsam.quality.normalised_mutual_information`,
   32 bins) of the fixed image and the moving image as the method resampled it (linear, 0 outside
   the moving image), both normalised as ``fmsam`` normalises MR (0.5th-99.5th percentile to [0, 1]),
@@ -136,7 +137,11 @@ def run_ants(pair, threads, kind):
 
     fixed, moving = ants.image_read(pair["fixed"]), ants.image_read(pair["moving"])
     start = time.perf_counter()
-    registration = ants.registration(fixed=fixed, moving=moving, type_of_transform=kind, random_seed=1)
+    try:
+        registration = ants.registration(fixed=fixed, moving=moving, type_of_transform=kind, random_seed=1)
+    except RuntimeError as error:  # SyN ends in "Registration failed with error code 1" on 3-slice stacks
+        print("%s failed: %s" % (kind, error), file=sys.stderr)
+        return 1, time.perf_counter() - start, None, None
     seconds = time.perf_counter() - start
     transforms = registration["fwdtransforms"]
     with tempfile.TemporaryDirectory() as folder:
