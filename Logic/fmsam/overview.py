@@ -41,7 +41,8 @@ def _display_slices(image, spacing_kji, axis=0):
     array = sitk.GetArrayViewFromImage(image) if isinstance(image, sitk.Image) else image
     middle = array.shape[axis] // 2
     rows, cols = [a for a in range(3) if a != axis]
-    return np.asarray(np.take(array, middle, axis=axis), dtype=np.float64), spacing_kji[rows] / spacing_kji[cols]
+    aspect = spacing_kji[rows] / spacing_kji[cols]
+    return np.asarray(np.take(array, middle, axis=axis), dtype=np.float64), aspect
 
 
 def _window(array):

@@ -178,8 +178,9 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
     moving_own_contrast = moving_normalised
     report["contrast_matching"] = {"applied": bool(matched), "correlation_gain": round(gain, 4)}
     if matched:
-        # The moving image in the fixed image's contrast is what the network and instance
-        # optimisation see, and the affine is refined on it (its fine level only, about 0.4 s):
+        # The moving image in the fixed image's contrast is what the network sees (instance
+        # optimisation uses its own contrast, IO_SIMILARITY_ACROSS_CONTRASTS), and the affine is
+        # refined on it (its fine level only, about 0.4 s):
         # mutual information copes with other contrasts, but less well (on 10 gamma-changed pairs it
         # aligned worse than on the originals). Refining instead of starting again: Dice on the gamma
         # and inverted pairs within 0.002 of a full second run, for a third of its time.

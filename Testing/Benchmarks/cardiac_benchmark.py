@@ -189,6 +189,7 @@ def run_command(args):
     if unknown:
         raise SystemExit("unknown method(s) %s; choose from %s" % (unknown, ", ".join(METHODS)))
     pairs = read_csv(args.pairs)[: args.limit or None]
+    only = {int(key) for key in args.only.split(",")} if args.only else None
     os.makedirs(args.out, exist_ok=True)
     results = os.path.join(args.out, "results.csv")
     finished = {(row["method"], row["pair"]) for row in read_csv(results)} if os.path.isfile(results) else set()
@@ -200,7 +201,7 @@ def run_command(args):
         for method in methods:
             for number, pair in enumerate(pairs):
                 key = "%03d" % number
-                if (method, key) in finished:
+                if (method, key) in finished or (only is not None and number not in only):
                     continue
                 code, seconds, warped, field = RUNNERS[method](pair, args.threads)
                 fixed = sitk.ReadImage(pair["fixed"], sitk.sitkFloat32)
@@ -268,6 +269,7 @@ def main():
     run_parser.add_argument("--methods", required=True)
     run_parser.add_argument("--threads", type=int, default=1)
     run_parser.add_argument("--limit", type=int, default=0)
+    run_parser.add_argument("--only", default="", help="comma-separated pair numbers (0-based) to run")
     report_parser = sub.add_parser("report", help="summary table of a results folder")
     report_parser.add_argument("--out", required=True)
     args = parser.parse_args()
