@@ -12,8 +12,8 @@ four voxels is resampled to four over the same extent. Images that fit (every br
 own pyramid, exactly as before.
 
 Whatever the path, the result is never worse than leaving the images where they are: the optimised
-affine is compared with the identity and with the moments-centred translation (and a refined affine
-with the one it started from) by the normalised mutual information on the fixed grid
+affine is compared with the identity and with the moments-centred translation (a refined affine with
+the identity and the one it started from) by the normalised mutual information on the fixed grid
 (:func:`alignment_score`), and the best is returned.
 """
 import numpy as np
@@ -82,7 +82,7 @@ def affine_prealign(fixed, moving, iterations=60, sampling=0.10, progress=None, 
         affine = sitk.AffineTransform(initial)
         tracker = _Progress(progress, iterations * len(REFINE_LEVELS))
         _run_stage(affine, REFINE_LEVELS, fixed, moving, iterations, sampling, tracker)
-        candidates = [affine, sitk.AffineTransform(initial)]
+        candidates = [affine, sitk.AffineTransform(initial), sitk.AffineTransform(3)]
     return best_alignment(fixed, moving, candidates)
 
 
@@ -186,17 +186,29 @@ class _Progress:
 
 def _run_stage(transform, levels, fixed, moving, iterations, sampling, progress):
     """Optimise ``transform`` in place over pyramid ``levels``: ITK's pyramid when both images fit
-    it, else one single-level run per level on :func:`level_image` images."""
+    it, else one single-level run per level on :func:`level_image` images.
+
+    When ITK gives up on a level (its metric raises when the images stop overlapping, which a
+    pair far apart or a 2-slice stack can cause), the transform goes back to what it was before
+    that level and the stage ends there: the candidates of :func:`best_alignment` still decide."""
     if fits_pyramid(fixed, levels) and fits_pyramid(moving, levels):
-        method = _registration(levels, iterations, sampling)
+        runs = [(_registration(levels, iterations, sampling), fixed, moving)]
+    else:
+        runs = []
+        for level in levels:
+            method = _registration((1,), iterations, sampling)
+            method.SetSmoothingSigmasPerLevel([0.0])
+            runs.append((method, level_image(fixed, level), level_image(moving, level)))
+    for method, level_fixed, level_moving in runs:
+        before = transform.GetParameters()
         method.SetInitialTransform(transform, inPlace=True)
-        progress.execute(method, fixed, moving)
-        return
-    for level in levels:
-        method = _registration((1,), iterations, sampling)
-        method.SetSmoothingSigmasPerLevel([0.0])
-        method.SetInitialTransform(transform, inPlace=True)
-        progress.execute(method, level_image(fixed, level), level_image(moving, level))
+        try:
+            progress.execute(method, level_fixed, level_moving)
+        except Cancelled:
+            raise
+        except RuntimeError:  # ITK's exception
+            transform.SetParameters(before)
+            return
 
 
 def _rigid_then_affine(fixed, moving, iterations, sampling, progress):

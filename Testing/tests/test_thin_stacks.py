@@ -159,3 +159,17 @@ def test_real_selection_stacks_register_without_folding_and_improve_similarity(f
     warped = sitk.ReadImage(os.path.join(out, "warped.nii.gz"), sitk.sitkFloat32)
     unregistered = fields.resample(sitk.ReadImage(moving_path, sitk.sitkFloat32), fixed_image, sitk.Transform())
     assert foreground_nmi(fixed_image, warped) > foreground_nmi(fixed_image, unregistered) + 0.005
+
+
+def test_prealignment_survives_a_start_where_the_images_do_not_overlap():
+    fixed = normalised_image(phantom(slices=2), "mr")[0]
+    far = sitk.AffineTransform(3)
+    far.SetTranslation((0.0, 0.0, 900.0))  # every fixed point maps far outside the moving stack
+    with pytest.raises(RuntimeError):  # what ITK does on its own
+        method = sitk.ImageRegistrationMethod()
+        method.SetMetricAsMattesMutualInformation(32)
+        method.SetInitialTransform(far)
+        method.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-3, 5)
+        method.Execute(level_image(fixed, 1), level_image(fixed, 1))
+    found = affine_prealign(fixed, fixed, initial=far)  # no exception: the identity wins
+    assert found.GetTranslation() == pytest.approx((0.0, 0.0, 0.0), abs=1e-9)
