@@ -220,7 +220,8 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
             if matched:  # contrasts differ
                 similarity = IO_SIMILARITY_ACROSS_CONTRASTS
             if similarity == "squared_lncc":  # contrast-independent: the moving image's own contrast
-                io_moving = to_network_grid(sitk.GetArrayViewFromImage(
+                # GetArrayFromImage (a copy): a view would outlive the resampled image it shows
+                io_moving = to_network_grid(sitk.GetArrayFromImage(
                     fields.resample(moving_own_contrast, network_fixed, affine)), grid, run_device)
             displacement, losses = instance_optimise(displacement, backward, fixed_net, io_moving,
                                                      io_steps, config, progress=stages.update,

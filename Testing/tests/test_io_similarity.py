@@ -45,6 +45,8 @@ def test_contrast_independent_similarity_registers_inverted_contrast_better(inve
     before, now = inverted_runs["lncc"], inverted_runs["squared_lncc"]
     assert now["contrast_matching"]["applied"] and now["io_similarity"] == "squared_lncc"
     assert before["io_similarity"] == "lncc"
+    for report in (before, now):  # finite losses: the images instance optimisation saw were valid
+        assert 0.0 < report["io_loss_after"] < report["io_loss_before"] < 4.0
     # Measured: 0.5629 (signed LNCC, matched image) and 0.5916 (squared LNCC, own contrast).
     assert now["dice_after"] > before["dice_after"] + 0.015
     assert now["folding_percent"] < 0.01
