@@ -9,8 +9,9 @@ mapping is any function of intensity (not only monotone), so a dark background k
 inverted tissue is handled. For a same-contrast pair the mapping is close to the identity.
 
 Used by :func:`fmsam.pipeline.register` after the affine pre-alignment: when the contrasts differ,
-the affine is refined on the matched moving image, and the network and the instance optimisation
-see the matched image; the warped output is always the original moving image.
+the affine is refined on the matched moving image and the network sees it; instance optimisation
+then compares the moving image in its own contrast with a contrast-independent similarity (squared
+local NCC); the warped output is always the original moving image.
 """
 import numpy as np
 

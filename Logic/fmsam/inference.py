@@ -29,12 +29,24 @@ def choose_device(name="auto"):
     return torch.device(name)
 
 
+#: Fewest network voxels along any axis: the coarse step runs at half resolution and its U-Net
+#: halves three more times, so 16 leaves it one voxel at the bottom.
+MIN_GRID = 16
+
+
 def grid_for(fixed_image, config):
-    """Network grid (D, H, W) for a fixed SimpleITK image, at the voxel budget of training."""
+    """Network grid (D, H, W) for a fixed SimpleITK image, at the voxel budget of training.
+
+    The grid keeps the image's physical aspect ratio, so network voxels are cubes in millimetres as
+    in training, whatever the image's own voxels. A thin anisotropic stack therefore gets many
+    network voxels across its slices, not one per slice: a 350 x 350 mm short-axis stack of three
+    23 mm slices (69 mm) becomes 32 x 160 x 160 voxels of 2.2 mm, its slices linearly interpolated,
+    rather than 3 x 500 x 500 voxels 10 times thicker than wide, an anisotropy the network never
+    saw. No axis gets fewer than :data:`MIN_GRID` voxels (a 2-slice 24 mm stack: 16)."""
     size = np.array(fixed_image.GetSize()[::-1], dtype=np.float64)       # k, j, i
     spacing = np.array(fixed_image.GetSpacing()[::-1], dtype=np.float64)
     budget = int(np.prod(config.get("grid", (64, 80, 80))))
-    return network_grid_shape(size * spacing, voxels=budget)
+    return tuple(max(MIN_GRID, n) for n in network_grid_shape(size * spacing, voxels=budget))
 
 
 def to_network_grid(voxels_kji, grid, device):

@@ -22,8 +22,11 @@ GRADICON_WEIGHT = 1.5
 
 
 def instance_optimise(forward, backward, fixed, moving, steps, config,
-                      learning_rate=DEFAULT_LEARNING_RATE, progress=None):
+                      learning_rate=DEFAULT_LEARNING_RATE, progress=None, similarity="lncc"):
     """Return ``(refined forward displacement (1, 3, D, H, W), losses)``.
+
+    ``similarity``: 'lncc' (the training loss's signed local NCC) or 'squared_lncc' (contrast-
+    independent, for pairs whose contrasts differ; :data:`fmsam.losses.SIMILARITIES`).
 
     ``forward``/``backward``: the network's displacements for (fixed, moving) and (moving, fixed);
     ``fixed``/``moving``: (1, 1, D, H, W) images on the network grid. ``losses`` holds the loss
@@ -41,7 +44,8 @@ def instance_optimise(forward, backward, fixed, moving, steps, config,
     def loss_now(offset=None):
         both = start + resize(corrections, shape)
         loss = symmetric_registration_loss(fixed, moving, both[:1], both[1:],
-                                           GRADICON_WEIGHT, config.get("ncc_window", 5), offset)[0]
+                                           GRADICON_WEIGHT, config.get("ncc_window", 5), offset,
+                                           similarity)[0]
         return loss, both
 
     losses = []

@@ -9,7 +9,9 @@ def jacobian_determinant(field_lps, reference):
 
     ``field_lps``: (k, j, i, 3) displacement in mm. Derivatives are central differences in index
     space (one-sided at the borders), turned into physical derivatives with the grid's direction and
-    spacing, so oblique and anisotropic grids give the physical Jacobian. Returns (k, j, i) float64.
+    spacing, so oblique and anisotropic grids give the physical Jacobian. An axis of 2 voxels (a
+    2-slice stack) gets one-sided differences throughout; an axis of 1 voxel has no derivative
+    along it (taken as 0). Never NaN for a finite field. Returns (k, j, i) float64.
     """
     field_lps = np.asarray(field_lps, dtype=np.float64)
     index_per_mm = np.linalg.inv(index_to_lps(reference)[:3, :3])  # d index / d x, rows i, j, k
@@ -18,11 +20,24 @@ def jacobian_determinant(field_lps, reference):
     # faster than gradients of the (k, j, i, 3) array and a cross product over its last axis.
     entries = []
     for component in range(3):
-        by_k, by_j, by_i = np.gradient(np.ascontiguousarray(field_lps[..., component]))
+        by_k, by_j, by_i = _index_gradients(np.ascontiguousarray(field_lps[..., component]))
         entries.append([by_i * index_per_mm[0, m] + by_j * index_per_mm[1, m] + by_k * index_per_mm[2, m]
                         + (1.0 if component == m else 0.0) for m in range(3)])
     (a, b, c), (d, e, f), (g, h, i) = entries
     return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
+
+
+def _index_gradients(volume):
+    """Derivatives of a (k, j, i) volume along k, j and i in index units (``np.gradient``: central
+    inside, one-sided at the borders), zero along an axis of a single voxel."""
+    axes = [axis for axis in range(3) if volume.shape[axis] > 1]
+    found = np.gradient(volume, axis=axes) if axes else []
+    if len(axes) == 1:
+        found = [found]
+    gradients = [np.zeros_like(volume) for _ in range(3)]
+    for axis, gradient in zip(axes, found):
+        gradients[axis] = gradient
+    return gradients
 
 
 def jacobian_statistics(determinant, mask=None):

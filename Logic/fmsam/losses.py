@@ -5,9 +5,17 @@ import torch.nn.functional as F
 from .layers import compose, identity_grid, normalised_to_voxels, sample_at, warp
 
 
-def local_ncc_loss(fixed, warped, window=5, eps=1e-7):
+#: Similarities of :func:`symmetric_registration_loss`: the signed local NCC the network was trained
+#: with, and its square, which does not care about the sign of the local correlation (contrast-
+#: independent; multiGradICON's choice for pairs of different contrasts).
+SIMILARITIES = ("lncc", "squared_lncc")
+
+
+def local_ncc_loss(fixed, warped, window=5, eps=1e-7, squared=False):
     """1 - mean local normalised cross-correlation over ``window``^3 boxes (0 = identical images,
-    2 = locally inverted contrast). Inputs: (N, 1, D, H, W) in [0, 1].
+    2 = locally inverted contrast). Inputs: (N, 1, D, H, W) in [0, 1]. ``squared``: 1 - mean of the
+    squared local correlation instead (0 for identical and for locally inverted images, 1 for
+    unrelated ones), for instance optimisation of pairs whose contrasts differ.
 
     The correlation is signed on purpose: the squared version (1 - LNCC^2) also rewards
     anti-correlation, so in misaligned regions it pulled bright edges onto dark ones; trained with
@@ -25,7 +33,8 @@ def local_ncc_loss(fixed, warped, window=5, eps=1e-7):
     cross = box_mean(fixed * warped) - mean_f * mean_w
     var_f = (box_mean(fixed * fixed) - mean_f * mean_f).clamp_min(0.0)
     var_w = (box_mean(warped * warped) - mean_w * mean_w).clamp_min(0.0)
-    return 1.0 - (cross / torch.sqrt(var_f * var_w + eps)).mean()
+    correlation = cross / torch.sqrt(var_f * var_w + eps)
+    return 1.0 - (correlation * correlation if squared else correlation).mean()
 
 
 def gradient_inverse_consistency(forward, backward):
@@ -53,7 +62,7 @@ def random_subvoxel_offset(shape, generator=None):
     return voxels * 2.0 / (sizes - 1).clamp_min(1.0)
 
 
-def jittered_similarity(fixed, moving, displacement, offset=None, window=5):
+def jittered_similarity(fixed, moving, displacement, offset=None, window=5, similarity="lncc"):
     """Local NCC of ``fixed`` and ``moving`` warped by ``displacement``, both sampled on the voxel
     grid shifted by ``offset`` (normalised x, y, z; None = no shift).
 
@@ -61,29 +70,33 @@ def jittered_similarity(fixed, moving, displacement, offset=None, window=5):
     displacement, where every field starts) its derivative is a one-sided difference, and
     floating-point rounding decides the side. Summed over a volume that bias is coherent, and a
     network trained on it learned a spurious half-voxel global shift. Sampling on a randomly shifted
-    grid makes the gradient unbiased on average.
+    grid makes the gradient unbiased on average. ``similarity``: one of :data:`SIMILARITIES`.
     """
+    if similarity not in SIMILARITIES:
+        raise ValueError("similarity must be one of %s, not %r" % (", ".join(SIMILARITIES), similarity))
+    squared = similarity == "squared_lncc"
     if offset is None:
-        return local_ncc_loss(fixed, warp(moving, displacement), window)
+        return local_ncc_loss(fixed, warp(moving, displacement), window, squared=squared)
     grid = identity_grid(fixed.shape[2:], fixed.device, fixed.dtype) + \
         offset.to(fixed.device, fixed.dtype).view(1, 1, 1, 1, 3)
     grid = grid.expand(fixed.shape[0], -1, -1, -1, -1)
     fixed_sampled = sample_at(fixed, grid, padding_mode="border")
     displacement_sampled = sample_at(displacement, grid, padding_mode="border")
     warped = sample_at(moving, grid + displacement_sampled.permute(0, 2, 3, 4, 1))
-    return local_ncc_loss(fixed_sampled, warped, window)
+    return local_ncc_loss(fixed_sampled, warped, window, squared=squared)
 
 
 def symmetric_registration_loss(fixed, moving, forward, backward, gradicon_weight=1.5, window=5,
-                                offset=None):
+                                offset=None, similarity="lncc"):
     """Loss of one pair registered both ways (the uniGradICON objective).
 
     ``forward`` = network(fixed, moving), ``backward`` = network(moving, fixed); ``offset``: the
-    sub-voxel sampling shift of :func:`jittered_similarity` (draw a new one every step). Returns
-    ``(loss, similarity, regulariser)``.
+    sub-voxel sampling shift of :func:`jittered_similarity` (draw a new one every step);
+    ``similarity``: one of :data:`SIMILARITIES`. Returns ``(loss, similarity, regulariser)``.
     """
-    similarity = jittered_similarity(fixed, moving, forward, offset, window) + \
-        jittered_similarity(moving, fixed, backward, offset, window)
+    kind = similarity
+    similarity = jittered_similarity(fixed, moving, forward, offset, window, kind) + \
+        jittered_similarity(moving, fixed, backward, offset, window, kind)
     regulariser = gradient_inverse_consistency(forward, backward) + \
         gradient_inverse_consistency(backward, forward)
     return similarity + gradicon_weight * regulariser, similarity, regulariser

@@ -20,11 +20,29 @@ def start_importing_matplotlib():
     return thread
 
 
-def _display_slices(image, spacing_kji):
-    """Middle axial slice and its aspect ratio, from a (k, j, i) array."""
+#: An array axis with fewer voxels than this is a stack's slice axis: the picture shows the slice
+#: plane (across it), never a view along it (a strip a few voxels wide).
+THIN_AXIS = 16
+
+
+def display_axis(shape_kji):
+    """The array axis the overview slices across: k (axial for a head in the training layout),
+    unless another axis has fewer than :data:`THIN_AXIS` voxels and fewer than k; then that one,
+    so a thin stack is shown in its slice plane whichever way its voxels are stored."""
+    thinnest = int(np.argmin(shape_kji))
+    if shape_kji[thinnest] < THIN_AXIS and shape_kji[thinnest] < shape_kji[0]:
+        return thinnest
+    return 0
+
+
+def _display_slices(image, spacing_kji, axis=0):
+    """Middle slice across array ``axis`` of a (k, j, i) image or array, and its display aspect
+    (height over width of a pixel, in mm)."""
     array = sitk.GetArrayViewFromImage(image) if isinstance(image, sitk.Image) else image
-    middle = array.shape[0] // 2
-    return np.asarray(array[middle], dtype=np.float64), spacing_kji[1] / spacing_kji[2]
+    middle = array.shape[axis] // 2
+    rows, cols = [a for a in range(3) if a != axis]
+    aspect = spacing_kji[rows] / spacing_kji[cols]
+    return np.asarray(np.take(array, middle, axis=axis), dtype=np.float64), aspect
 
 
 def _window(array):
@@ -47,14 +65,15 @@ def write_overview(path, fixed, moving_on_fixed, warped, jacobian, report):
     from matplotlib.colors import ListedColormap, TwoSlopeNorm
 
     spacing_kji = fixed.GetSpacing()[::-1]
+    axis = display_axis(fixed.GetSize()[::-1])
     panels = []
     for title, image in (("fixed", fixed), ("moving (unregistered)", moving_on_fixed),
                          ("warped moving", warped)):
-        panels.append((title, *_display_slices(image, spacing_kji)))
+        panels.append((title, *_display_slices(image, spacing_kji, axis)))
     fixed_slice, aspect = panels[0][1], panels[0][2]
     normalise = lambda a: (a - _window(a)[0]) / (_window(a)[1] - _window(a)[0])  # noqa: E731
     board = checkerboard(np.clip(normalise(fixed_slice), 0, 1), np.clip(normalise(panels[2][1]), 0, 1))
-    jacobian_slice = _display_slices(jacobian, spacing_kji)[0]
+    jacobian_slice = _display_slices(jacobian, spacing_kji, axis)[0]
 
     figure, axes = plt.subplots(1, 5, figsize=(17, 4.2))
     for axis, (title, array, _) in zip(axes[:3], panels):

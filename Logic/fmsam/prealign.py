@@ -2,16 +2,40 @@
 
 The result is an ITK transform in LPS millimetres that maps fixed points to moving points (the
 resampling direction), so ``sitk.Resample(moving, fixed, transform)`` aligns moving to fixed.
+
+Thin stacks (cardiac short-axis stacks of 2-6 slices 12-23 mm thick at 0.7 mm in plane): ITK's
+registration pyramid shrinks every axis by the same factor and smooths with a recursive Gaussian that
+needs at least four voxels along every axis, so such stacks made it fail. When an image has too few
+voxels along some axis for the pyramid (:func:`fits_pyramid`), each level is run on images this module
+shrinks itself, per axis (:func:`level_image`): thin axes are not shrunk, and an axis with fewer than
+four voxels is resampled to four over the same extent. Images that fit (every brain here) take ITK's
+own pyramid, exactly as before.
+
+Whatever the path, the result is never worse than leaving the images where they are: the optimised
+affine is compared with the identity and with the moments-centred translation (a refined affine with
+the identity and the one it started from) by the normalised mutual information on the fixed grid
+(:func:`alignment_score`), and the best is returned.
 """
+import numpy as np
 import SimpleITK as sitk
 
 #: Seed for the metric's random sampling: the same inputs always give the same transform.
 SAMPLING_SEED = 20250510
 
 
+#: Fewest voxels along an axis that ITK's recursive Gaussian smoothing (in the registration's
+#: pyramid) accepts.
+MIN_VOXELS = 4
+
+
 def _registration(levels, iterations, sampling):
-    """A registration over pyramid ``levels`` (shrink factors; smoothing sigma half of each, in voxels)."""
+    """A registration over pyramid ``levels`` (shrink factors; smoothing sigma half of each, in voxels).
+
+    One ITK thread, set on this object only (not process-wide, which would slow every other user of
+    ITK in the process, Slicer's modules for one)."""
     method = sitk.ImageRegistrationMethod()
+    method.SetNumberOfThreads(1)
+    method.SetNumberOfWorkUnits(1)
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     method.SetMetricSamplingStrategy(method.RANDOM)
     method.SetMetricSamplingPercentage(sampling, SAMPLING_SEED)
@@ -48,18 +72,82 @@ def affine_prealign(fixed, moving, iterations=60, sampling=0.10, progress=None, 
     thread: the multi-threaded metric adds partial sums in varying order, and the transform then
     differed in the last bits from run to run (outputs were not reproducible byte for byte).
     """
-    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
-    try:
-        if initial is None:
-            tracker = _Progress(progress, iterations * (len(RIGID_LEVELS) + len(AFFINE_LEVELS)))
-            return _rigid_then_affine(fixed, moving, iterations, sampling, tracker)
+    if initial is None:
+        tracker = _Progress(progress, iterations * (len(RIGID_LEVELS) + len(AFFINE_LEVELS)))
+        affine, centred = _rigid_then_affine(fixed, moving, iterations, sampling, tracker)
+        candidates = [affine, centred, sitk.AffineTransform(3)]
+    else:
         affine = sitk.AffineTransform(initial)
         tracker = _Progress(progress, iterations * len(REFINE_LEVELS))
         _run_stage(affine, REFINE_LEVELS, fixed, moving, iterations, sampling, tracker)
-        return affine
-    finally:
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+        candidates = [affine, sitk.AffineTransform(initial), sitk.AffineTransform(3)]
+    return best_alignment(fixed, moving, candidates)
+
+
+def best_alignment(fixed, moving, candidates):
+    """The candidate transform with the highest :func:`alignment_score` (the first on a tie), as an
+    ``sitk.AffineTransform``."""
+    scores = [alignment_score(fixed, moving, candidate) for candidate in candidates]
+    return sitk.AffineTransform(candidates[int(np.argmax(scores))])
+
+
+def fits_pyramid(image, levels):
+    """True when ITK's own pyramid can shrink ``image`` by every factor in ``levels`` and still
+    leave at least :data:`MIN_VOXELS` voxels along every axis."""
+    return all(size // level >= MIN_VOXELS for size in image.GetSize() for level in levels)
+
+
+def level_image(image, shrink):
+    """``image`` for the pyramid level ``shrink``, shrunk per axis by block averages: by ``shrink``
+    along axes that keep at least :data:`MIN_VOXELS` voxels, less (down to 1) along shorter ones; an
+    axis left with fewer than :data:`MIN_VOXELS` voxels is then resampled (linear) to that many over
+    the same physical extent (the buffer's, half a voxel beyond the first and last centres). Same
+    direction, LPS frame; only voxel size, count and origin change."""
+    size = image.GetSize()
+    factors = [int(max(1, min(shrink, n // MIN_VOXELS))) for n in size]
+    shrunk = sitk.BinShrink(image, factors) if max(factors) > 1 else image
+    size = shrunk.GetSize()
+    if min(size) >= MIN_VOXELS:
+        return shrunk
+    counts = [max(n, MIN_VOXELS) for n in size]
+    spacing = [sp * n / m for sp, n, m in zip(shrunk.GetSpacing(), size, counts)]
+    # First new centre, in old voxel-index units: the buffer starts at index -0.5.
+    first_index = [-0.5 + n / (2.0 * m) for n, m in zip(size, counts)]
+    reference = sitk.Image(counts, sitk.sitkFloat32)
+    reference.SetDirection(shrunk.GetDirection())
+    reference.SetSpacing(spacing)
+    reference.SetOrigin(shrunk.TransformContinuousIndexToPhysicalPoint(first_index))
+    return sitk.Resample(shrunk, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+
+
+#: Fixed-image voxels (normalised intensity) above this count as foreground for :func:`alignment_score`.
+FOREGROUND = 0.05
+
+
+def score_grid(fixed):
+    """Every second voxel of ``fixed`` along each axis with at least 2 * :data:`MIN_VOXELS` voxels
+    (thin axes are kept whole): ``(empty reference image on that grid, fixed voxels there (k, j, i))``."""
+    strides = [2 if n >= 2 * MIN_VOXELS else 1 for n in fixed.GetSize()]
+    reference = sitk.Image([(n + s - 1) // s for n, s in zip(fixed.GetSize(), strides)], sitk.sitkFloat32)
+    reference.SetDirection(fixed.GetDirection())
+    reference.SetOrigin(fixed.GetOrigin())
+    reference.SetSpacing([sp * s for sp, s in zip(fixed.GetSpacing(), strides)])
+    pick = tuple(slice(None, None, s) for s in strides[::-1])
+    return reference, sitk.GetArrayViewFromImage(fixed)[pick]
+
+
+def alignment_score(fixed, moving, transform):
+    """Normalised mutual information (1 to 2) of ``fixed`` and ``moving`` seen through ``transform``
+    (fixed LPS point -> moving LPS point), over the fixed image's foreground on :func:`score_grid`.
+    Both images normalised to [0, 1]; moving voxels outside its buffer count as 0, so a transform
+    that loses the overlap scores low."""
+    from .quality import normalised_mutual_information
+
+    reference, fixed_values = score_grid(fixed)
+    moving_values = sitk.GetArrayFromImage(  # a copy: a view would outlive the resampled image
+        sitk.Resample(moving, reference, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+    inside = fixed_values > FOREGROUND
+    return normalised_mutual_information(fixed_values[inside], moving_values[inside])
 
 
 class _Progress:
@@ -96,15 +184,41 @@ class _Progress:
 
 
 def _run_stage(transform, levels, fixed, moving, iterations, sampling, progress):
-    method = _registration(levels, iterations, sampling)
-    method.SetInitialTransform(transform, inPlace=True)
-    progress.execute(method, fixed, moving)
+    """Optimise ``transform`` in place over pyramid ``levels``: ITK's pyramid when both images fit
+    it, else one single-level run per level on :func:`level_image` images.
+
+    When ITK gives up on a level (its metric raises when the images stop overlapping, which a
+    pair far apart or a 2-slice stack can cause), the transform goes back to what it was before
+    that level and the stage ends there: the candidates of :func:`best_alignment` still decide."""
+    if fits_pyramid(fixed, levels) and fits_pyramid(moving, levels):
+        runs = [(_registration(levels, iterations, sampling), fixed, moving)]
+    else:
+        runs = []
+        for level in levels:
+            method = _registration((1,), iterations, sampling)
+            method.SetSmoothingSigmasPerLevel([0.0])
+            runs.append((method, level_image(fixed, level), level_image(moving, level)))
+    for method, level_fixed, level_moving in runs:
+        before = transform.GetParameters()
+        method.SetInitialTransform(transform, inPlace=True)
+        try:
+            progress.execute(method, level_fixed, level_moving)
+        except RuntimeError:
+            if progress.cancelled is not None:  # the callback's own exception (Cancelled or not)
+                raise
+            transform.SetParameters(before)   # ITK's: it gave up on this level
+            return
 
 
 def _rigid_then_affine(fixed, moving, iterations, sampling, progress):
-    rigid = sitk.CenteredTransformInitializer(
-        fixed, moving, sitk.VersorRigid3DTransform(),
-        sitk.CenteredTransformInitializerFilter.MOMENTS)
+    """``(optimised affine, moments-centred translation it started from)``."""
+    initializer = sitk.CenteredTransformInitializerFilter()
+    initializer.SetNumberOfThreads(1)
+    initializer.MomentsOn()
+    rigid = sitk.VersorRigid3DTransform(initializer.Execute(fixed, moving, sitk.VersorRigid3DTransform()))
+    centred = sitk.AffineTransform(3)
+    centred.SetCenter(rigid.GetCenter())
+    centred.SetTranslation(rigid.GetTranslation())
     _run_stage(rigid, RIGID_LEVELS, fixed, moving, iterations, sampling, progress)
     affine = sitk.AffineTransform(3)
     affine.SetCenter(rigid.GetCenter())
@@ -114,7 +228,7 @@ def _rigid_then_affine(fixed, moving, iterations, sampling, progress):
     # affine Dice (0.436 -> 0.460 without it on pairs 0-5, 0.436 -> 0.466 on pairs 6-17), and
     # 60 iterations at 10 % sampling gave the same Dice as 100 at 15 % (docs/benchmarks.md).
     _run_stage(affine, AFFINE_LEVELS, fixed, moving, iterations, sampling, progress)
-    return affine
+    return affine, centred
 
 
 def identity_affine():

@@ -34,6 +34,31 @@ def mutual_information(fixed, moving_on_fixed, bins=32, stride=2):
     return float(np.sum(joint[present] * np.log(joint[present] / outer[present])))
 
 
+def normalised_mutual_information(fixed_values, moving_values, bins=32):
+    """Studholme's normalised mutual information (H(F) + H(M)) / H(F, M) of two equally long arrays
+    of intensities normalised to [0, 1] (values outside are clipped), from a ``bins`` x ``bins``
+    joint histogram over [0, 1]^2: 1 for independent images, 2 for images that determine each
+    other. 1.0 for fewer than two values. Used to choose among affine candidates
+    (:mod:`fmsam.prealign`) and by the cardiac benchmark."""
+    fixed_values = np.asarray(fixed_values, dtype=np.float64).ravel()
+    moving_values = np.asarray(moving_values, dtype=np.float64).ravel()
+    if fixed_values.size < 2:
+        return 1.0
+    to_bin = lambda v: np.minimum((np.clip(v, 0.0, 1.0) * bins).astype(np.int64), bins - 1)  # noqa: E731
+    joint = np.bincount(to_bin(fixed_values) * bins + to_bin(moving_values), minlength=bins * bins)
+    joint = joint.astype(np.float64) / fixed_values.size
+
+    def entropy(p):
+        p = p[p > 0]
+        return float(-np.sum(p * np.log(p)))
+
+    joint_entropy = entropy(joint)
+    if joint_entropy == 0.0:
+        return 2.0  # both constant: they determine each other
+    joint = joint.reshape(bins, bins)
+    return (entropy(joint.sum(axis=1)) + entropy(joint.sum(axis=0))) / joint_entropy
+
+
 def deformable_gain(fixed, affine_only, registered):
     """``(mi_affine, mi_registered, warning or None)`` for a result on the fixed grid."""
     before = mutual_information(fixed, affine_only)

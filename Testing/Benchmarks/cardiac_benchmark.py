@@ -1,0 +1,287 @@
+"""Cardiac benchmark (issue 14): thin short-axis stacks, label-free measures.
+
+Pairs come from ``../shared/data/cardiac_myops`` (MyoPS, 2-6 slices 12-23 mm thick, 0.7 mm in plane)
+and the patient split in ``cardiac_split.json``: tune on ``selection`` patients only, report on
+``report`` patients. Two kinds of pair:
+
+* ``inter``: two patients, one sequence (bSSFP ``C0``, LGE ``DE`` or ``T2``, taken in turn);
+  patient n (fixed) with patient n+1 (moving) of the split's list, the last with the first.
+* ``cross``: one patient, two sequences (C0->DE, DE->T2, T2->C0, C0->T2, DE->C0, T2->DE in turn).
+
+Measures, all on the fixed image's grid and without labels (the data has none):
+
+* ``exit``: the exit code of ``fmsam register``; for ANTs 1 when ``ants.registration`` raised
+  (SyN fails on some 3-slice stacks), else 0. A failed run has no other measure.
+* ``nmi``: normalised mutual information (:func:`fmsam.quality.normalised_mutual_information`,
+  32 bins) of the fixed image and the moving image as the method resampled it (linear, 0 outside
+  the moving image), both normalised as ``fmsam`` normalises MR (0.5th-99.5th percentile to [0, 1]),
+  over the fixed image's foreground (normalised intensity above 0.05), every voxel.
+* ``folding``: percent of fixed voxels with det J <= 0 of the method's fixed-to-moving field, from
+  one Jacobian (``fmsam.jacobian``) for every method.
+* ``seconds``: wall clock of the registration itself (``fmsam``: the report's ``seconds.total``).
+
+Methods: ``identity`` (no registration: the moving image resampled in scanner space), ``fmsam-fast``
+and ``fmsam-accurate`` (``fmsam register`` in a subprocess, ``--io-steps 50`` for accurate),
+``ants-affine`` and ``ants-syn`` (antspyx ``type_of_transform="Affine"`` / ``"SyN"``, Mattes MI,
+``random_seed=1``), which need the separate environment (antspyx pins NumPy < 2.4)::
+
+    python3 Testing/Benchmarks/cardiac_benchmark.py pairs --set report --out out/cardiac/report_pairs.csv
+    python3 Testing/Benchmarks/cardiac_benchmark.py run --pairs out/cardiac/report_pairs.csv \
+        --out out/cardiac/report --methods identity,fmsam-fast,fmsam-accurate
+    ../venv-ants/bin/python Testing/Benchmarks/cardiac_benchmark.py run --pairs out/cardiac/report_pairs.csv \
+        --out out/cardiac/report_ants --methods ants-affine,ants-syn
+    python3 Testing/Benchmarks/cardiac_benchmark.py report --out out/cardiac/report --also out/cardiac/report_ants
+
+Rows already in ``OUT/results.csv`` are skipped (resumable). ``--threads`` (default 1) for ITK and torch.
+"""
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+LOGIC = os.path.join(ROOT, "Logic")
+sys.path.insert(0, LOGIC)
+DATA = os.path.join(ROOT, "..", "shared", "data", "cardiac_myops")
+SPLIT = os.path.join(HERE, "cardiac_split.json")
+
+FIELDS = ("method", "pair", "kind", "fixed", "moving", "exit", "nmi", "folding_percent", "jacobian_min",
+          "seconds")
+METHODS = ("identity", "fmsam-fast", "fmsam-accurate", "ants-affine", "ants-syn")
+SEQUENCES = ("C0", "DE", "T2")
+CROSS = (("C0", "DE"), ("DE", "T2"), ("T2", "C0"), ("C0", "T2"), ("DE", "C0"), ("T2", "DE"))
+FOREGROUND = 0.05
+
+
+def make_pairs(patients, data=DATA):
+    """Rows ``{kind, fixed, moving}`` (absolute paths): one inter-patient and one cross-sequence
+    pair per patient, in the order of ``patients``."""
+    rows = []
+    for n, patient in enumerate(patients):
+        other = patients[(n + 1) % len(patients)]
+        sequence = SEQUENCES[n % 3]
+        rows.append({"kind": "inter", "fixed": os.path.join(data, "%d_%s.nii.gz" % (patient, sequence)),
+                     "moving": os.path.join(data, "%d_%s.nii.gz" % (other, sequence))})
+    for n, patient in enumerate(patients):
+        fixed, moving = CROSS[n % len(CROSS)]
+        rows.append({"kind": "cross", "fixed": os.path.join(data, "%d_%s.nii.gz" % (patient, fixed)),
+                     "moving": os.path.join(data, "%d_%s.nii.gz" % (patient, moving))})
+    return rows
+
+
+def normalised_array(image):
+    import SimpleITK as sitk
+
+    from fmsam.intensity import normalise
+
+    return normalise(sitk.GetArrayFromImage(image), "mr")[0]
+
+
+def nmi_on_fixed(fixed, warped):
+    """NMI of two SimpleITK images on the fixed grid over the fixed image's foreground."""
+    from fmsam.quality import normalised_mutual_information
+
+    fixed_values, warped_values = normalised_array(fixed), normalised_array(warped)
+    inside = fixed_values > FOREGROUND
+    return normalised_mutual_information(fixed_values[inside], warped_values[inside])
+
+
+def folding(field_lps, reference):
+    from fmsam.jacobian import jacobian_determinant, jacobian_statistics
+
+    stats = jacobian_statistics(jacobian_determinant(field_lps, reference))
+    return stats["folding_percent"], stats["jacobian_min"]
+
+
+# -- methods: each returns (exit code, seconds, warped moving on the fixed grid, field (k,j,i,3) LPS) --
+
+def run_identity(pair, threads):
+    import numpy as np
+    import SimpleITK as sitk
+
+    fixed, moving = sitk.ReadImage(pair["fixed"]), sitk.ReadImage(pair["moving"])
+    warped = sitk.Resample(moving, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    return 0, 0.0, warped, np.zeros(sitk.GetArrayViewFromImage(fixed).shape + (3,))
+
+
+def run_fmsam(pair, threads, io_steps):
+    import SimpleITK as sitk
+
+    from fmsam.fields import field_from_transform
+
+    with tempfile.TemporaryDirectory() as folder:
+        out = os.path.join(folder, "out")
+        environment = dict(os.environ, PYTHONPATH=LOGIC, OMP_NUM_THREADS=str(threads),
+                           ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=str(threads))
+        command = [sys.executable, "-m", "fmsam.cli", "register", pair["fixed"], pair["moving"],
+                   "--out", out, "--device", "cpu", "--quiet", "--io-steps", str(io_steps)]
+        finished = subprocess.run(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  universal_newlines=True)
+        if finished.returncode != 0:
+            print(finished.stdout[-2000:], file=sys.stderr)
+            return finished.returncode, float("nan"), None, None
+        report = json.load(open(os.path.join(out, "report.json")))
+        warped = sitk.ReadImage(os.path.join(out, "warped.nii.gz"), sitk.sitkFloat32)
+        field, _ = field_from_transform(sitk.ReadTransform(os.path.join(out, "transform.h5")))
+        return 0, report["seconds"]["total"], warped, field
+
+
+def run_ants(pair, threads, kind):
+    import ants
+    import SimpleITK as sitk
+
+    fixed, moving = ants.image_read(pair["fixed"]), ants.image_read(pair["moving"])
+    start = time.perf_counter()
+    try:
+        registration = ants.registration(fixed=fixed, moving=moving, type_of_transform=kind, random_seed=1)
+    except RuntimeError as error:  # SyN ends in "Registration failed with error code 1" on 3-slice stacks
+        print("%s failed: %s" % (kind, error), file=sys.stderr)
+        return 1, time.perf_counter() - start, None, None
+    seconds = time.perf_counter() - start
+    transforms = registration["fwdtransforms"]
+    with tempfile.TemporaryDirectory() as folder:
+        warped = ants.apply_transforms(fixed=fixed, moving=moving, transformlist=transforms,
+                                       interpolator="linear")
+        ants.image_write(warped, os.path.join(folder, "warped.nii.gz"))
+        field_path = ants.apply_transforms(fixed=fixed, moving=moving, transformlist=transforms,
+                                           compose=os.path.join(folder, "field_"))
+        field = sitk.GetArrayFromImage(sitk.ReadImage(field_path))
+        warped = sitk.ReadImage(os.path.join(folder, "warped.nii.gz"), sitk.sitkFloat32)
+    return 0, seconds, warped, field
+
+
+RUNNERS = {
+    "identity": run_identity,
+    "fmsam-fast": lambda pair, threads: run_fmsam(pair, threads, 0),
+    "fmsam-accurate": lambda pair, threads: run_fmsam(pair, threads, 50),
+    "ants-affine": lambda pair, threads: run_ants(pair, threads, "Affine"),
+    "ants-syn": lambda pair, threads: run_ants(pair, threads, "SyN"),
+}
+
+
+def read_csv(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def pairs_command(args):
+    split = json.load(open(SPLIT))
+    rows = make_pairs(split[args.set])
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, ("kind", "fixed", "moving"))
+        writer.writeheader()
+        writer.writerows(rows)
+    print("%d pairs -> %s" % (len(rows), args.out))
+
+
+def run_command(args):
+    import SimpleITK as sitk
+
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
+    methods = args.methods.split(",")
+    unknown = [method for method in methods if method not in RUNNERS]
+    if unknown:
+        raise SystemExit("unknown method(s) %s; choose from %s" % (unknown, ", ".join(METHODS)))
+    pairs = read_csv(args.pairs)[: args.limit or None]
+    only = {int(key) for key in args.only.split(",")} if args.only else None
+    os.makedirs(args.out, exist_ok=True)
+    results = os.path.join(args.out, "results.csv")
+    finished = {(row["method"], row["pair"]) for row in read_csv(results)} if os.path.isfile(results) else set()
+    new_file = not os.path.isfile(results)
+    with open(results, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, FIELDS)
+        if new_file:
+            writer.writeheader()
+        for method in methods:
+            for number, pair in enumerate(pairs):
+                key = "%03d" % number
+                if (method, key) in finished or (only is not None and number not in only):
+                    continue
+                code, seconds, warped, field = RUNNERS[method](pair, args.threads)
+                fixed = sitk.ReadImage(pair["fixed"], sitk.sitkFloat32)
+                row = {"method": method, "pair": key, "kind": pair["kind"],
+                       "fixed": os.path.basename(pair["fixed"]), "moving": os.path.basename(pair["moving"]),
+                       "exit": code, "seconds": round(seconds, 2)}
+                if code == 0:
+                    fold, jacobian_min = folding(field, fixed)
+                    row.update(nmi=round(nmi_on_fixed(fixed, warped), 5), folding_percent=round(fold, 5),
+                               jacobian_min=round(jacobian_min, 4))
+                writer.writerow(row)
+                handle.flush()
+                print("%-14s %s %-5s %s <- %s exit %d NMI %s folding %s %% %.1f s" % (
+                    method, key, pair["kind"], row["fixed"], row["moving"], code, row.get("nmi"),
+                    row.get("folding_percent"), seconds), flush=True)
+
+
+def report_command(args):
+    import numpy as np
+
+    rows = []
+    for folder in [args.out] + (args.also or []):  # e.g. the ANTs rows, run from another environment
+        rows += read_csv(os.path.join(folder, "results.csv"))
+    methods = [m for m in METHODS if any(row["method"] == m for row in rows)]
+    by = {(row["method"], row["pair"]): row for row in rows}
+    pairs = sorted({row["pair"] for row in rows})
+    kinds = {row["pair"]: row["kind"] for row in rows}
+    lines = ["| pairs | method | pairs run | exit 0 | mean NMI (exit 0) | mean NMI, a failed run as identity "
+             "| NMI at least the best of identity and ANTs | folding % (mean / max) | min det J "
+             "| seconds per pair (mean) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    baselines = [m for m in ("identity", "ants-affine", "ants-syn") if m in methods]
+    for kind in ("inter", "cross"):
+        chosen = [p for p in pairs if kinds[p] == kind]
+        for method in methods:
+            found = [by[(method, p)] for p in chosen if (method, p) in by]
+            ok = [row for row in found if row["exit"] == "0"]
+            if not found:
+                continue
+            nmi = np.array([float(row["nmi"]) for row in ok]) if ok else np.array([np.nan])
+            fold = np.array([float(row["folding_percent"]) for row in ok]) if ok else np.array([np.nan])
+            wins = "-"
+            if method.startswith("fmsam") and baselines:
+                better = 0
+                for row in ok:
+                    best = max(float(by[(b, row["pair"])]["nmi"]) for b in baselines
+                               if (b, row["pair"]) in by and by[(b, row["pair"])]["exit"] == "0")
+                    better += float(row["nmi"]) >= best
+                wins = "%d of %d" % (better, len(found))
+            as_identity = [float(row["nmi"]) if row["exit"] == "0" else float(by[("identity", row["pair"])]["nmi"])
+                           for row in found if row["exit"] == "0" or ("identity", row["pair"]) in by]
+            lines.append("| %s | %s | %d | %d | %.4f | %.4f | %s | %.4f / %.4f | %.3f | %.1f |" % (
+                kind, method, len(found), len(ok), np.nanmean(nmi), np.mean(as_identity), wins,
+                np.nanmean(fold), np.nanmax(fold),
+                min(float(row["jacobian_min"]) for row in ok) if ok else float("nan"),
+                np.mean([float(row["seconds"]) for row in ok]) if ok else float("nan")))
+    text = "\n".join(lines) + "\n"
+    open(os.path.join(args.out, "summary.md"), "w").write(text)
+    print(text)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    pairs_parser = sub.add_parser("pairs", help="write the pair list of a split set")
+    pairs_parser.add_argument("--set", choices=("selection", "report"), required=True)
+    pairs_parser.add_argument("--out", required=True)
+    run_parser = sub.add_parser("run", help="register the pairs with some methods")
+    run_parser.add_argument("--pairs", required=True)
+    run_parser.add_argument("--out", required=True)
+    run_parser.add_argument("--methods", required=True)
+    run_parser.add_argument("--threads", type=int, default=1)
+    run_parser.add_argument("--limit", type=int, default=0)
+    run_parser.add_argument("--only", default="", help="comma-separated pair numbers (0-based) to run")
+    report_parser = sub.add_parser("report", help="summary table of a results folder")
+    report_parser.add_argument("--out", required=True)
+    report_parser.add_argument("--also", nargs="*", help="more results folders to merge in")
+    args = parser.parse_args()
+    {"pairs": pairs_command, "run": run_command, "report": report_command}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
