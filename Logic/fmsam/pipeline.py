@@ -5,7 +5,9 @@ Stages: read and check inputs -> normalise intensities -> affine pre-alignment -
 fixed grid -> warp moving image (and labels) -> Jacobian determinant and its statistics.
 """
 import concurrent.futures
+import dataclasses
 import time
+import typing
 
 import numpy as np
 import SimpleITK as sitk
@@ -25,17 +27,17 @@ from .quality import deformable_gain
 TRAINING_ORIENTATION = "PSR"
 
 
+@dataclasses.dataclass
 class RegistrationResult:
     """Everything a registration produced. Images are SimpleITK images on the fixed grid (LPS)."""
 
-    def __init__(self, **values):
-        self.fixed = values["fixed"]                      # fixed image as read
-        self.field = values["field"]                      # (k, j, i, 3) LPS mm, fixed -> moving
-        self.affine = values["affine"]                    # sitk affine part (fixed -> moving)
-        self.warped = values["warped"]                    # moving resampled onto the fixed grid
-        self.warped_labels = values.get("warped_labels")  # or None
-        self.jacobian = values["jacobian"]                # float32 image of det(J)
-        self.report = values["report"]                    # dict of figures (JSON-ready)
+    fixed: sitk.Image                 # the fixed image as read (its grid is the result's grid)
+    field: np.ndarray                 # (k, j, i, 3) LPS millimetres, fixed point -> moving point
+    affine: sitk.Transform            # the affine part alone (fixed -> moving)
+    warped: sitk.Image                # the moving image resampled onto the fixed grid
+    jacobian: sitk.Image              # float32 det(J) of the whole mapping
+    report: dict                      # the figures of report.json (JSON-ready)
+    warped_labels: typing.Optional[sitk.Image] = None   # the moving labels resampled, or None
 
     @property
     def transform(self):
