@@ -318,3 +318,42 @@ def test_short_run_on_the_mix_lowers_its_loss(cache, small_splits, tmp_path):
     print("mean loss of the 24 pairs before/after, all and cardiac+abdomen:", before, after)
     assert after[0] < before[0] - 0.0015, (before, after)  # measured: 1.1180 -> 1.1149
     assert after[1] < before[1], (before, after)
+
+
+@needs_data
+def test_sharpness_on_the_mix_measures_the_trainers_pairs(cache, small_splits, tmp_path):
+    """sharpness.py --mix: the loss at alpha 0 is the model's loss on the trainer's first pairs of the
+    mix (no augmentation), and moving the weights raises it."""
+    import train
+    from checkpoints import load_network
+    from training_data import SubjectCache, read_split, sampling_offset
+
+    from fmsam.losses import symmetric_registration_loss
+
+    run, out = str(tmp_path / "run"), str(tmp_path / "sharp")
+    mix = "brain=1,cardiac=1,abdomen=1"
+    done = _run("train.py", "--cache", cache, "--run", run, "--steps", "4", "--lr", "3e-3", "--warmup", "1",
+                "--mix", mix, "--splits", small_splits, "--data", DATA, "--val-every", "100", *TINY,
+                "--val-abdomen-pairs", "0", "--val-cardiac-pairs", "0")
+    assert done.returncode == 0, done.stderr
+    model = os.path.join(run, "latest.pt")
+    done = _run("sharpness.py", "--cache", cache, "--models", "m=" + model, "--out", out, "--pairs", "3",
+                "--directions", "1", "--points", "3", "--radius", "1.0", "--mix", mix, "--seed", "5",
+                "--splits", small_splits, "--data", DATA, "--threads", "1")
+    assert done.returncode == 0, done.stderr
+    with open(out + ".csv") as handle:
+        curve = {float(row["alpha"]): float(row["loss"]) for row in csv.DictReader(handle)}
+    network, config = load_network(model)
+    args = train.parse_args(["--cache", cache, "--run", "x", "--mix", mix, "--seed", "5", "--no-augment",
+                             "--splits", small_splits, "--data", DATA, "--grid", "16,24,24"])
+    training, _ = train.load_anatomy(args, 1)
+    subjects = SubjectCache(cache, read_split(cache)["train"], (16, 24, 24))
+    expected = []
+    with torch.no_grad():
+        for index in range(3):
+            fixed, moving = train.draw_pair(args, subjects, index, 0, (16, 24, 24), training)
+            both = network(torch.cat([fixed, moving]), torch.cat([moving, fixed]))
+            expected.append(float(symmetric_registration_loss(fixed, moving, both[:1], both[1:], config["gradicon_weight"],
+                                                              5, sampling_offset(5, index, fixed.shape[2:]))[0]))
+    assert curve[0.0] == pytest.approx(float(np.mean(expected)), rel=1e-5)
+    assert curve[-1.0] > curve[0.0] and curve[1.0] > curve[0.0]
