@@ -40,9 +40,26 @@ def _rows(run):
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
+    """A brain cache in prepare_data.py's format from the three sample subjects, without its affine
+    step (these tests need brain pairs, not aligned ones; test_training.py tests prepare_data.py):
+    each subject normalised by the engine and resampled onto the first one's grid."""
+    import SimpleITK as sitk
+
+    from fmsam.intensity import normalise
+
     folder = str(tmp_path_factory.mktemp("cache"))
-    done = _run("prepare_data.py", "--data", SAMPLE, "--cache", folder, "--workers", "1")
-    assert done.returncode == 0, done.stderr
+    subjects = sorted(name[:-len("_T1.nii.gz")] for name in os.listdir(os.path.join(SAMPLE, "T1")))
+    template = sitk.ReadImage(os.path.join(SAMPLE, "T1", subjects[0] + "_T1.nii.gz"), sitk.sitkFloat32)
+    for subject in subjects:
+        image = sitk.ReadImage(os.path.join(SAMPLE, "T1", subject + "_T1.nii.gz"), sitk.sitkFloat32)
+        labels = sitk.ReadImage(os.path.join(SAMPLE, "labels", subject + "_labels.nii.gz"))
+        image = sitk.Resample(image, template, sitk.Transform(), sitk.sitkLinear, 0.0)
+        labels = sitk.Resample(labels, template, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+        np.savez_compressed(os.path.join(folder, subject + ".npz"),
+                            image=normalise(sitk.GetArrayFromImage(image), "mr")[0].astype(np.float16),
+                            labels=sitk.GetArrayFromImage(labels).astype(np.uint16))
+    with open(os.path.join(folder, "template.json"), "w") as handle:
+        json.dump({"template": subjects[0], "train": subjects[:2], "val": subjects[2:]}, handle)
     return folder
 
 
@@ -271,12 +288,28 @@ def test_resume_with_the_mix_continues_identically(cache, small_splits, tmp_path
     assert other.returncode == 2 and "mix" in other.stderr
 
 
+MIX_RUN_STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def mix_run(cache, small_splits, tmp_path_factory):
+    """``(run folder, its options)``: 24 Adam steps on brain, cardiac and abdomen pairs, without
+    augmentation or selection validation (shared by the loss and sharpness tests)."""
+    run = str(tmp_path_factory.mktemp("mix") / "run")
+    options = ["--cache", cache, "--steps", str(MIX_RUN_STEPS), "--optimizer", "adam", "--lr", "3e-3",
+               "--warmup", "1", "--no-augment", "--mix", "brain=2,cardiac=1,abdomen=1", "--splits", small_splits,
+               "--data", DATA, "--val-every", "1000", *TINY, "--val-abdomen-pairs", "0", "--val-cardiac-pairs", "0"]
+    done = _run("train.py", "--run", run, *options)
+    assert done.returncode == 0, done.stderr
+    return run, options
+
+
 @needs_data
-def test_short_run_on_the_mix_lowers_its_loss(cache, small_splits, tmp_path):
+def test_short_run_on_the_mix_lowers_its_loss(cache, mix_run):
     """24 Adam steps on a mix of brain, cardiac and abdomen pairs lower the loss of those same 24
     pairs (each evaluated on its step's grid and sampling offset) below the untrained network's,
     which is the identity map (zero-initialised heads). With tiny networks on tiny grids most of the
-    gain is on the brain pairs (three sample subjects, so pairs repeat); the cardiac and abdomen
+    gain is on the brain pairs (two sample subjects, so pairs repeat); the cardiac and abdomen
     pairs, all different, must at least not get worse on average."""
     import train
     from checkpoints import load_network
@@ -285,12 +318,7 @@ def test_short_run_on_the_mix_lowers_its_loss(cache, small_splits, tmp_path):
     from fmsam.losses import symmetric_registration_loss
     from fmsam.networks import build_network
 
-    run, steps = str(tmp_path / "run"), 24
-    options = ["--cache", cache, "--steps", str(steps), "--optimizer", "adam", "--lr", "3e-3", "--warmup", "1",
-               "--no-augment", "--mix", "brain=2,cardiac=1,abdomen=1", "--splits", small_splits, "--data", DATA,
-               "--val-every", "1000", *TINY, "--val-abdomen-pairs", "0", "--val-cardiac-pairs", "0"]
-    done = _run("train.py", "--run", run, *options)
-    assert done.returncode == 0, done.stderr
+    (run, options), steps = mix_run, MIX_RUN_STEPS
     args = train.parse_args(["--run", run, *options])
     training, _ = train.load_anatomy(args, 1)
     subjects = SubjectCache(cache, read_split(cache)["train"], (16, 24, 24))
@@ -321,7 +349,7 @@ def test_short_run_on_the_mix_lowers_its_loss(cache, small_splits, tmp_path):
 
 
 @needs_data
-def test_sharpness_on_the_mix_measures_the_trainers_pairs(cache, small_splits, tmp_path):
+def test_sharpness_on_the_mix_measures_the_trainers_pairs(cache, small_splits, mix_run, tmp_path):
     """sharpness.py --mix: the loss at alpha 0 is the model's loss on the trainer's first pairs of the
     mix (no augmentation), and moving the weights raises it."""
     import train
@@ -330,13 +358,8 @@ def test_sharpness_on_the_mix_measures_the_trainers_pairs(cache, small_splits, t
 
     from fmsam.losses import symmetric_registration_loss
 
-    run, out = str(tmp_path / "run"), str(tmp_path / "sharp")
-    mix = "brain=1,cardiac=1,abdomen=1"
-    done = _run("train.py", "--cache", cache, "--run", run, "--steps", "4", "--lr", "3e-3", "--warmup", "1",
-                "--mix", mix, "--splits", small_splits, "--data", DATA, "--val-every", "100", *TINY,
-                "--val-abdomen-pairs", "0", "--val-cardiac-pairs", "0")
-    assert done.returncode == 0, done.stderr
-    model = os.path.join(run, "latest.pt")
+    out, mix = str(tmp_path / "sharp"), "brain=1,cardiac=1,abdomen=1"
+    model = os.path.join(mix_run[0], "latest.pt")
     done = _run("sharpness.py", "--cache", cache, "--models", "m=" + model, "--out", out, "--pairs", "3",
                 "--directions", "1", "--points", "3", "--radius", "1.0", "--mix", mix, "--seed", "5",
                 "--splits", small_splits, "--data", DATA, "--threads", "1")
