@@ -5,7 +5,11 @@ filter-normalised (Li et al., "Visualizing the Loss Landscape of Neural Nets", 2
 filter's direction is scaled to that filter's weight norm, so models with different weight scales
 are comparable). The loss (the training objective: symmetric local NCC + GradICON, with a fixed
 sampling offset) is averaged over ``--pairs`` fixed training pairs at ``w + alpha * d`` for alphas
-in [-``--radius``, ``--radius``]. Writes ``OUT.csv`` (model, direction, alpha, loss) and ``OUT.png``,
+in [-``--radius``, ``--radius``]. With ``--mix`` the pairs are the
+trainer's pairs of that multi-anatomy mix (``train.draw_pair`` without augmentation, steps 0, 1, ...
+of ``--seed``, each on its own network grid at the model's voxel budget; cardiac and abdomen from the
+training subjects of ``--splits``), so models trained on a mix are measured on what they trained on.
+Writes ``OUT.csv`` (model, direction, alpha, loss) and ``OUT.png``,
 and prints each model's sharpness: the mean over directions of the largest loss increase within
 ``|alpha| <= radius / 2``.
 
@@ -57,6 +61,24 @@ def loss_at(network, config, pairs):
     return total / len(pairs)
 
 
+def mix_pairs(args, cache, grid):
+    """``[(fixed, moving, offset), ...]``: the trainer's first ``args.pairs`` pairs of ``args.mix``
+    (no augmentation), each with its step's sampling offset on its own grid."""
+    import train
+
+    options = ["--cache", args.cache, "--run", "unused", "--mix", args.mix, "--seed", str(args.seed),
+               "--grid", ",".join(str(n) for n in grid), "--no-augment"]
+    options += ["--data", args.data] if args.data else []
+    options += ["--splits", args.splits] if args.splits else []
+    settings = train.parse_args(options)
+    training, _ = train.load_anatomy(settings, 1)
+    pairs = []
+    for index in range(args.pairs):
+        fixed, moving = train.draw_pair(settings, cache, index, 0, grid, training)
+        pairs.append((fixed, moving, sampling_offset(args.seed, index, fixed.shape[2:])))
+    return pairs
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", required=True)
@@ -68,6 +90,10 @@ def main(argv=None):
     parser.add_argument("--points", type=int, default=11)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--mix", help="draw the pairs from this --mix of train.py (e.g. "
+                                      "brain=0.4,cardiac=0.25,abdomen=0.25,shapes=0.1)")
+    parser.add_argument("--data", help="shared data folder for --mix (default: train.py's)")
+    parser.add_argument("--splits", help="split file for --mix (default: train.py's)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -78,8 +104,11 @@ def main(argv=None):
         network, config = load_network(path)
         grid = tuple(config["grid"])
         cache = SubjectCache(args.cache, read_split(args.cache)["train"], grid)
-        pairs = [sample_pair(cache, args.seed, index, augment=False) + (sampling_offset(args.seed, index, grid),)
-                 for index in range(args.pairs)]
+        if args.mix:
+            pairs = mix_pairs(args, cache, grid)
+        else:
+            pairs = [sample_pair(cache, args.seed, index, augment=False) + (sampling_offset(args.seed, index, grid),)
+                     for index in range(args.pairs)]
         weights = [parameter.detach().clone() for parameter in network.parameters()]
         generator = torch.Generator().manual_seed(args.seed)
         for direction_index in range(args.directions):

@@ -35,12 +35,15 @@ try:
     import numpy as np  # noqa: E402
     import torch  # noqa: E402
 
+    from anatomy import (AbdomenSet, CardiacSet, abdomen_pair, abdomen_validation_pair,  # noqa: E402
+                         cardiac_pair, cardiac_validation_keys, present_cardiac_pair)
     from checkpoints import read_weights, save_checkpoint  # noqa: E402
+    from data_splits import SPLITS_FILE, load_splits  # noqa: E402
     from synth import synth_pair  # noqa: E402
     from training_data import (SubjectCache, apply_intensity_curve, random_intensity_curve,  # noqa: E402
                                read_split, sample_pair, sampling_offset, thick_slices)
     from fmsam.layers import resize, warp  # noqa: E402
-    from fmsam.losses import symmetric_registration_loss  # noqa: E402
+    from fmsam.losses import local_ncc_loss, symmetric_registration_loss  # noqa: E402
     from fmsam.metrics import labels_in_both, mean_dice  # noqa: E402
     from fmsam.networks import build_network  # noqa: E402
     from fmsam.sam import SAM  # noqa: E402
@@ -53,7 +56,12 @@ except Exception as _import_error:  # e.g. no PyTorch in this Python (a Slicer w
     sys.exit(1)
 
 LOG_FIELDS = ["step", "loss", "similarity", "regulariser", "lr", "seconds", "val_dice",
-              "val_dice_identity"]
+              "val_dice_identity", "source", "val_abdomen_dice", "val_abdomen_dice_identity",
+              "val_cardiac_lncc", "val_cardiac_lncc_identity"]
+#: Sources of ``--mix``: IXI brains (the cache), MyoPS cardiac stacks, synthetic images of real
+#: abdominal label maps, and SynthMorph-style random shapes.
+SOURCES = ("brain", "cardiac", "abdomen", "shapes")
+DATA = os.path.join(HERE, "..", "..", "shared", "data")
 
 
 def parse_args(argv):
@@ -87,26 +95,100 @@ def parse_args(argv):
     parser.add_argument("--remap-fraction", type=float, default=0.0,
                         help="share of real pairs whose two images go through one random intensity "
                              "curve (new contrasts, shared within the pair)")
+    parser.add_argument("--mix", type=parse_mix, default=None,
+                        help="multi-anatomy mix, e.g. brain=0.5,cardiac=0.2,abdomen=0.2,shapes=0.1 "
+                             "(shares of steps, normalised to sum 1; cardiac and abdomen read --data "
+                             "and --splits); brain steps keep --identity/--thick/--remap-fraction; "
+                             "replaces --synth-fraction (use shapes=); also validates on the abdomen "
+                             "and cardiac selection sets")
+    parser.add_argument("--data", default=DATA, help="the shared data folder (default: ../shared/data "
+                                                      "beside the repository)")
+    parser.add_argument("--splits", default=None,
+                        help="split file (default: Testing/Benchmarks/data_splits.json)")
+    parser.add_argument("--val-abdomen-pairs", type=int, default=6,
+                        help="abdomen selection pairs validated with --mix (0: none)")
+    parser.add_argument("--val-cardiac-pairs", type=int, default=12,
+                        help="cardiac selection pairs validated with --mix (0: none)")
     parser.add_argument("--init", help="start from these weights (a weights file or a checkpoint) "
                                        "with a fresh optimiser; the network options must match")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA only)")
     parser.add_argument("--max-minutes", type=float, default=0,
                         help="stop cleanly (checkpoint written) after this long; 0: no limit")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.mix is not None and args.synth_fraction:
+        parser.error("--mix replaces --synth-fraction: give the shapes' share as shapes= in --mix")
+    return args
+
+
+def parse_mix(text):
+    """``'brain=0.5,cardiac=0.2,...'`` -> ``{source: share}`` over :data:`SOURCES`, shares
+    normalised to sum 1 (sources left out get 0)."""
+    shares = dict.fromkeys(SOURCES, 0.0)
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        name = name.strip()
+        if name not in SOURCES:
+            raise argparse.ArgumentTypeError("unknown source %r in --mix (sources: %s)" % (name, ", ".join(SOURCES)))
+        try:
+            shares[name] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError("--mix needs source=share, not %r" % item)
+        if not shares[name] >= 0.0:
+            raise argparse.ArgumentTypeError("--mix shares must be 0 or more, not %r" % item)
+    total = sum(shares.values())
+    if total <= 0:
+        raise argparse.ArgumentTypeError("--mix needs a positive share")
+    return {name: share / total for name, share in shares.items()}
+
+
+def mix_source(mix, draw):
+    """The source a uniform ``draw`` in [0, 1) picks from a ``--mix`` dict (cumulative shares in
+    :data:`SOURCES` order)."""
+    total = 0.0
+    for name in SOURCES:
+        total += mix[name]
+        if draw < total and mix[name] > 0:
+            return name
+    return [name for name in SOURCES if mix[name] > 0][-1]
 
 
 #: Settings added after the first runs, with the value those runs had.
 DEFAULTS = {"synth_fraction": 0.0, "identity_fraction": 0.0, "thick_fraction": 0.0,
-            "remap_fraction": 0.0, "init": None}
+            "remap_fraction": 0.0, "init": None, "mix": None}
 
 
-def draw_pair(args, train_cache, step, rank, grid):
-    """The step's training pair on this rank: a real pair (with augmentation), a synthetic one, or
-    one image twice. The choice has its own generator, so runs without synthetic or identical
-    pairs draw exactly the pairs they drew before these options existed."""
+def _choice_generator(args, step, rank):
     seed = args.seed + 7919 * rank  # each DDP rank draws its own pairs
-    choice = torch.Generator().manual_seed(seed * 1_000_003 + step + 900_000_000)
+    return seed, torch.Generator().manual_seed(seed * 1_000_003 + step + 900_000_000)
+
+
+def step_source(args, step, rank):
+    """The source of the step's pair on this rank (as :func:`draw_pair` chooses it), for the log."""
+    if args.mix is None:
+        draw = torch.rand(1, generator=_choice_generator(args, step, rank)[1]).item()
+        return "shapes" if draw < args.synth_fraction else "brain"
+    return mix_source(args.mix, torch.rand(1, generator=_choice_generator(args, step, rank)[1]).item())
+
+
+def draw_pair(args, train_cache, step, rank, grid, anatomy_sets=None):
+    """The step's training pair on this rank: a real pair (with augmentation), a synthetic one, or
+    one image twice; with ``--mix``, a pair of the source the step's first draw picks (cardiac and
+    abdomen pairs on their own network grid, see ``Training/anatomy.py``; ``anatomy_sets``: dict
+    with the training ``"cardiac"`` and ``"abdomen"`` sets). The choice has its own generator, so
+    runs without synthetic or identical pairs draw exactly the pairs they drew before these options
+    existed, and runs without ``--mix`` those they drew before it existed."""
+    seed, choice = _choice_generator(args, step, rank)
     draw = torch.rand(1, generator=choice).item()
+    if args.mix is not None:
+        source = mix_source(args.mix, draw)
+        if source == "shapes":
+            return synth_pair(choice, grid)
+        if source == "cardiac":
+            return cardiac_pair(anatomy_sets["cardiac"], choice, grid, augment=not args.no_augment)
+        if source == "abdomen":
+            return abdomen_pair(anatomy_sets["abdomen"], choice, grid)
+        # brain: the identical-pair share is a share of the brain steps, drawn next
+        draw = args.synth_fraction + torch.rand(1, generator=choice).item()
     if draw < args.synth_fraction:
         return synth_pair(choice, grid)
     fixed, moving = sample_pair(train_cache, seed, step, augment=not args.no_augment)
@@ -168,6 +250,71 @@ def validate(network, val_cache, pairs, device):
         identity.append(mean_dice(fixed_labels, moving_labels.long().numpy(), common))
     network.train()
     return float(np.mean(registered)), float(np.mean(identity))
+
+
+@torch.no_grad()
+def validate_abdomen(network, abdomen, pairs, grid, device):
+    """Mean organ Dice of abdomen selection pairs (two different maps, whole field of view, rendered
+    CT-like with a fixed palette per pair: ``anatomy.abdomen_validation_pair``) before and after
+    registration. The maps are roughly aligned already (no affine); the displacement is upsampled to
+    the maps' 2 mm grid and the moving map warped there by nearest neighbour, as :func:`validate`."""
+    network.eval()
+    registered, identity = [], []
+    for index, (first, second) in enumerate(pairs):
+        fixed, moving, fixed_labels, moving_labels = abdomen_validation_pair(abdomen, first, second, grid, index)
+        fixed_labels, moving_labels = fixed_labels[0, 0].numpy(), moving_labels.float()
+        if tuple(moving_labels.shape[2:]) != fixed_labels.shape:
+            raise ValueError("abdomen validation needs maps of one size (%s, %s)"
+                             % (fixed_labels.shape, tuple(moving_labels.shape[2:])))
+        displacement = resize(network(fixed.to(device), moving.to(device)).float().cpu(), fixed_labels.shape)
+        warped = warp(moving_labels, displacement, mode="nearest")[0, 0].long().numpy()
+        moving_array = moving_labels[0, 0].long().numpy()
+        common = labels_in_both(fixed_labels, moving_array)
+        registered.append(mean_dice(fixed_labels, warped, common))
+        identity.append(mean_dice(fixed_labels, moving_array, common))
+    network.train()
+    return float(np.mean(registered)), float(np.mean(identity))
+
+
+@torch.no_grad()
+def validate_cardiac(network, cardiac, keys, grid, window, device):
+    """Label-free check on cardiac selection pairs (``anatomy.cardiac_validation_keys``): mean local
+    NCC (``window``^3 boxes, 1 = identical) of the fixed stack and the moving one warped by the
+    network, on the fixed stack's network grid, after and before registration (the moving stack
+    presented as the engine would: centred translation, contrast matched when the engine would)."""
+    network.eval()
+    registered, identity = [], []
+    for fixed_key, moving_key in keys:
+        fixed, moving, _ = present_cardiac_pair(cardiac, fixed_key, moving_key, grid)
+        fixed, moving = fixed.to(device), moving.to(device)
+        displacement = network(fixed, moving).float()
+        registered.append(1.0 - float(local_ncc_loss(fixed, warp(moving, displacement), window)))
+        identity.append(1.0 - float(local_ncc_loss(fixed, moving, window)))
+    network.train()
+    return float(np.mean(registered)), float(np.mean(identity))
+
+
+def load_anatomy(args, rank):
+    """``(training sets, selection sets)`` for ``--mix``: dicts with ``"cardiac"``/``"abdomen"``
+    (an ``anatomy.CardiacSet``/``AbdomenSet`` of the split's training or selection subjects). A
+    training set is loaded when its share is positive (its data missing is an error); a selection set
+    on rank 0 when its data folder exists (else its validation is skipped, with a message)."""
+    if args.mix is None:
+        return {}, {}
+    splits = load_splits(args.splits or SPLITS_FILE)
+    folders = {"cardiac": os.path.join(args.data, "cardiac_myops"),
+               "abdomen": os.path.join(args.data, "abdomen_labels")}
+    kinds = {"cardiac": CardiacSet, "abdomen": AbdomenSet}
+    training, selection = {}, {}
+    for source, folder in folders.items():
+        if args.mix[source] > 0:
+            training[source] = kinds[source](folder, splits[source]["training"])
+        if rank == 0:
+            if os.path.isdir(folder) and splits[source]["selection"]:
+                selection[source] = kinds[source](folder, splits[source]["selection"])
+            else:
+                print("no %s selection set (%s): its validation is skipped" % (source, folder), flush=True)
+    return training, selection
 
 
 def initial_weights(path, config):
@@ -252,7 +399,7 @@ def main(argv=None):
             changed = [k for k in ("optimizer", "rho", "lr", "steps", "seed", "grid", "warmup",
                                    "coarse_channels", "fine_channels", "gradicon_weight", "no_augment",
                                    "synth_fraction", "identity_fraction", "thick_fraction",
-                                   "remap_fraction", "init")
+                                   "remap_fraction", "init", "mix")
                        if previous.get(k, DEFAULTS.get(k)) != run_settings.get(k)]
             if changed:
                 print("error: %s was started with other settings (%s); use a new --run folder"
@@ -269,6 +416,11 @@ def main(argv=None):
     train_cache = SubjectCache(args.cache, split["train"], grid)
     val_cache = SubjectCache(args.cache, split["val"], grid, with_labels=True) if rank == 0 else None
     pairs = validation_pairs(args.val_pairs, len(val_cache)) if rank == 0 else None
+    anatomy_sets, selection_sets = load_anatomy(args, rank)
+    abdomen_pairs = (validation_pairs(args.val_abdomen_pairs, len(selection_sets["abdomen"]))
+                     if "abdomen" in selection_sets and args.val_abdomen_pairs > 0 else [])
+    cardiac_keys = (cardiac_validation_keys(selection_sets["cardiac"].patients)[:max(0, args.val_cardiac_pairs)]
+                    if "cardiac" in selection_sets else [])
 
     network = build_network(config).to(device)
     checkpoint_path = os.path.join(args.run, "latest.pt")
@@ -297,8 +449,9 @@ def main(argv=None):
     log_file = log = None
     if rank == 0:
         new_log = not os.path.exists(log_path)
+        fields = LOG_FIELDS if new_log else _log_fields(log_path)  # a resumed older run keeps its columns
         log_file = open(log_path, "a", newline="")
-        log = csv.DictWriter(log_file, LOG_FIELDS)
+        log = csv.DictWriter(log_file, fields, extrasaction="ignore")
         if new_log:
             log.writeheader()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
@@ -317,9 +470,9 @@ def main(argv=None):
         tic = time.time()
         for group in base.param_groups:
             group["lr"] = learning_rate(args, step)
-        fixed, moving = draw_pair(args, train_cache, step, rank, grid)
+        fixed, moving = draw_pair(args, train_cache, step, rank, grid, anatomy_sets)
         fixed, moving = fixed.to(device), moving.to(device)
-        offset = sampling_offset(args.seed, step, grid)
+        offset = sampling_offset(args.seed, step, fixed.shape[2:])  # the pair's own grid
         if optimizer is not None:
             # SAM's ascent step uses each rank's own gradient (no all-reduce: m-sharpness, as in
             # Foret et al.); the descent gradient at the perturbed weights is averaged over ranks.
@@ -339,7 +492,8 @@ def main(argv=None):
         if rank == 0:
             row = {"step": step, "loss": "%.6f" % loss.item(), "similarity": "%.6f" % similarity.item(),
                    "regulariser": "%.6f" % regulariser.item(), "lr": "%.3g" % learning_rate(args, step - 1),
-                   "seconds": "%.3f" % (time.time() - tic), "val_dice": "", "val_dice_identity": ""}
+                   "seconds": "%.3f" % (time.time() - tic), "val_dice": "", "val_dice_identity": "",
+                   "source": step_source(args, step - 1, rank)}
             if step % args.val_every == 0 or step == args.steps:
                 dice, dice_identity = validate(network, val_cache, pairs, device)
                 row["val_dice"], row["val_dice_identity"] = "%.4f" % dice, "%.4f" % dice_identity
@@ -349,6 +503,17 @@ def main(argv=None):
                                     best_dice, config)
                 print("step %d  validation Dice %.4f (template-aligned %.4f)" % (step, dice, dice_identity),
                       flush=True)
+                if abdomen_pairs:
+                    after, before = validate_abdomen(network, selection_sets["abdomen"], abdomen_pairs, grid, device)
+                    row["val_abdomen_dice"], row["val_abdomen_dice_identity"] = "%.4f" % after, "%.4f" % before
+                    print("step %d  abdomen selection Dice %.4f (unregistered %.4f)" % (step, after, before),
+                          flush=True)
+                if cardiac_keys:
+                    after, before = validate_cardiac(network, selection_sets["cardiac"], cardiac_keys, grid,
+                                                     args.ncc_window, device)
+                    row["val_cardiac_lncc"], row["val_cardiac_lncc_identity"] = "%.4f" % after, "%.4f" % before
+                    print("step %d  cardiac selection LNCC %.4f (unregistered %.4f)" % (step, after, before),
+                          flush=True)
             log.writerow(row)
             if step % args.checkpoint_every == 0 or step == args.steps:
                 log_file.flush()
@@ -384,14 +549,20 @@ def main(argv=None):
     return status
 
 
+def _log_fields(log_path):
+    with open(log_path, newline="") as handle:
+        return next(csv.reader(handle), None) or LOG_FIELDS
+
+
 def _truncate_log(log_path, step):
     """Drop log rows written after the checkpoint, so a resumed run logs each step once."""
     if not os.path.exists(log_path):
         return
+    fields = _log_fields(log_path)
     with open(log_path, newline="") as handle:
         rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= step]
     with open(log_path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, LOG_FIELDS)
+        writer = csv.DictWriter(handle, fields)
         writer.writeheader()
         writer.writerows(rows)
 
