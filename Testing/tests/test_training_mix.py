@@ -351,7 +351,7 @@ def test_short_run_on_the_mix_lowers_its_loss(cache, mix_run):
 @needs_data
 def test_sharpness_on_the_mix_measures_the_trainers_pairs(cache, small_splits, mix_run, tmp_path):
     """sharpness.py --mix: the loss at alpha 0 is the model's loss on the trainer's first pairs of the
-    mix (no augmentation), and moving the weights raises it."""
+    mix (no augmentation), and moving the weights changes it."""
     import train
     from checkpoints import load_network
     from training_data import SubjectCache, read_split, sampling_offset
@@ -379,4 +379,8 @@ def test_sharpness_on_the_mix_measures_the_trainers_pairs(cache, small_splits, m
             expected.append(float(symmetric_registration_loss(fixed, moving, both[:1], both[1:], config["gradicon_weight"],
                                                               5, sampling_offset(5, index, fixed.shape[2:]))[0]))
     assert curve[0.0] == pytest.approx(float(np.mean(expected)), rel=1e-5)
-    assert curve[-1.0] > curve[0.0] and curve[1.0] > curve[0.0]
+    # Moving the weights along the direction changes the loss and raises it on at least one side (a
+    # 24-step model need not sit in a minimum along a random direction: both sides higher failed
+    # once, 1.40192 against 1.40206).
+    assert min(abs(curve[-1.0] - curve[0.0]), abs(curve[1.0] - curve[0.0])) > 1e-6
+    assert max(curve[-1.0], curve[1.0]) > curve[0.0]
