@@ -15,7 +15,6 @@ Every random draw comes from the ``torch.Generator`` passed in (seeded by the tr
 resumed run draws the same pairs. Tensors are (1, 1, D, H, W) float32 in [0, 1] on the pair's
 network grid; ``D, H, W`` are the array axes k, j, i of the PSR-reoriented fixed image.
 """
-import math
 import os
 
 import numpy as np
@@ -29,6 +28,7 @@ from fmsam.inference import grid_for, to_network_grid
 from fmsam.layers import resize, warp
 from fmsam.pipeline import DECISION_SAMPLING, TRAINING_ORIENTATION, normalised_image, reorient
 from synth import random_deformation, random_palette, render
+from training_data import _random_affine_grid
 
 SEQUENCES = ("C0", "DE", "T2")
 
@@ -49,26 +49,9 @@ def image_extent(image):
 
 
 def random_affine_mm(generator, shape, extent_mm, max_degrees, max_scale, max_shift):
-    """A random affine sampling grid (1, D, H, W, 3) in normalised coordinates that is a rotation
-    (up to ``max_degrees`` per axis), scaling and shift (fraction of each half-extent) *in mm*.
-
-    ``fmsam``-style normalised coordinates stretch every axis to [-1, 1]; a rotation drawn there is
-    a strong shear on a thin stack (350 x 350 x 60 mm), so the matrix is drawn in mm and conjugated
-    by the half-extents: ``theta = S^-1 R S``. Draws 3 + 3 + 3 uniforms from ``generator``."""
-    def uniform(low, high, n=3):
-        return low + (high - low) * torch.rand(n, generator=generator)
-
-    angles = uniform(-max_degrees, max_degrees) * math.pi / 180.0
-    cx, cy, cz = torch.cos(angles)
-    sx, sy, sz = torch.sin(angles)
-    rotate_x = torch.tensor([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-    rotate_y = torch.tensor([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    rotate_z = torch.tensor([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    matrix = rotate_z @ rotate_y @ rotate_x @ torch.diag(uniform(1 - max_scale, 1 + max_scale))
-    half = torch.tensor([float(e) / 2.0 for e in reversed(extent_mm)])  # x, y, z = W, H, D
-    matrix = torch.diag(1.0 / half) @ matrix @ torch.diag(half)
-    theta = torch.cat([matrix, uniform(-max_shift, max_shift).view(3, 1)], dim=1)
-    return F.affine_grid(theta[None].float(), (1, 1) + tuple(shape), align_corners=True)
+    """A random affine sampling grid (1, D, H, W, 3) drawn in mm for an image of physical extent
+    ``extent_mm`` (D, H, W): see :func:`training_data._random_affine_grid`."""
+    return _random_affine_grid(generator, shape, max_degrees, max_scale, max_shift, extent_mm=extent_mm)
 
 
 def _gamma_pair(generator, fixed, moving):

@@ -40,8 +40,14 @@ def read_split(cache_dir):
         return json.load(handle)
 
 
-def _random_affine_grid(generator, shape, max_degrees, max_scale, max_shift):
-    """A random affine sampling grid (1, D, H, W, 3) in normalised coordinates."""
+def _random_affine_grid(generator, shape, max_degrees, max_scale, max_shift, extent_mm=None):
+    """A random affine sampling grid (1, D, H, W, 3) in normalised coordinates: rotation (up to
+    ``max_degrees`` per axis), scaling and shift (fraction of each half-extent). Draws 3 + 3 + 3
+    uniforms from ``generator``.
+
+    ``extent_mm`` (D, H, W physical extent): normalised coordinates stretch every axis to [-1, 1],
+    so a rotation drawn there is a strong shear on a thin stack (350 x 350 x 60 mm); with the
+    extent the matrix is drawn in mm and conjugated by the half-extents, ``theta = S^-1 R S``."""
     def uniform(low, high, n=3):
         return low + (high - low) * torch.rand(n, generator=generator)
 
@@ -52,8 +58,11 @@ def _random_affine_grid(generator, shape, max_degrees, max_scale, max_shift):
     rotate_y = torch.tensor([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
     rotate_z = torch.tensor([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
     matrix = rotate_z @ rotate_y @ rotate_x @ torch.diag(uniform(1 - max_scale, 1 + max_scale))
+    if extent_mm is not None:
+        half = torch.tensor([float(e) / 2.0 for e in reversed(extent_mm)])  # x, y, z = W, H, D
+        matrix = torch.diag(1.0 / half) @ matrix @ torch.diag(half)
     theta = torch.cat([matrix, uniform(-max_shift, max_shift).view(3, 1)], dim=1)
-    return F.affine_grid(theta[None], (1, 1) + tuple(shape), align_corners=True)
+    return F.affine_grid(theta[None].float(), (1, 1) + tuple(shape), align_corners=True)
 
 
 def sample_pair(cache, seed, step, augment=True):
