@@ -316,18 +316,27 @@ def processes_mentioning(text):
     return found
 
 
+def fake_engine(tmp_path, body, name="engine"):
+    """An executable standing in for PythonSlicer that runs ``body`` (Python, with ``sys`` and
+    ``time`` imported) instead of what it is asked to run: an engine's failure modes a real engine
+    rarely shows, or a launcher."""
+    import stat
+    import sys
+
+    path = tmp_path / name
+    path.write_text("#!%s\nimport sys, time\n%s\n" % (sys.executable, body))
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return str(path)
+
+
 @pytest.fixture()
 def launcher(tmp_path):
     """A stand-in for PythonSlicer, which is a launcher: it starts the real interpreter as its
     child and waits for it. Ending only the launcher would leave the registration running."""
-    import stat
     import sys
 
-    path = tmp_path / "PythonSlicer"
-    path.write_text("#!%s\nimport subprocess, sys\nsys.exit(subprocess.call([%r] + sys.argv[1:]))\n"
-                    % (sys.executable, sys.executable))
-    path.chmod(path.stat().st_mode | stat.S_IEXEC)
-    return str(path)
+    return fake_engine(tmp_path, "import subprocess\nsys.exit(subprocess.call([%r] + sys.argv[1:]))"
+                       % sys.executable, "PythonSlicer")
 
 
 @pytest.mark.skipif(os.name == "nt", reason="the launcher stand-in is a POSIX script")
@@ -493,18 +502,6 @@ def test_python_slicer_is_found_from_slicers_own_paths(tmp_path, monkeypatch):
         process.python_executable()
     (home / "bin" / name).write_text("")
     assert process.python_executable() == str(home / "bin" / name)
-
-
-def fake_engine(tmp_path, body, name="engine"):
-    """An executable standing in for PythonSlicer whose 'engine' runs ``body`` (Python) instead of
-    fmsam.worker: for the failure modes a real engine rarely shows."""
-    import stat
-    import sys
-
-    path = tmp_path / name
-    path.write_text("#!%s\nimport sys, time\n%s\n" % (sys.executable, body))
-    path.chmod(path.stat().st_mode | stat.S_IEXEC)
-    return str(path)
 
 
 posix_only = pytest.mark.skipif(os.name == "nt", reason="the engine stand-ins are POSIX scripts")
