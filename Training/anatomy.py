@@ -23,10 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from fmsam import fields
-from fmsam.contrast import MIN_CORRELATION_GAIN, apply_lookup, contrast_decision
+from fmsam.contrast import DECISION_SAMPLING, MIN_CORRELATION_GAIN, apply_lookup, contrast_decision
 from fmsam.inference import grid_for, to_network_grid
 from fmsam.layers import resize, warp
-from fmsam.pipeline import DECISION_SAMPLING, TRAINING_ORIENTATION, normalised_image, reorient
+from fmsam.geometry import reorient
+from fmsam.intensity import normalised_image
+from fmsam.pipeline import TRAINING_ORIENTATION
 from synth import random_deformation, random_palette, render
 from training_data import _random_affine_grid
 

@@ -56,7 +56,9 @@ class EngineResult:
     """The part of the engine's result that becomes nodes (SimpleITK images on the fixed grid)."""
 
     fixed: typing.Any       # the fixed image's grid
-    field: typing.Any       # (k, j, i, 3) LPS mm, fixed -> moving
+    affine: typing.Any      # SimpleITK transform, LPS, fixed -> moving (the affine part)
+    deformation: typing.Any          # fmsam.fields.Deformation: the deformable part, fixed frame
+    inverse_deformation: typing.Any  # its inverse on the same grid
     warped: typing.Any
     jacobian: typing.Any
     report: dict
@@ -282,20 +284,12 @@ class BackgroundRegistrationJob(_Progress):
         return self._logic.createOutputNodes(self._request, result)
 
     def _read_result(self):
-        import numpy as np
-        from fmsam.worker import RESULT_FILES
+        from fmsam.worker import read_results
 
-        folder = os.path.join(self._engine.folder, "result")
-
-        def image(key):
-            return sitk.ReadImage(os.path.join(folder, RESULT_FILES[key]))
-
-        field_image = image("field")
-        with open(os.path.join(folder, RESULT_FILES["report"])) as handle:
-            report = json.load(handle)
-        return EngineResult(fixed=self._request.fixed_image,
-                            field=sitk.GetArrayFromImage(field_image).astype(np.float64, copy=False),
-                            warped=image("warped"), jacobian=image("jacobian"), report=report)
+        affine, deformation, inverse, warped, jacobian, report = read_results(
+            os.path.join(self._engine.folder, "result"), self._request.fixed_image)
+        return EngineResult(fixed=self._request.fixed_image, affine=affine, deformation=deformation,
+                            inverse_deformation=inverse, warped=warped, jacobian=jacobian, report=report)
 
     def discard(self):
         """Stop the engine and remove its files without creating anything (e.g. module cleanup)."""

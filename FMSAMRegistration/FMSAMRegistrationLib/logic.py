@@ -296,7 +296,7 @@ class RegistrationLogic:
         try:
             transform_node = request.transform_node or new_node(
                 "vtkMRMLGridTransformNode", "%s to %s (FM-SAM)" % (moving_name, fixed_name))
-            mrml_io.set_grid_transform_from_field(transform_node, result.field, result.fixed)
+            mrml_io.set_registration_transform(transform_node, result.affine, result.deformation)
             transform_node.SetAttribute(REPORT_ATTRIBUTE, json.dumps(result.report, sort_keys=True))
 
             warped_node = None

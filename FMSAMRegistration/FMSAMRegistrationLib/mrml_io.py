@@ -15,7 +15,7 @@ import vtk
 from vtk.util import numpy_support
 
 from fmsam.errors import InputError
-from fmsam.geometry import flip_lps_ras, grid_from_ijk_to_ras, index_to_ras
+from fmsam.geometry import LPS_TO_RAS, flip_lps_ras, grid_from_ijk_to_ras, index_to_ras
 
 
 def world_ijk_to_ras(node, what):
@@ -149,13 +149,9 @@ def set_volume_from_image(node, image):
     return node
 
 
-def set_grid_transform_from_field(transform_node, field_lps, reference):
-    """Store a fixed-to-moving displacement field as the node's FromParent transform.
-
-    ``field_lps``: (k, j, i, 3) LPS millimetres on ``reference``'s grid (SimpleITK image). ITK
-    displacement-field files hold this resampling direction and Slicer loads them as FromParent,
-    so saving the node writes the same ``DisplacementFieldTransform`` the command line writes.
-    """
+def _oriented_grid_transform(field_lps, reference):
+    """A ``vtkOrientedGridTransform`` (RAS, linear interpolation as ITK) of a displacement field:
+    ``field_lps`` (k, j, i, 3) LPS millimetres on ``reference``'s grid (SimpleITK image)."""
     ijk_to_ras = index_to_ras(reference)
     spacing = np.linalg.norm(ijk_to_ras[:3, :3], axis=0)
     direction = np.eye(4)
@@ -175,8 +171,45 @@ def set_grid_transform_from_field(transform_node, field_lps, reference):
     transform.SetDisplacementGridData(grid)
     transform.SetGridDirectionMatrix(slicer.util.vtkMatrixFromArray(direction))
     transform.SetInterpolationModeToLinear()  # ITK's displacement fields interpolate linearly
-    transform_node.SetAndObserveTransformFromParent(transform)
+    return transform
+
+
+def set_grid_transform_from_field(transform_node, field_lps, reference):
+    """Store a fixed-to-moving displacement field as the node's FromParent transform.
+
+    ``field_lps``: (k, j, i, 3) LPS millimetres on ``reference``'s grid (SimpleITK image). ITK
+    displacement-field files hold this resampling direction and Slicer loads them as FromParent,
+    so saving the node writes the same ``DisplacementFieldTransform`` the command line writes.
+    """
+    transform_node.SetAndObserveTransformFromParent(_oriented_grid_transform(field_lps, reference))
     return transform_node
+
+
+def set_registration_transform(transform_node, affine, deformation):
+    """Store the registration ``x -> affine(x + d(x))`` (fixed -> moving, the mapping the command
+    line's ``transform.h5`` holds) as the node's FromParent transform: one ``vtkGeneralTransform``
+    of the displacement grid ``deformation`` (a :class:`fmsam.fields.Deformation`, on its own
+    network grid) followed by the affine, both in RAS. Slicer resamples volumes under the node with
+    it as it is (no inversion) and saves it as an ITK composite transform.
+    """
+    from fmsam.fields import affine_matrix
+
+    linear = vtk.vtkTransform()
+    linear.SetMatrix(slicer.util.vtkMatrixFromArray(LPS_TO_RAS @ affine_matrix(affine) @ LPS_TO_RAS))
+    composite = vtk.vtkGeneralTransform()
+    composite.PostMultiply()  # each transform concatenated is applied after the ones before
+    composite.Concatenate(_oriented_grid_transform(deformation.displacement, deformation.grid))
+    composite.Concatenate(linear)
+    transform_node.SetAndObserveTransformFromParent(composite)
+    return transform_node
+
+
+def map_points_from_parent(transform_node, points_lps):
+    """Points (n, 3) LPS through the node's FromParent transform (for a registration node: fixed
+    points to moving points), as Slicer maps them; LPS (n, 3)."""
+    transform = transform_node.GetTransformFromParent()
+    ras = flip_lps_ras(points_lps)
+    return flip_lps_ras(np.array([transform.TransformPoint(*map(float, point)) for point in ras]))
 
 
 def field_from_grid_transform_node(transform_node):
@@ -200,4 +233,5 @@ def field_from_grid_transform_node(transform_node):
 
 __all__ = ["image_from_volume_node", "label_image_from_node", "shared_segment_values",
            "set_volume_from_image", "set_grid_transform_from_field", "field_from_grid_transform_node",
+           "set_registration_transform", "map_points_from_parent",
            "world_ijk_to_ras", "segment_names"]

@@ -71,6 +71,9 @@ def _add_warp(commands):
 def _add_jacobian(commands):
     parser = commands.add_parser("jacobian", help="Jacobian determinant map of a transform.h5")
     parser.add_argument("transform")
+    parser.add_argument("--reference", help="image whose grid the map is computed on (default: the grid "
+                        "of the transform's displacement field; give the fixed image for fmsam's "
+                        "transform.h5, whose field lies on the coarser network grid)")
     parser.add_argument("--out", required=True)
 
 
@@ -231,13 +234,13 @@ def _warp(args):
     import SimpleITK as sitk
 
     from .fields import resample
-    from .imageio import read_displacement_transform, read_image, write_atomically
+    from .imageio import read_image, read_registration_transform, write_atomically
     from .outputs import check_output_file
 
     check_output_file(args.out, inputs=(args.image, args.reference, args.transform))
     image = read_image(args.image, "image")
     reference = read_image(args.reference, "reference image")
-    transform = read_displacement_transform(args.transform)
+    transform, _ = read_registration_transform(args.transform)
     warped = resample(image, reference, transform, nearest=args.nearest)
     write_atomically(lambda path: sitk.WriteImage(warped, path, useCompression=True), args.out)
 
@@ -246,14 +249,19 @@ def _jacobian(args):
     import numpy as np
     import SimpleITK as sitk
 
-    from .fields import field_from_transform, image_on_grid
-    from .imageio import read_displacement_transform, write_atomically
-    from .jacobian import jacobian_determinant, jacobian_statistics
+    from .fields import image_on_grid
+    from .imageio import read_image, read_registration_transform, write_atomically
+    from .jacobian import jacobian_statistics, transform_jacobian
     from .outputs import check_output_file
 
-    check_output_file(args.out, inputs=(args.transform,))
-    field, reference = field_from_transform(read_displacement_transform(args.transform))
-    determinant = jacobian_determinant(field, reference)
+    check_output_file(args.out, inputs=(args.transform, args.reference))
+    transform, reference = read_registration_transform(args.transform)
+    if args.reference is not None:
+        reference = read_image(args.reference, "reference image")
+    elif reference is None:
+        raise InputError("transform %s holds no displacement field; give --reference (the fixed image)"
+                         % args.transform)
+    determinant = transform_jacobian(transform, reference)
     with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, refused here
         values = determinant.astype(np.float32)
     if not np.all(np.isfinite(values)):

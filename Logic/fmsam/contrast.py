@@ -13,7 +13,10 @@ the affine is refined on the matched moving image and the network sees it; insta
 then compares the moving image in its own contrast with a contrast-independent similarity (squared
 local NCC); the warped output is always the original moving image.
 """
+import dataclasses
+
 import numpy as np
+import SimpleITK as sitk
 
 #: 'auto' matches contrast when that raises the images' correlation (every second voxel, after the
 #: affine) by at least this much. Measured with this version's affine (Testing/Benchmarks/
@@ -92,3 +95,34 @@ def _correlation(first, second):
     if first.std() == 0 or second.std() == 0:
         return 0.0
     return float(np.corrcoef(first, second)[0, 1])
+
+
+#: Voxels the contrast decision looks at: every second one along each axis (as fmsam.quality does).
+DECISION_SAMPLING = (slice(None, None, 2),) * 3
+
+
+@dataclasses.dataclass
+class ContrastChoice:
+    """Whether the moving image gets the fixed image's contrast, and the image the network sees."""
+
+    applied: bool
+    correlation_gain: float
+    moving_for_network: sitk.Image   # normalised moving image, in the fixed image's contrast if applied
+
+    def report(self):
+        return {"applied": bool(self.applied), "correlation_gain": round(self.correlation_gain, 4)}
+
+
+def choose_contrast(fixed, moving, moving_on_fixed, mode="auto"):
+    """:class:`ContrastChoice` for normalised SimpleITK images: ``fixed``, ``moving`` (its own grid)
+    and ``moving_on_fixed`` (``moving`` affinely resampled onto ``fixed``'s grid, which the decision
+    compares). ``mode``: 'auto' (match when the correlation gain reaches
+    :data:`MIN_CORRELATION_GAIN`), 'on' or 'off'."""
+    lookup, gain = contrast_decision(*(sitk.GetArrayViewFromImage(image)[DECISION_SAMPLING]
+                                       for image in (fixed, moving_on_fixed)))
+    applied = mode == "on" or (mode == "auto" and gain >= MIN_CORRELATION_GAIN)
+    if not applied:
+        return ContrastChoice(False, gain, moving)
+    matched = sitk.GetImageFromArray(apply_lookup(lookup, sitk.GetArrayViewFromImage(moving)))
+    matched.CopyInformation(moving)
+    return ContrastChoice(True, gain, matched)

@@ -1,24 +1,90 @@
-"""Dense displacement fields on the fixed image grid, in LPS millimetres, and ITK transform files.
+"""The registration's mapping: an affine and a displacement field on the network grid, both in LPS mm.
 
-A field is a numpy array ``(k, j, i, 3)`` of float64: at fixed voxel centre ``x`` (LPS) it holds
-``fixed_to_moving(x) - x``, the resampling map ITK's ``DisplacementFieldTransform`` expects and
-that Slicer loads as a grid transform's "from parent" transform.
+The mapping from a fixed point ``x`` to its moving point is ``affine(x + d(x))``: a deformable step
+in the fixed frame, then the affine pre-alignment. ``d`` is a :class:`Deformation`: its values at
+the voxel centres of the grid the network computed it on (which spans the fixed image, first to
+last voxel centre), interpolated linearly in between, as ITK's ``DisplacementFieldTransform``
+does. Its size does not depend on the fixed image's resolution. The inverse mapping (moving point
+to fixed point) is ``y -> z + e(z)`` with ``z = affine^-1(y)`` and ``e`` the inverse deformation on
+the same grid.
+
+A *dense field* is a numpy array ``(k, j, i, 3)`` of float64 on a chosen grid (the fixed image's):
+at voxel centre ``x`` it holds ``fixed_to_moving(x) - x``, the resampling map ITK's
+``DisplacementFieldTransform`` expects and that Slicer loads as a grid transform's "from parent"
+transform.
 """
+import dataclasses
+
 import numpy as np
 import SimpleITK as sitk
 
 from .geometry import index_to_lps, voxel_centres_lps
 
 
-def network_to_fixed_index_displacement(displacement, fixed_size_ijk):
-    """Bring a normalised network displacement (1, 3, D, H, W) tensor to the fixed image's full
-    grid, in fixed voxel-index units: numpy ``(k, j, i, 3)``, vector order (i, j, k)."""
-    from .layers import resize  # torch is only needed when a network ran
+@dataclasses.dataclass
+class Deformation:
+    """A displacement field on its own grid: ``x -> x + displacement(x)``, in the fixed frame.
 
-    size_i, size_j, size_k = fixed_size_ijk
-    full = resize(displacement.detach().float().cpu(), (size_k, size_j, size_i))[0]
-    half_extent = np.array([(size_i - 1) / 2.0, (size_j - 1) / 2.0, (size_k - 1) / 2.0])
-    return full.permute(1, 2, 3, 0).double().numpy() * half_extent
+    ``grid``: a SimpleITK image whose geometry (size, spacing, origin, direction; LPS) is the grid's;
+    its voxels are not used. ``displacement``: (k, j, i, 3) float32 LPS millimetres on that grid,
+    vector order (x, y, z). Linear interpolation between voxel centres, zero displacement beyond
+    half a voxel outside the grid (ITK's convention)."""
+
+    grid: sitk.Image
+    displacement: np.ndarray
+
+    def image(self):
+        """The displacements as a SimpleITK vector image (float64, ITK's transform type) on the grid."""
+        return field_image(self.displacement, self.grid)
+
+    def transform(self):
+        """A new ``sitk.DisplacementFieldTransform`` of the deformation (it owns its own copy)."""
+        return sitk.DisplacementFieldTransform(self.image())
+
+
+def network_grid(fixed, shape_kji):
+    """An image with the geometry of the network grid over ``fixed``: ``shape_kji`` voxels whose
+    first and last centres coincide with ``fixed``'s (``align_corners=True``, see
+    :mod:`fmsam.layers`), same direction and origin; spacing stretched accordingly."""
+    size_ijk = np.array(fixed.GetSize(), dtype=np.float64)
+    shape_ijk = np.array(shape_kji[::-1], dtype=np.float64)
+    spacing = np.array(fixed.GetSpacing()) * np.where(shape_ijk > 1, (size_ijk - 1) / np.maximum(shape_ijk - 1, 1), 1.0)
+    grid = sitk.Image([int(n) for n in shape_ijk], sitk.sitkUInt8)
+    grid.SetOrigin(fixed.GetOrigin())
+    grid.SetDirection(fixed.GetDirection())
+    grid.SetSpacing([float(max(value, 1e-6)) for value in spacing])
+    return grid
+
+
+def normalised_to_lps(displacement, fixed):
+    """A normalised network displacement (1, 3, D, H, W) tensor over ``fixed`` (any resolution of
+    the same extent) as (D, H, W, 3) float32 LPS millimetres: one normalised unit along an axis is
+    half the distance between ``fixed``'s first and last voxel centres along it."""
+    size_ijk = np.array(fixed.GetSize(), dtype=np.float64)
+    half_extent_mm = (size_ijk - 1) / 2.0 * np.array(fixed.GetSpacing())
+    to_lps = np.array(fixed.GetDirection()).reshape(3, 3) @ np.diag(half_extent_mm)
+    values = displacement.detach().double().cpu()[0].permute(1, 2, 3, 0).numpy()
+    return (values @ to_lps.T).astype(np.float32)
+
+
+def registration_transform(affine, deformation):
+    """The fixed-to-moving mapping ``x -> affine(x + d(x))`` as one ``sitk.CompositeTransform``
+    (ITK applies the last transform added first)."""
+    return sitk.CompositeTransform([sitk.Transform(affine), deformation.transform()])
+
+
+def inverse_registration_transform(affine, inverse_deformation):
+    """The moving-to-fixed mapping ``y -> z + e(z)``, ``z = affine^-1(y)``, as one
+    ``sitk.CompositeTransform``."""
+    return sitk.CompositeTransform([inverse_deformation.transform(), sitk.Transform(affine).GetInverse()])
+
+
+def dense_field(transform, reference):
+    """``transform(x) - x`` at every voxel centre of ``reference``: (k, j, i, 3) float64 LPS mm."""
+    field = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, reference.GetSize(),
+                                              reference.GetOrigin(), reference.GetSpacing(),
+                                              reference.GetDirection())
+    return sitk.GetArrayFromImage(field)
 
 
 def affine_apply(affine, points_lps):
@@ -31,6 +97,20 @@ def affine_apply(affine, points_lps):
     centre = np.array(as_affine.GetCenter())
     translation = np.array(as_affine.GetTranslation())
     return (np.asarray(points_lps) - centre) @ matrix.T + centre + translation
+
+
+def affine_matrix(affine):
+    """A linear SimpleITK transform (affine, Euler, identity...) as a 4x4 homogeneous matrix acting on
+    LPS points."""
+    matrix = np.eye(4)
+    if affine is None or affine.GetTransformEnum() == sitk.sitkIdentity:
+        return matrix
+    as_affine = sitk.AffineTransform(affine)
+    linear = np.array(as_affine.GetMatrix()).reshape(3, 3)
+    centre = np.array(as_affine.GetCenter())
+    matrix[:3, :3] = linear
+    matrix[:3, 3] = centre + np.array(as_affine.GetTranslation()) - linear @ centre
+    return matrix
 
 
 def compose_fixed_to_moving(fixed, affine, deformable_index=None):
@@ -51,9 +131,11 @@ def image_on_grid(voxels_kji, reference):
     return image
 
 
-def field_image(field_lps, reference):
-    """The field as a SimpleITK vector image (float64) on ``reference``'s grid."""
-    image = sitk.GetImageFromArray(np.ascontiguousarray(field_lps, dtype=np.float64), isVector=True)
+def field_image(field_lps, reference, pixel_type=sitk.sitkVectorFloat64):
+    """The field as a SimpleITK vector image on ``reference``'s grid (float64, ITK's transform
+    type, unless ``pixel_type`` is ``sitk.sitkVectorFloat32``)."""
+    dtype = np.float32 if pixel_type == sitk.sitkVectorFloat32 else np.float64
+    image = sitk.GetImageFromArray(np.ascontiguousarray(field_lps, dtype=dtype), isVector=True)
     image.CopyInformation(reference)
     return image
 
@@ -62,14 +144,6 @@ def field_transform(field_lps, reference):
     """A ``sitk.DisplacementFieldTransform`` (linear interpolation, zero outside the grid)."""
     # The transform takes ownership of the image it is given, so it gets its own copy.
     return sitk.DisplacementFieldTransform(field_image(field_lps, reference))
-
-
-def field_from_transform(transform):
-    """Array (k, j, i, 3) and reference grid of a displacement-field transform."""
-    displacement = transform.GetDisplacementField()
-    reference = sitk.Image(displacement.GetSize(), sitk.sitkFloat32)
-    reference.CopyInformation(displacement)
-    return sitk.GetArrayFromImage(displacement).astype(np.float64), reference
 
 
 def resample(image, reference, transform, nearest=False, default_value=0.0):

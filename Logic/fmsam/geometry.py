@@ -69,3 +69,14 @@ def same_geometry(a, b, tolerance_mm=1e-4):
             and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tolerance_mm)
             and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tolerance_mm)
             and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-6))
+
+
+def orientation_of(image):
+    """The image's axis layout as a DICOM orientation code ('RAS', 'PSR', ...)."""
+    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
+
+
+def reorient(image, orientation):
+    """The same voxels with axes permuted/flipped to ``orientation`` (no interpolation): the same
+    physical image on a grid of another axis layout."""
+    return image if orientation_of(image) == orientation else sitk.DICOMOrient(image, orientation)

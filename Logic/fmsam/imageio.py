@@ -182,9 +182,11 @@ def load_label_map_on_grid(labels, image, image_source, role):
     return label_map
 
 
-def read_displacement_transform(path):
-    """Read an ITK displacement-field transform file (LPS, fixed point -> moving point); every
-    displacement must be finite."""
+def read_registration_transform(path):
+    """Read an ITK transform file (LPS, fixed point -> moving point): ``fmsam register``'s composite
+    ``transform.h5`` (affine + displacement field), a plain displacement field, an affine or any
+    other transform ITK reads. Returns ``(transform, grid of its last displacement field or None)``.
+    Every displacement must be finite."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise InputError("transform file not found: %s" % path)
@@ -193,18 +195,23 @@ def read_displacement_transform(path):
     except RuntimeError:
         raise InputError("cannot read transform %s (expected an ITK transform file, .h5 or .tfm)"
                          % path) from None
-    if isinstance(transform, sitk.CompositeTransform) and transform.GetNumberOfTransforms() == 1:
-        transform = transform.GetNthTransform(0)
-    if transform.GetTransformEnum() != sitk.sitkDisplacementField:
-        raise InputError("transform %s is not a displacement field (it is %s)"
-                         % (path, transform.GetName()))
-    transform = sitk.DisplacementFieldTransform(transform)
-    displacements = sitk.GetArrayViewFromImage(transform.GetDisplacementField())
-    finite = np.isfinite(displacements)
-    if not finite.all():
-        raise InputError("transform %s holds non-finite displacements (%d of %d values NaN or infinite)"
-                         % (path, finite.size - int(finite.sum()), finite.size))
-    return transform
+    parts = [transform]
+    if isinstance(transform, sitk.CompositeTransform):
+        parts = [transform.GetNthTransform(n) for n in range(transform.GetNumberOfTransforms())]
+        if len(parts) == 1:
+            transform = parts[0]
+    grid = None
+    for part in parts:
+        if part.GetTransformEnum() == sitk.sitkDisplacementField:
+            field = sitk.DisplacementFieldTransform(part).GetDisplacementField()
+            displacements = sitk.GetArrayViewFromImage(field)
+            finite = np.isfinite(displacements)
+            if not finite.all():
+                raise InputError("transform %s holds non-finite displacements (%d of %d values NaN or "
+                                 "infinite)" % (path, finite.size - int(finite.sum()), finite.size))
+            grid = sitk.Image(field.GetSize(), sitk.sitkUInt8)
+            grid.CopyInformation(field)
+    return transform, grid
 
 
 def write_atomically(write, path):

@@ -1,10 +1,17 @@
-"""Running the network on a pre-aligned pair: device choice, network grid, CUDA fallback."""
+"""Running the network on a pre-aligned pair: device choice, network grid, the fast and accurate
+modes (:data:`fmsam.options.MODES`), the inverse field, CUDA fallback.
+
+Displacements here are (1, 3, D, H, W) tensors in normalised coordinates on the network grid (see
+:mod:`fmsam.layers`): ``forward`` maps a fixed point x to x + forward(x) in the affinely pre-aligned
+moving image, ``inverse`` maps back.
+"""
+import dataclasses
 import warnings
 
 import numpy as np
 import torch
 
-from .layers import invert, resize
+from .layers import compose, gaussian_smooth, invert, resize, warp
 from .networks import network_grid_shape
 from .options import DEVICES
 
@@ -81,3 +88,99 @@ def symmetric_displacement(forward, backward):
     (about 0.3 s on a CPU). Measured in docs/benchmarks.md.
     """
     return 0.5 * (forward + invert(backward))
+
+
+#: Damped fixed-point iterations that refine the inverse field from the network's own estimate of
+#: it, and their step. Undamped (step 1) the iteration oscillates where the field's gradient
+#: exceeds 1: on the sample pair 959 network voxels kept round-trip errors above 0.5 mm (up to
+#: 10 mm) however many iterations ran. With step 0.7, 7 iterations: none above 0.12 mm, mean 0.0001 mm.
+INVERSE_ITERATIONS = 8
+INVERSE_STEP = 0.7
+
+
+def refine_inverse(forward, estimate, iterations=INVERSE_ITERATIONS, step=INVERSE_STEP):
+    """The inverse of ``forward`` by the damped fixed-point iteration
+    ``v <- (1 - step) v + step (-forward(x + v(x)))`` started from ``estimate`` (the network's
+    backward field, already close), so that the two fields written map points back where they came
+    from (:func:`round_trip_error`)."""
+    inverse = estimate
+    for _ in range(iterations):
+        inverse = (1.0 - step) * inverse - step * warp(forward, inverse, padding_mode="border")
+    return inverse
+
+
+def round_trip_error(forward, inverse):
+    """``x + inverse(x) + forward(x + inverse(x)) - x`` at every network voxel: (1, 3, D, H, W),
+    normalised; zero for an exact inverse."""
+    return compose(forward, inverse)
+
+
+@dataclasses.dataclass
+class NetworkFields:
+    """What a mode computed on the network grid (normalised displacements, CPU tensors)."""
+
+    forward: torch.Tensor          # (1, 3, D, H, W) fixed -> moving
+    inverse: torch.Tensor          # (1, 3, D, H, W) moving -> fixed, refined to invert ``forward``
+    report: dict                   # figures of the mode (instance optimisation's losses)
+
+
+def both_directions(network, fixed_net, moving_net):
+    """The network's (forward, backward) displacements for (fixed, moving) and (moving, fixed), in
+    one batch; inputs (1, 1, D, H, W) on the network grid."""
+    with torch.no_grad():
+        return network(torch.cat([fixed_net, moving_net]), torch.cat([moving_net, fixed_net])).split(1)
+
+
+def fast_fields(network, config, fixed_net, moving_net):
+    """Fast mode: the network alone. Each direction is the mean of the network's two estimates of
+    it (:func:`symmetric_displacement`), smoothed by the model's output smoothing (sigma in network
+    voxels, set at export)."""
+    forward, backward = both_directions(network, fixed_net, moving_net)
+    displacement, inverse = symmetric_displacement(forward, backward), symmetric_displacement(backward, forward)
+    if config.get("output_smoothing"):
+        displacement = gaussian_smooth(displacement, config["output_smoothing"])
+        inverse = gaussian_smooth(inverse, config["output_smoothing"])
+    return NetworkFields(displacement, refine_inverse(displacement, inverse), {})
+
+
+def accurate_fields(network, config, fixed_net, moving_net, steps, similarity="lncc", io_moving=None,
+                    progress=None):
+    """Accurate mode: the network's two fields refined together on this pair for ``steps`` steps
+    (:func:`fmsam.instance_optimisation.instance_optimise`) with ``similarity``; ``io_moving`` is
+    the moving image the similarity compares (default ``moving_net``; the moving image in its own
+    contrast for 'squared_lncc'). ``progress(fraction)`` after every step."""
+    from .instance_optimisation import instance_optimise
+
+    forward, backward = both_directions(network, fixed_net, moving_net)
+    forward, backward, losses = instance_optimise(
+        forward, backward, fixed_net, moving_net if io_moving is None else io_moving, steps, config,
+        progress=progress, similarity=similarity)
+    return NetworkFields(forward, refine_inverse(forward, backward),
+                         {"io_loss_before": losses[0], "io_loss_after": losses[-1], "io_similarity": similarity})
+
+
+def network_fields(network, config, device, fixed, moving, grid, io_steps=0, similarity="lncc",
+                   io_moving=None, on_instance_optimisation=None, progress=None):
+    """Run a mode on a pre-aligned pair: ``(NetworkFields on the CPU, device used)``.
+
+    ``fixed``/``moving``: (k, j, i) arrays, normalised, the moving one resampled onto the fixed grid
+    through the affine; ``grid``: the network grid (D, H, W) (:func:`grid_for`). ``io_steps`` 0 is
+    fast mode (:func:`fast_fields`), more is accurate mode (:func:`accurate_fields`, which calls
+    ``on_instance_optimisation()`` first, then ``progress(fraction)`` after each step; ``io_moving``
+    is the (k, j, i) moving image its similarity compares, default ``moving``). A CUDA run out of
+    memory is repeated on the CPU."""
+    def run(run_device):
+        network.to(run_device)
+        fixed_net = to_network_grid(fixed, grid, run_device)
+        moving_net = to_network_grid(moving, grid, run_device)
+        if not io_steps:
+            computed = fast_fields(network, config, fixed_net, moving_net)
+        else:
+            if on_instance_optimisation is not None:
+                on_instance_optimisation()
+            io_net = None if io_moving is None else to_network_grid(io_moving, grid, run_device)
+            computed = accurate_fields(network, config, fixed_net, moving_net, io_steps, similarity,
+                                       io_net, progress)
+        return NetworkFields(computed.forward.cpu(), computed.inverse.cpu(), computed.report)
+
+    return run_with_cpu_fallback(run, device)

@@ -23,7 +23,7 @@ GRADICON_WEIGHT = 1.5
 
 def instance_optimise(forward, backward, fixed, moving, steps, config,
                       learning_rate=DEFAULT_LEARNING_RATE, progress=None, similarity="lncc"):
-    """Return ``(refined forward displacement (1, 3, D, H, W), losses)``.
+    """Return ``(refined forward, refined backward displacement, losses)``, each (1, 3, D, H, W).
 
     ``similarity``: 'lncc' (the training loss's signed local NCC) or 'squared_lncc' (contrast-
     independent, for pairs whose contrasts differ; :data:`fmsam.losses.SIMILARITIES`).
@@ -61,4 +61,4 @@ def instance_optimise(forward, backward, fixed, moving, steps, config,
     with torch.no_grad():
         loss, both = loss_now()
     losses.append(float(loss))
-    return both[:1], losses
+    return both[:1], both[1:], losses

@@ -4,6 +4,7 @@ MR has no absolute scale, so it is scaled between two percentiles. CT is in Houn
 fixed window keeps tissue contrast comparable between scans (as uniGradICON does).
 """
 import numpy as np
+import SimpleITK as sitk
 
 from .options import MODALITIES
 
@@ -39,3 +40,11 @@ def normalise(voxels, modality="auto"):
             low, high = float(voxels.min()), float(voxels.max())
     scaled = (voxels - np.float32(low)) / np.float32(high - low)
     return np.clip(scaled, 0.0, 1.0).astype(np.float32), modality
+
+
+def normalised_image(image, modality="auto"):
+    """``(float32 SimpleITK image in [0, 1] on ``image``'s grid, modality used)``; see :func:`normalise`."""
+    voxels, used = normalise(sitk.GetArrayViewFromImage(image), modality)
+    normalised = sitk.GetImageFromArray(voxels)
+    normalised.CopyInformation(image)
+    return normalised, used

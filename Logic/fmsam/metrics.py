@@ -55,3 +55,22 @@ def labels_in_both(fixed_labels, moving_labels):
     """Labels (> 0) present in both label maps: the set the reported mean Dice is taken over."""
     common = np.intersect1d(np.unique(fixed_labels), np.unique(moving_labels))
     return common[common > 0]
+
+
+def dice_report(fixed_labels, moving_labels, labels_through):
+    """Dice figures of report.json for SimpleITK label maps: ``fixed_labels`` on the fixed grid,
+    ``moving_labels`` on the moving grid, ``labels_through(transform)`` the moving labels resampled
+    onto the fixed grid (nearest neighbour) through a transform, for no transform ('initial'), the
+    affine ('affine') and the registration ('after'): ``{"dice_labels": n, "dice_initial": ...}``.
+    ``labels_through`` gets ``None``, ``"affine"`` or ``"registration"``. No shared label: only
+    ``dice_labels: 0`` (NaN is not JSON)."""
+    import SimpleITK as sitk
+
+    fixed_array = sitk.GetArrayViewFromImage(fixed_labels)
+    labels = labels_in_both(fixed_array, sitk.GetArrayViewFromImage(moving_labels))
+    report = {"dice_labels": int(len(labels))}
+    if len(labels):
+        for key, which in (("dice_initial", None), ("dice_affine", "affine"), ("dice_after", "registration")):
+            resampled = labels_through(which)  # kept alive while its array view is read
+            report[key] = mean_dice(fixed_array, sitk.GetArrayViewFromImage(resampled), labels)
+    return report

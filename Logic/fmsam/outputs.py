@@ -10,7 +10,7 @@
   files are moved in with ``report.json`` last. A folder with a ``report.json`` holds one
   complete run. Other files in the folder are left alone.
 * Identical results give identical bytes: gzip headers carry no time, the overview carries no
-  time, and the times HDF5 stores in ``transform.h5`` are cleared (:mod:`fmsam.hdf5`);
+  time, and the times HDF5 stores in the transform files are cleared (:mod:`fmsam.hdf5`);
   ``report.json`` differs only in its ``seconds``.
 """
 import hashlib
@@ -27,10 +27,10 @@ import SimpleITK as sitk
 
 from . import fields
 from .errors import InputError, RegistrationError, error_line
-from .hdf5 import clear_object_times
 from .overview import write_overview
+from .transform_file import write_transform
 
-OUTPUT_NAMES = ("transform.h5", "warped.nii.gz", "jacobian.nii.gz", "overview.png", "report.json",
+OUTPUT_NAMES = ("transform.h5", "inverse_transform.h5", "warped.nii.gz", "jacobian.nii.gz", "overview.png", "report.json",
                 "warped_labels.nii.gz")
 #: Written last and removed first: its presence marks a complete run.
 REPORT = "report.json"
@@ -173,8 +173,8 @@ def _stage(result, staging, moving, overview):
         written[name] = os.path.join(staging, name)
         return written[name]
 
-    sitk.WriteTransform(result.transform, path_of("transform.h5"))
-    clear_object_times(written["transform.h5"])
+    write_transform(result.transform, path_of("transform.h5"))
+    write_transform(result.inverse_transform, path_of("inverse_transform.h5"))
     sitk.WriteImage(result.warped, path_of("warped.nii.gz"), useCompression=True)
     sitk.WriteImage(result.jacobian, path_of("jacobian.nii.gz"), useCompression=True)
     if result.warped_labels is not None:
@@ -207,13 +207,13 @@ def _commit(written, out_dir):
 
 
 def write_outputs(result, out_dir, moving=None, overview=True, before_commit=None):
-    """Write transform.h5, warped.nii.gz, jacobian.nii.gz, overview.png, report.json (and
+    """Write transform.h5 (fixed -> moving), inverse_transform.h5 (moving -> fixed), warped.nii.gz, jacobian.nii.gz, overview.png, report.json (and
     warped_labels.nii.gz) into ``out_dir`` (see the module for the guarantees). ``before_commit()``
     is called once everything is staged, before anything is moved into place: when it raises,
     nothing is written. Returns ``{name: path}``."""
     out_dir = os.fspath(out_dir)
     check_output_folder(out_dir)
-    if not np.all(np.isfinite(result.field)):
+    if not all(np.all(np.isfinite(part.displacement)) for part in (result.deformation, result.inverse_deformation)):
         raise RegistrationError("the result's displacement field is not finite (NaN or infinite "
                                 "values); nothing was written to %s" % out_dir)
     created_dir = not os.path.isdir(out_dir)

@@ -1,8 +1,10 @@
-"""The registration pipeline: two volumes in, one fixed-to-moving displacement field out.
+"""The registration pipeline: two volumes in, the fixed-to-moving mapping and its inverse out.
 
-Stages: read and check inputs -> normalise intensities -> affine pre-alignment -> network ->
-(optional) instance optimisation -> compose affine and deformable parts into one LPS field on the
-fixed grid -> warp moving image (and labels) -> Jacobian determinant and its statistics.
+:func:`register` runs the stages of :data:`fmsam.options.STAGES`: read and check the inputs,
+normalise their intensities in the training layout (prepare) -> affine pre-alignment and the
+contrast choice (affine) -> the network, fast or accurate (network, instance_optimisation) -> the
+mapping as an affine and a displacement field on the network grid, both directions (compose) ->
+warp the moving image and labels, Dice (warp) -> Jacobian determinant on the fixed grid (jacobian).
 """
 import concurrent.futures
 import dataclasses
@@ -14,12 +16,13 @@ import SimpleITK as sitk
 
 from . import __version__, fields
 from .arguments import check_register_arguments
-from .contrast import MIN_CORRELATION_GAIN, apply_lookup, contrast_decision
+from .contrast import choose_contrast
 from .errors import RegistrationError, error_line
+from .geometry import reorient
 from .imageio import load_label_map_on_grid, load_scalar_volume
-from .intensity import normalise
-from .jacobian import jacobian_determinant, jacobian_statistics
-from .metrics import labels_in_both, mean_dice
+from .intensity import normalised_image
+from .jacobian import jacobian_statistics, transform_jacobian
+from .metrics import dice_report
 from .prealign import affine_prealign, identity_affine
 from .quality import deformable_gain
 
@@ -29,24 +32,37 @@ TRAINING_ORIENTATION = "PSR"
 
 @dataclasses.dataclass
 class RegistrationResult:
-    """Everything a registration produced. Images are SimpleITK images on the fixed grid (LPS)."""
+    """Everything a registration produced. Images are SimpleITK images on the fixed grid (LPS).
+
+    The mapping fixed point -> moving point is ``affine(x + d(x))`` with ``d`` = ``deformation``
+    (on the network grid, see :mod:`fmsam.fields`); its inverse uses ``inverse_deformation``."""
 
     fixed: sitk.Image                 # the fixed image as read (its grid is the result's grid)
-    field: np.ndarray                 # (k, j, i, 3) LPS millimetres, fixed point -> moving point
     affine: sitk.Transform            # the affine part alone (fixed -> moving)
+    deformation: fields.Deformation   # the deformable part, fixed frame, fixed -> moving
+    inverse_deformation: fields.Deformation   # its inverse, same grid
     warped: sitk.Image                # the moving image resampled onto the fixed grid
-    jacobian: sitk.Image              # float32 det(J) of the whole mapping
+    jacobian: sitk.Image              # float32 det(J) of the whole mapping on the fixed grid
     report: dict                      # the figures of report.json (JSON-ready)
     warped_labels: typing.Optional[sitk.Image] = None   # the moving labels resampled, or None
 
     @property
     def transform(self):
-        """The mapping as a new ``sitk.DisplacementFieldTransform`` (LPS, fixed -> moving)."""
-        return fields.field_transform(self.field, self.fixed)
+        """The mapping as a new ``sitk.CompositeTransform`` (LPS, fixed -> moving; resamples the
+        moving image onto the fixed grid)."""
+        return fields.registration_transform(self.affine, self.deformation)
 
     @property
-    def field_image(self):
-        return fields.field_image(self.field, self.fixed)
+    def inverse_transform(self):
+        """The inverse mapping as a new ``sitk.CompositeTransform`` (LPS, moving -> fixed; resamples
+        fixed-space images onto the moving grid, maps moving points to fixed points)."""
+        return fields.inverse_registration_transform(self.affine, self.inverse_deformation)
+
+    @property
+    def field(self):
+        """The mapping as a dense field on the fixed grid: (k, j, i, 3) float64 LPS mm, computed on
+        each call (it takes memory the result itself does not: 200 MB for a 1 mm head)."""
+        return fields.dense_field(self.transform, self.fixed)
 
 
 class _Stages:
@@ -88,32 +104,6 @@ class _Stages:
 #: steps: Dice 0.574 with the signed LNCC on the matched image (before), 0.623 squared on the matched
 #: image, 0.641 squared on the moving image's own contrast (docs/benchmarks.md, "Contrast matching").
 IO_SIMILARITY_ACROSS_CONTRASTS = "squared_lncc"
-
-#: Voxels the contrast decision looks at: every second one along each axis (as fmsam.quality does).
-DECISION_SAMPLING = (slice(None, None, 2),) * 3
-
-
-def normalised_image(image, modality):
-    """``(float32 image in [0, 1] on the same grid, modality used)``; see :mod:`fmsam.intensity`."""
-    voxels, used = normalise(sitk.GetArrayViewFromImage(image), modality)
-    return fields.image_on_grid(voxels, image), used
-
-
-def orientation_of(image):
-    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
-
-
-def reorient(image, orientation):
-    """The same voxels with axes permuted/flipped to ``orientation`` (no interpolation)."""
-    return image if orientation_of(image) == orientation else sitk.DICOMOrient(image, orientation)
-
-
-def back_to_grid(field, field_grid, fixed_image):
-    """A field computed on the reoriented grid, returned to the fixed image's own voxel order."""
-    if orientation_of(field_grid) == orientation_of(fixed_image):
-        return field
-    restored = sitk.DICOMOrient(fields.field_image(field, field_grid), orientation_of(fixed_image))
-    return sitk.GetArrayFromImage(restored).astype(np.float64)
 
 
 def prealign_or_explain(stages, fixed, moving, initial=None):
@@ -163,6 +153,32 @@ def non_finite_entries(report, prefix=""):
     return found
 
 
+def start_loading_model(model, weights, allow_unverified):
+    """``(network options, a function returning the network)``. The bundled model is loaded in a
+    thread (PyTorch's import takes about 1 s) while the images are prepared and aligned, which
+    needs only the options (from the manifest)."""
+    from .weights import bundled_config, load_model
+
+    if model is not None:
+        return model[1], lambda: model[0]
+    if weights is not None:
+        network, config = load_model(weights, "cpu", allow_unverified)
+        return config, lambda: network
+    loader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fmsam-load")
+    loading = loader.submit(load_model, None, "cpu")
+    loader.shutdown(wait=False)
+    return bundled_config(), lambda: loading.result()[0]
+
+
+def round_trip_report(forward, inverse, grid_reference):
+    """``{"mean", "max"}`` in mm of how far the inverse field followed by the forward one leaves a
+    point of the network grid (:func:`fmsam.inference.round_trip_error`)."""
+    from .inference import round_trip_error
+
+    error = np.linalg.norm(fields.normalised_to_lps(round_trip_error(forward, inverse), grid_reference), axis=-1)
+    return {"mean": round(float(error.mean()), 4), "max": round(float(error.max()), 4)}
+
+
 def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True, io_steps=0,
              device="auto", weights=None, modality="auto", progress=None, model=None,
              contrast_matching="auto", allow_unverified=False):
@@ -171,23 +187,21 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
     ``fixed``/``moving``: paths (NIfTI, NRRD, MHA) or SimpleITK images, any size, spacing,
     orientation and pixel type. ``fixed_labels``/``moving_labels``: optional label maps on their
     image's grid, for the Dice report and the warped label map. ``prealign``: affine pre-alignment
-    on/off (bool). ``io_steps``: instance-optimisation steps, an int from 0 (off) to 2000.
-    ``device``: 'auto', 'cpu' or 'cuda' ('cuda' needs a usable GPU). ``weights``: a weights file
-    (default: bundled model) whose SHA-256 is verified against ``<file>.sha256``; a file without one
-    is refused unless ``allow_unverified=True``. ``modality``: 'auto', 'mr' or 'ct' for both images,
-    or a (fixed, moving) pair. ``contrast_matching``: give the moving image the fixed image's
-    contrast before the network ('auto': when the contrasts differ; 'on'; 'off'), see
-    :mod:`fmsam.contrast`. ``progress(stage, fraction)``: called often; it may raise
-    :class:`fmsam.errors.Cancelled` to stop, and any exception it raises reaches the caller as
-    itself. ``model``: an already loaded ``(network, config)`` to reuse across calls (instead of
-    ``weights``).
+    on/off (bool). ``io_steps``: instance-optimisation steps, an int from 0 (fast mode, the network
+    alone) to 2000 (accurate mode: :data:`fmsam.options.MODES`). ``device``: 'auto', 'cpu' or 'cuda'
+    ('cuda' needs a usable GPU). ``weights``: a weights file (default: bundled model) whose SHA-256
+    is verified against ``<file>.sha256``; a file without one is refused unless
+    ``allow_unverified=True``. ``modality``: 'auto', 'mr' or 'ct' for both images, or a (fixed,
+    moving) pair. ``contrast_matching``: give the moving image the fixed image's contrast before the
+    network ('auto': when the contrasts differ; 'on'; 'off'), see :mod:`fmsam.contrast`.
+    ``progress(stage, fraction)``: called often; it may raise :class:`fmsam.errors.Cancelled` to
+    stop, and any exception it raises reaches the caller as itself. ``model``: an already loaded
+    ``(network, config)`` to reuse across calls (instead of ``weights``).
 
     Every argument is checked before any work (:mod:`fmsam.arguments`): a bad one raises
     :class:`InputError`, as do bad images and weights. :class:`RegistrationError`: the result is
     not finite (nothing is returned).
     """
-    from .weights import bundled_config, load_model
-
     check_register_arguments(fixed, moving, fixed_labels, moving_labels, prealign, io_steps, device,
                              weights, modality, progress, model, contrast_matching, allow_unverified)
     stages = _Stages(progress)
@@ -201,19 +215,7 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
         fixed_label_map = load_label_map_on_grid(fixed_labels, fixed_image, fixed, "fixed")
     if moving_labels is not None:
         moving_label_map = load_label_map_on_grid(moving_labels, moving_image, moving, "moving")
-    loading = None
-    if model is not None:
-        config = model[1]
-    elif weights is None:
-        # PyTorch's import (about 1 s) and the weights are loaded in a thread while the images are
-        # normalised and aligned, which needs only the network options (from the manifest).
-        config = bundled_config()
-        loader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fmsam-load")
-        loading = loader.submit(load_model, None, "cpu")
-        loader.shutdown(wait=False)
-    else:
-        model = load_model(weights, "cpu", allow_unverified)
-        config = model[1]
+    config, network_when_ready = start_loading_model(model, weights, allow_unverified)
     fixed_modality, moving_modality = (modality, modality) if isinstance(modality, str) else modality
     # Both images are brought to the axis layout of the training images by a pure permutation or
     # flip of their grids (no resampling): the network learned anatomy in that layout, and the
@@ -224,73 +226,43 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
 
     stages.begin("affine")
     affine = prealign_or_explain(stages, network_fixed, moving_normalised) if prealign else identity_affine()
-    moving_on_fixed = fields.resample(moving_normalised, network_fixed, affine)
-    report = {}
-    lookup, gain = contrast_decision(*(sitk.GetArrayViewFromImage(image)[DECISION_SAMPLING]
-                                       for image in (network_fixed, moving_on_fixed)))
-    matched = contrast_matching == "on" or (contrast_matching == "auto" and gain >= MIN_CORRELATION_GAIN)
-    moving_own_contrast = moving_normalised
-    report["contrast_matching"] = {"applied": bool(matched), "correlation_gain": round(gain, 4)}
-    if matched:
-        # The moving image in the fixed image's contrast is what the network sees (instance
-        # optimisation uses its own contrast, IO_SIMILARITY_ACROSS_CONTRASTS), and the affine is
-        # refined on it (its fine level only, about 0.4 s):
-        # mutual information copes with other contrasts, but less well (on 10 gamma-changed pairs it
-        # aligned worse than on the originals). Refining instead of starting again: Dice on the gamma
-        # and inverted pairs within 0.002 of a full second run, for a third of its time.
-        moving_normalised = fields.image_on_grid(
-            apply_lookup(lookup, sitk.GetArrayViewFromImage(moving_normalised)), moving_normalised)
-        if prealign:
-            affine = prealign_or_explain(stages, network_fixed, moving_normalised, initial=affine)
-        moving_on_fixed = fields.resample(moving_normalised, network_fixed, affine)
+    contrast = choose_contrast(network_fixed, moving_normalised,
+                               fields.resample(moving_normalised, network_fixed, affine), contrast_matching)
+    if contrast.applied and prealign:
+        # The affine is refined on the moving image in the fixed image's contrast (its fine level
+        # only, about 0.4 s): mutual information copes with other contrasts, but less well (on 10
+        # gamma-changed pairs it aligned worse than on the originals). Refining instead of starting
+        # again: Dice on the gamma and inverted pairs within 0.002 of a full second run.
+        affine = prealign_or_explain(stages, network_fixed, contrast.moving_for_network, initial=affine)
+    report = {"contrast_matching": contrast.report()}
 
     stages.begin("network")
-    network = (loading.result() if loading is not None else model)[0]
-    import torch
+    from .inference import choose_device, grid_for, network_fields
 
-    from .inference import (choose_device, grid_for, run_with_cpu_fallback, symmetric_displacement,
-                            to_network_grid)
-    from .layers import gaussian_smooth
-    from .instance_optimisation import instance_optimise
-
-    torch_device = choose_device(device)
+    network = network_when_ready()
     grid = grid_for(network_fixed, config)
-
-    def predict(run_device):
-        network.to(run_device)
-        fixed_net = to_network_grid(sitk.GetArrayViewFromImage(network_fixed), grid, run_device)
-        moving_net = to_network_grid(sitk.GetArrayViewFromImage(moving_on_fixed), grid, run_device)
-        with torch.no_grad():  # both directions in one batch
-            displacement, backward = network(torch.cat([fixed_net, moving_net]),
-                                             torch.cat([moving_net, fixed_net])).split(1)
-        if not io_steps:
-            displacement = symmetric_displacement(displacement, backward)
-            if config.get("output_smoothing"):  # sigma in network-grid voxels, set at export
-                displacement = gaussian_smooth(displacement, config["output_smoothing"])
-        else:
-            stages.begin("instance_optimisation")
-            similarity, io_moving = "lncc", moving_net
-            if matched:  # contrasts differ
-                similarity = IO_SIMILARITY_ACROSS_CONTRASTS
-            if similarity == "squared_lncc":  # contrast-independent: the moving image's own contrast
-                # GetArrayFromImage (a copy): a view would outlive the resampled image it shows
-                io_moving = to_network_grid(sitk.GetArrayFromImage(
-                    fields.resample(moving_own_contrast, network_fixed, affine)), grid, run_device)
-            displacement, losses = instance_optimise(displacement, backward, fixed_net, io_moving,
-                                                     io_steps, config, progress=stages.update,
-                                                     similarity=similarity)
-            report["io_loss_before"], report["io_loss_after"] = losses[0], losses[-1]
-            report["io_similarity"] = similarity
-        return displacement.cpu()
-
-    displacement, used_device = run_with_cpu_fallback(predict, torch_device)
+    # Instance optimisation compares the moving image in its own contrast when the contrasts differ
+    # (a contrast-independent similarity), else the image the network saw.
+    similarity = IO_SIMILARITY_ACROSS_CONTRASTS if contrast.applied else "lncc"
+    # Arrays, not views: a view would outlive the resampled image it shows.
+    moving_on_fixed = sitk.GetArrayFromImage(fields.resample(contrast.moving_for_network, network_fixed, affine))
+    io_moving = None
+    if similarity == "squared_lncc":
+        io_moving = sitk.GetArrayFromImage(fields.resample(moving_normalised, network_fixed, affine))
+    computed, used_device = network_fields(
+        network, config, choose_device(device), sitk.GetArrayViewFromImage(network_fixed), moving_on_fixed,
+        grid, io_steps, similarity, io_moving,
+        on_instance_optimisation=lambda: stages.begin("instance_optimisation"), progress=stages.update)
+    report.update(computed.report)
 
     stages.begin("compose")
-    deformable_index = fields.network_to_fixed_index_displacement(displacement, network_fixed.GetSize())
-    field = fields.compose_fixed_to_moving(network_fixed, affine, deformable_index)
-    field = back_to_grid(field, network_fixed, fixed_image)
-    check_finite_result(field, network)
-    transform = fields.field_transform(field, fixed_image)
+    field_grid = fields.network_grid(network_fixed, grid)
+    deformation = fields.Deformation(field_grid, fields.normalised_to_lps(computed.forward, network_fixed))
+    inverse = fields.Deformation(field_grid, fields.normalised_to_lps(computed.inverse, network_fixed))
+    check_finite_result(deformation.displacement, network)
+    check_finite_result(inverse.displacement, network, "inverse displacement field")
+    report["inverse_round_trip_mm"] = round_trip_report(computed.forward, computed.inverse, network_fixed)
+    transform = fields.registration_transform(affine, deformation)
 
     stages.begin("warp")
     warped = fields.resample(moving_image, fixed_image, transform)
@@ -298,16 +270,9 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
     if moving_label_map is not None:
         warped_labels = fields.resample(moving_label_map, fixed_image, transform, nearest=True)
     if fixed_label_map is not None and moving_label_map is not None:
-        fixed_array = sitk.GetArrayViewFromImage(fixed_label_map)
-        labels = labels_in_both(fixed_array, sitk.GetArrayViewFromImage(moving_label_map))
-        initial_labels = fields.resample(moving_label_map, fixed_image, sitk.Transform(), nearest=True)
-        affine_labels = fields.resample(moving_label_map, fixed_image, affine, nearest=True)
-        report["dice_labels"] = int(len(labels))
-        for key, labels_on_fixed in (("dice_initial", initial_labels), ("dice_affine", affine_labels),
-                                     ("dice_after", warped_labels)):
-            if len(labels):  # no shared label: no Dice (NaN is not JSON), and a warning below
-                report[key] = mean_dice(fixed_array, sitk.GetArrayViewFromImage(labels_on_fixed), labels)
-
+        through = {None: sitk.Transform(), "affine": affine}
+        report.update(dice_report(fixed_label_map, moving_label_map, lambda which: warped_labels if which == "registration"
+                                  else fields.resample(moving_label_map, fixed_image, through[which], nearest=True)))
     # Label-free check: did the deformable step make the images more alike than the affine did?
     report["mi_affine"], report["mi_registered"], warning = deformable_gain(
         fixed_image, fields.resample(moving_image, fixed_image, affine), warped)
@@ -316,7 +281,7 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
         report["warnings"].append("the two label maps share no label (> 0): no Dice is reported")
 
     stages.begin("jacobian")
-    determinant = jacobian_determinant(field, fixed_image)
+    determinant = transform_jacobian(transform, fixed_image)
     with np.errstate(over="ignore"):  # beyond float32: inf, refused here
         jacobian_values = determinant.astype(np.float32)
     check_finite_result(jacobian_values, network, "Jacobian determinant")
@@ -336,5 +301,6 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
     if non_finite_entries(report):  # report.json is strict JSON
         raise RegistrationError("the registration's figures %s are not finite; no result is returned or "
                                 "written" % ", ".join(non_finite_entries(report)))
-    return RegistrationResult(fixed=fixed_image, field=field, affine=affine, warped=warped,
-                              warped_labels=warped_labels, jacobian=jacobian, report=report)
+    return RegistrationResult(fixed=fixed_image, affine=affine, deformation=deformation,
+                              inverse_deformation=inverse, warped=warped, warped_labels=warped_labels,
+                              jacobian=jacobian, report=report)

@@ -25,9 +25,11 @@ event, each starting with a tag:
   gave no usable result, 1 for anything else, whose traceback precedes the line);
 * ``FMSAM-DONE``: every result file is written (exit code 0).
 
-Results, in ``out`` (uncompressed, to be read back at once): ``field.mha`` (the fixed-to-moving
-displacement, LPS millimetres, float64 vectors on the fixed grid), ``warped.mha`` (moving image on
-the fixed grid), ``jacobian.mha`` (det J, float32) and ``report.json`` (as the command line's).
+Results, in ``out`` (uncompressed, to be read back at once): ``affine.tfm`` (the affine part,
+fixed -> moving, LPS), ``deformation.mha`` and ``inverse_deformation.mha`` (the deformable part and
+its inverse on the network grid: LPS millimetres, float32 vectors; see :mod:`fmsam.fields`),
+``warped.mha`` (moving image on the fixed grid), ``jacobian.mha`` (det J, float32) and
+``report.json`` (as the command line's).
 """
 import json
 import os
@@ -35,8 +37,9 @@ import sys
 import traceback
 
 PROGRESS, ERROR, DONE = "FMSAM-PROGRESS", "FMSAM-ERROR", "FMSAM-DONE"
-RESULT_FILES = {"field": "field.mha", "warped": "warped.mha", "jacobian": "jacobian.mha",
-                "report": "report.json"}
+RESULT_FILES = {"affine": "affine.tfm", "deformation": "deformation.mha",
+                "inverse_deformation": "inverse_deformation.mha", "warped": "warped.mha",
+                "jacobian": "jacobian.mha", "report": "report.json"}
 OPTIONS = ("prealign", "io_steps", "device", "modality", "contrast_matching", "weights", "allow_unverified")
 #: Exit codes besides 0 (done).
 BAD_INPUT, NO_RESULT, FAILED = 2, 3, 1
@@ -89,12 +92,39 @@ def watch_owner(owner_pid, folder):
     threading.Thread(target=watch, name="fmsam-owner-watch", daemon=True).start()
 
 
+def read_results(out, fixed):
+    """The results :func:`write_results` wrote, as ``(affine, deformation, inverse_deformation,
+    warped, jacobian, report)`` (see the module docstring); ``fixed`` is the fixed image."""
+    import SimpleITK as sitk
+
+    from .fields import Deformation
+
+    def deformation(key):
+        image = sitk.ReadImage(os.path.join(out, RESULT_FILES[key]))
+        return Deformation(image, sitk.GetArrayFromImage(image))
+
+    with open(os.path.join(out, RESULT_FILES["report"])) as handle:
+        report = json.load(handle)
+    affine = sitk.ReadTransform(os.path.join(out, RESULT_FILES["affine"]))
+    if isinstance(affine, sitk.CompositeTransform) and affine.GetNumberOfTransforms() == 1:
+        affine = affine.GetNthTransform(0)
+    return (affine, deformation("deformation"), deformation("inverse_deformation"),
+            sitk.ReadImage(os.path.join(out, RESULT_FILES["warped"])),
+            sitk.ReadImage(os.path.join(out, RESULT_FILES["jacobian"])), report)
+
+
 def write_results(result, out):
     """Write the files the module reads back (see the module docstring)."""
     import SimpleITK as sitk
 
     os.makedirs(out, exist_ok=True)
-    sitk.WriteImage(result.field_image, os.path.join(out, RESULT_FILES["field"]))
+    from .fields import field_image
+
+    sitk.WriteTransform(result.affine, os.path.join(out, RESULT_FILES["affine"]))
+    for key in ("deformation", "inverse_deformation"):
+        deformation = getattr(result, key)
+        sitk.WriteImage(field_image(deformation.displacement, deformation.grid, sitk.sitkVectorFloat32),
+                        os.path.join(out, RESULT_FILES[key]))
     sitk.WriteImage(result.warped, os.path.join(out, RESULT_FILES["warped"]))
     sitk.WriteImage(result.jacobian, os.path.join(out, RESULT_FILES["jacobian"]))
     with open(os.path.join(out, RESULT_FILES["report"]), "w") as handle:

@@ -74,7 +74,7 @@ def run_fmsam(pair, io_steps, weights=None, cache={}):
 def normalised_pair(pair):
     """The pair's fixed and moving images normalised as ``fmsam.register`` normalises them."""
     from fmsam.imageio import load_scalar_volume
-    from fmsam.pipeline import normalised_image
+    from fmsam.intensity import normalised_image
 
     return [normalised_image(load_scalar_volume(pair[role]), "auto")[0] for role in ("fixed", "moving")]
 

@@ -112,7 +112,7 @@ def run_identity(pair, threads):
 def run_fmsam(pair, threads, io_steps):
     import SimpleITK as sitk
 
-    from fmsam.fields import field_from_transform
+    from fmsam.fields import dense_field
 
     with tempfile.TemporaryDirectory() as folder:
         out = os.path.join(folder, "out")
@@ -127,7 +127,7 @@ def run_fmsam(pair, threads, io_steps):
             return finished.returncode, float("nan"), None, None
         report = json.load(open(os.path.join(out, "report.json")))
         warped = sitk.ReadImage(os.path.join(out, "warped.nii.gz"), sitk.sitkFloat32)
-        field, _ = field_from_transform(sitk.ReadTransform(os.path.join(out, "transform.h5")))
+        field = dense_field(sitk.ReadTransform(os.path.join(out, "transform.h5")), warped)
         return 0, report["seconds"]["total"], warped, field
 
 

@@ -30,13 +30,16 @@ def _one_line(code, lines, fragment, exit_code=2):
 
 def _small_result(labels=True):
     """A RegistrationResult on a small grid (identity mapping), to test writing without registering."""
-    from fmsam.fields import image_on_grid
+    from fmsam.fields import Deformation, image_on_grid, network_grid
     from fmsam.pipeline import RegistrationResult
     from fmsam.prealign import identity_affine
 
     fixed = sitk.GetImageFromArray(np.arange(np.prod(SHAPE), dtype=np.float32).reshape(SHAPE))
     label_map = sitk.Cast(fixed > 3000, sitk.sitkUInt32) if labels else None
-    return RegistrationResult(fixed=fixed, field=np.zeros(SHAPE + (3,)), affine=identity_affine(),
+    grid = network_grid(fixed, (4, 4, 4))
+    return RegistrationResult(fixed=fixed, affine=identity_affine(),
+                              deformation=Deformation(grid, np.zeros((4, 4, 4, 3), np.float32)),
+                              inverse_deformation=Deformation(grid, np.zeros((4, 4, 4, 3), np.float32)),
                               warped=fixed, warped_labels=label_map,
                               jacobian=image_on_grid(np.ones(SHAPE, np.float32), fixed),
                               report={"folding_percent": 0.0, "labels": labels})
@@ -151,7 +154,7 @@ def test_identical_runs_write_identical_bytes(small_pair, small_network_grid, tm
         time.sleep(1.1)  # the second run writes in another second
     names = sorted(os.listdir(folders[0]))
     assert names == sorted(os.listdir(folders[1])) == sorted(
-        ["transform.h5", "warped.nii.gz", "warped_labels.nii.gz", "jacobian.nii.gz", "overview.png",
+        ["transform.h5", "inverse_transform.h5", "warped.nii.gz", "warped_labels.nii.gz", "jacobian.nii.gz", "overview.png",
          "report.json"])
     for name in names:
         if name != "report.json":
@@ -162,11 +165,11 @@ def test_identical_runs_write_identical_bytes(small_pair, small_network_grid, tm
         report.pop("seconds")
     assert reports[0] == reports[1]
     transform = sitk.ReadTransform(os.path.join(folders[1], "transform.h5"))
-    if isinstance(transform, sitk.CompositeTransform):
-        transform = transform.GetNthTransform(0)
-    assert transform.GetName() == "DisplacementFieldTransform"
-    field = sitk.DisplacementFieldTransform(transform).GetDisplacementField()
-    assert field.GetSize() == SHAPE[::-1] and np.abs(sitk.GetArrayViewFromImage(field)).max() > 0.1
+    assert [transform.GetNthTransform(n).GetName() for n in range(transform.GetNumberOfTransforms())] == \
+        ["AffineTransform", "DisplacementFieldTransform"]
+    field = sitk.DisplacementFieldTransform(transform.GetNthTransform(1)).GetDisplacementField()
+    assert list(field.GetSize()) == reports[1]["network_grid"][::-1]  # the network grid, not the image's
+    assert np.abs(sitk.GetArrayViewFromImage(field)).max() > 0.1
 
 
 def test_report_is_strict_json_with_weights_and_version(registered_sample):
@@ -187,7 +190,7 @@ def test_a_non_finite_result_is_not_written(tmp_path):
     from fmsam.outputs import write_outputs
 
     result = _small_result()
-    result.field[3, 4, 5, 0] = np.inf
+    result.deformation.displacement[1, 2, 3, 0] = np.inf
     with pytest.raises(RegistrationError, match="not finite"):
         write_outputs(result, str(tmp_path / "out"))
     assert os.listdir(tmp_path) == []

@@ -5,7 +5,7 @@ import SimpleITK as sitk
 
 from fmsam import fields
 from fmsam.errors import Cancelled
-from fmsam.pipeline import normalised_image
+from fmsam.intensity import normalised_image
 from fmsam.prealign import affine_prealign
 
 

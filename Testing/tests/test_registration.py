@@ -13,7 +13,7 @@ from fmsam.cli import main
 
 def test_register_writes_every_output(registered_sample):
     names = sorted(os.listdir(registered_sample))
-    assert names == ["jacobian.nii.gz", "overview.png", "report.json", "transform.h5",
+    assert names == ["inverse_transform.h5", "jacobian.nii.gz", "overview.png", "report.json", "transform.h5",
                      "warped.nii.gz", "warped_labels.nii.gz"]
     with open(os.path.join(registered_sample, "report.json")) as handle:
         report = json.load(handle)
@@ -60,9 +60,10 @@ def test_warp_command_reproduces_registered_outputs(registered_sample, sample_pa
         np.testing.assert_allclose(sitk.GetArrayFromImage(sitk.ReadImage(out)), expected, atol=1e-4)
 
 
-def test_jacobian_command_reproduces_registered_map(registered_sample, tmp_path):
+def test_jacobian_command_reproduces_registered_map(registered_sample, sample_paths, tmp_path):
     out = str(tmp_path / "jac.nii.gz")
-    assert main(["jacobian", os.path.join(registered_sample, "transform.h5"), "--out", out]) == 0
+    assert main(["jacobian", os.path.join(registered_sample, "transform.h5"), "--reference",
+                 sample_paths["fixed"], "--out", out]) == 0
     expected = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(registered_sample, "jacobian.nii.gz")))
     np.testing.assert_allclose(sitk.GetArrayFromImage(sitk.ReadImage(out)), expected, atol=1e-4)
 

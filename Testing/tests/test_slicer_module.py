@@ -127,12 +127,12 @@ def test_transform_node_maps_points_like_the_cli_transform(gui_run, registered_s
     node = gui_run["outcome"].transformNode
     assert node.IsA("vtkMRMLGridTransformNode")
     from_parent = node.GetTransformFromParent()
-    assert from_parent.IsA("vtkOrientedGridTransform")
+    # One node: the displacement grid on the network grid, then the affine (issue 16).
+    assert from_parent.IsA("vtkGeneralTransform") and from_parent.GetNumberOfConcatenatedTransforms() == 2
     cli = sitk.ReadTransform(os.path.join(registered_sample, "transform.h5"))
     points_lps = inside_points(sitk.ReadImage(sample_paths["fixed"]), 2000)
     expected = np.array([cli.TransformPoint(point.tolist()) for point in points_lps])
-    mapped_ras = np.array([from_parent.TransformPoint(*point) for point in points_lps * [-1, -1, 1]])
-    error = np.abs(mapped_ras * [-1, -1, 1] - expected).max()
+    error = np.abs(mrml_io.map_points_from_parent(node, points_lps) - expected).max()
     assert error < 0.01, "grid transform node and CLI transform.h5 differ by %.4f mm" % error
     # The displacement is a real one (the test would pass for any two identity transforms otherwise).
     assert np.abs(expected - points_lps).max() > 2.0
@@ -146,7 +146,7 @@ def test_saved_transform_node_is_the_cli_displacement_field(gui_run, registered_
     path = str(tmp_path / "from_slicer.h5")
     storage.SetFileName(path)
     assert storage.WriteData(node)
-    written = sitk.ReadTransform(path)  # SimpleITK reads it: a plain DisplacementFieldTransform
+    written = sitk.ReadTransform(path)  # SimpleITK reads it: affine + displacement field
     cli = sitk.ReadTransform(os.path.join(registered_sample, "transform.h5"))
     points_lps = inside_points(sitk.ReadImage(sample_paths["fixed"]), 500, seed=1)
     difference = max(np.abs(np.subtract(written.TransformPoint(p.tolist()), cli.TransformPoint(p.tolist()))).max()
@@ -263,9 +263,12 @@ def test_scene_bundle_round_trip_keeps_nodes_colours_and_window_level(gui_run, t
     assert np.allclose(slicer.util.arrayFromVolume(jacobian), slicer.util.arrayFromVolume(outcome.jacobianVolumeNode))
     assert reread.color_logic.GetColorLegendDisplayNode(jacobian) is not None
     transform = scene.GetFirstNodeByName(outcome.transformNode.GetName())
-    field_read, _ = mrml_io.field_from_grid_transform_node(transform)
-    field_made, _ = mrml_io.field_from_grid_transform_node(outcome.transformNode)
-    assert np.abs(field_read - field_made).max() < 1e-6
+    points = inside_points(mrml_io.image_from_volume_node(outcome.jacobianVolumeNode), 300, seed=2)
+    mapped_read = mrml_io.map_points_from_parent(transform, points)
+    mapped_made = mrml_io.map_points_from_parent(outcome.transformNode, points)
+    # The bundle's transform is read back by Slicer's own ITK reader, which interpolates grids from
+    # files cubically (ITK and the module: linearly): 0.07 mm apart at most on the sample pair.
+    assert np.abs(mapped_read - mapped_made).max() < 0.1 and np.abs(mapped_made - points).max() > 1.0
     red = [node for node in scene.GetNodesByClass("vtkMRMLSliceCompositeNode") if node.GetLayoutName() == "Red"][0]
     assert scene.GetNodeByID(red.GetBackgroundVolumeID()).GetName() == "fixed"
     assert scene.GetNodeByID(red.GetForegroundVolumeID()).GetName() == outcome.warpedVolumeNode.GetName()
@@ -288,9 +291,10 @@ def test_cli_scene_output(sample_paths, tmp_path):
     transforms = [node for node in scene.GetNodesByClass("vtkMRMLGridTransformNode")]
     assert len(transforms) == 1
     cli = sitk.ReadTransform(str(tmp_path / "out" / "transform.h5"))
-    field, reference = mrml_io.field_from_grid_transform_node(transforms[0])
-    cli_field = sitk.GetArrayFromImage(sitk.DisplacementFieldTransform(cli).GetDisplacementField())
-    assert field.shape == cli_field.shape and np.abs(field - cli_field).max() < 1e-4
+    points = inside_points(sitk.ReadImage(sample_paths["fixed"]), 300, seed=3)
+    expected = np.array([cli.TransformPoint(point.tolist()) for point in points])
+    # Slicer's reader interpolates the grid cubically, ITK linearly: 0.07 mm apart at most here.
+    assert np.abs(mrml_io.map_points_from_parent(transforms[0], points) - expected).max() < 0.1
 
 
 def test_cli_scene_refuses_a_bad_path_before_registering(sample_paths, tmp_path, capsys):

@@ -13,7 +13,7 @@ import SimpleITK as sitk
 from fmsam import fields
 from fmsam.jacobian import jacobian_determinant
 from fmsam.overview import display_axis
-from fmsam.pipeline import normalised_image
+from fmsam.intensity import normalised_image
 from fmsam.prealign import affine_prealign, alignment_score, fits_pyramid, level_image
 from fmsam.quality import normalised_mutual_information
 
