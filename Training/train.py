@@ -46,7 +46,7 @@ try:
     from fmsam.losses import local_ncc_loss, symmetric_registration_loss  # noqa: E402
     from fmsam.metrics import labels_in_both, mean_dice  # noqa: E402
     from fmsam.networks import build_network  # noqa: E402
-    from fmsam.sam import SAM  # noqa: E402
+    from sam import SAM  # noqa: E402
 except Exception as _import_error:  # e.g. no PyTorch in this Python (a Slicer without the PyTorch extension)
     if __name__ != "__main__":
         raise
