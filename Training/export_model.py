@@ -13,6 +13,7 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# This checkout's engine, not an installed fmsam of another version.
 sys.path.insert(0, os.path.join(HERE, "..", "Logic"))
 
 from checkpoints import network_from  # noqa: E402

@@ -28,7 +28,8 @@ import time
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+# Training/ is on sys.path: python, torchrun and Slicer's --python-script add the script's folder.
+# This checkout's engine, not an installed fmsam of another version (Slicer's Python has none).
 sys.path.insert(0, os.path.join(HERE, "..", "Logic"))
 
 try:

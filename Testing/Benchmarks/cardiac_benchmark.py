@@ -46,6 +46,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 LOGIC = os.path.join(ROOT, "Logic")
+# This checkout's engine, not an installed fmsam of another version (../venv-ants has none).
 sys.path.insert(0, LOGIC)
 DATA = os.path.join(ROOT, "..", "shared", "data", "cardiac_myops")
 SPLIT = os.path.join(HERE, "cardiac_split.json")
