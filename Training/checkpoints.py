@@ -1,14 +1,15 @@
-"""Training checkpoints, and reading network weights from a checkpoint or an exported weights file.
+"""Training checkpoints, and networks from a checkpoint or an exported weights file.
 
 A checkpoint (``latest.pt``, ``best.pt`` of a run) holds ``network`` (state dict), ``optimizer``,
 ``step``, ``best_dice`` and ``config`` (the network options); a weights file (``fmsam.weights``
-format) holds ``state_dict`` and ``config``.
+format) holds ``state_dict`` and ``config``. Both are read by :func:`fmsam.weights.read_state`.
 """
 import os
 
 import torch
 
 from fmsam.networks import build_network
+from fmsam.weights import read_state
 
 
 def save_checkpoint(path, network, optimizer, step, best_dice, config):
@@ -20,14 +21,6 @@ def save_checkpoint(path, network, optimizer, step, best_dice, config):
     os.replace(temporary, path)
 
 
-def read_weights(path):
-    """``(state dict, network config, everything else in the file)`` of a checkpoint or weights file."""
-    content = torch.load(path, map_location="cpu", weights_only=True)
-    state = content["network"] if "network" in content else content["state_dict"]
-    others = {key: value for key, value in content.items() if key not in ("network", "state_dict", "config")}
-    return state, dict(content.get("config", {})), others
-
-
 def network_from(state, config):
     """The network in eval mode that ``config`` describes, holding the weights ``state``."""
     network = build_network(config)
@@ -37,5 +30,5 @@ def network_from(state, config):
 
 def load_network(path):
     """``(network in eval mode, config)`` from a checkpoint or weights file."""
-    state, config, _ = read_weights(path)
+    state, config, _ = read_state(path)
     return network_from(state, config), config

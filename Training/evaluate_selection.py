@@ -19,7 +19,7 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+# This checkout's engine, not an installed fmsam of another version.
 sys.path.insert(0, os.path.join(HERE, "..", "Logic"))
 
 import numpy as np  # noqa: E402

@@ -13,10 +13,11 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# This checkout's engine, not an installed fmsam of another version.
 sys.path.insert(0, os.path.join(HERE, "..", "Logic"))
 
-from checkpoints import network_from, read_weights  # noqa: E402
-from fmsam.weights import MANIFEST, save_weights  # noqa: E402
+from checkpoints import network_from  # noqa: E402
+from fmsam.weights import MANIFEST, read_state, save_weights  # noqa: E402
 
 
 def main(argv=None):
@@ -30,7 +31,7 @@ def main(argv=None):
     parser.add_argument("--grid", help="network grid D,H,W whose voxel count sets the inference grid "
                         "(default: the training grid)")
     args = parser.parse_args(argv)
-    weights, config, saved = read_weights(args.checkpoint)  # saved: step, best_dice, ...
+    weights, config, saved = read_state(args.checkpoint)  # saved: step, best_dice, ...
     network = network_from(weights, config)
     if args.output_smoothing:
         config["output_smoothing"] = args.output_smoothing

@@ -16,6 +16,7 @@ import os
 import sys
 import time
 
+# This checkout's engine, not an installed fmsam of another version.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "Logic"))
 
 import numpy as np  # noqa: E402

@@ -28,7 +28,8 @@ import time
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+# Training/ is on sys.path: python, torchrun and Slicer's --python-script add the script's folder.
+# This checkout's engine, not an installed fmsam of another version (Slicer's Python has none).
 sys.path.insert(0, os.path.join(HERE, "..", "Logic"))
 
 try:
@@ -37,16 +38,19 @@ try:
 
     from anatomy import (AbdomenSet, CardiacSet, abdomen_pair, abdomen_validation_pair,  # noqa: E402
                          cardiac_pair, cardiac_validation_keys, present_cardiac_pair)
-    from checkpoints import read_weights, save_checkpoint  # noqa: E402
+    from checkpoints import save_checkpoint  # noqa: E402
     from data_splits import SPLITS_FILE, load_splits  # noqa: E402
     from synth import synth_pair  # noqa: E402
     from training_data import (SubjectCache, apply_intensity_curve, random_intensity_curve,  # noqa: E402
                                read_split, sample_pair, sampling_offset, thick_slices)
+    from fmsam.inference import choose_device  # noqa: E402
     from fmsam.layers import resize, warp  # noqa: E402
     from fmsam.losses import local_ncc_loss, symmetric_registration_loss  # noqa: E402
     from fmsam.metrics import labels_in_both, mean_dice  # noqa: E402
     from fmsam.networks import build_network  # noqa: E402
-    from fmsam.sam import SAM  # noqa: E402
+    from fmsam.options import DEVICES  # noqa: E402
+    from fmsam.weights import read_state  # noqa: E402
+    from sam import SAM  # noqa: E402
 except Exception as _import_error:  # e.g. no PyTorch in this Python (a Slicer without the PyTorch extension)
     if __name__ != "__main__":
         raise
@@ -82,7 +86,8 @@ def parse_args(argv):
     parser.add_argument("--no-augment", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="auto: a usable CUDA GPU, else the CPU (fmsam.inference.choose_device)")
     parser.add_argument("--val-every", type=int, default=100)
     parser.add_argument("--val-pairs", type=int, default=10)
     parser.add_argument("--checkpoint-every", type=int, default=25)
@@ -321,17 +326,11 @@ def initial_weights(path, config):
     """The network state in a weights file (``fmsam.weights`` format) or a training checkpoint,
     checked against this run's network options. The grid may differ: the network is fully
     convolutional, so fine-tuning on a finer grid starts from weights trained on a coarser one."""
-    state, saved, _ = read_weights(path)
+    state, saved, _ = read_state(path)
     for key in ("architecture", "coarse_channels", "fine_channels"):
         if key in saved and saved[key] != config.get(key, saved[key]):
             raise SystemExit("error: --init %s has %s %s, this run %s" % (path, key, saved[key], config.get(key)))
     return state
-
-
-def choose_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def setup_distributed(args):
@@ -439,8 +438,8 @@ def main(argv=None):
     log_path = os.path.join(args.run, "log.csv")
     step, best_dice = 0, -1.0
     if os.path.exists(checkpoint_path):
-        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
-        network.load_state_dict(state["network"])
+        weights, _, state = read_state(checkpoint_path)  # on the CPU; load_state_dict moves it
+        network.load_state_dict(weights)
         state_holder.load_state_dict(state["optimizer"])
         step, best_dice = state["step"], state["best_dice"]
         if rank == 0:

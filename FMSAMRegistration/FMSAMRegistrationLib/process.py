@@ -39,7 +39,7 @@ _FOLDER = re.compile(r"^%s(\d+)-" % FOLDER_PREFIX)
 def remove_abandoned_folders(parent=None):
     """Remove the private folders whose owner process is gone (a Slicer that crashed or was killed
     while its engine ran); returns their names."""
-    from fmsam.outputs import process_alive
+    from fmsam.processes import process_alive
 
     parent = parent or tempfile.gettempdir()
     removed = []

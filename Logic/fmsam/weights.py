@@ -224,6 +224,22 @@ def _unreadable(path, error):
                       % (path, text.splitlines()[0] if text else type(error).__name__))
 
 
+def read_state(path):
+    """``(state dict, config dict, other entries)`` of a weights file or a training checkpoint.
+
+    A checkpoint (``latest.pt``, ``best.pt`` of a training run) holds the state dict as ``network``
+    and also ``optimizer``, ``step`` and ``best_dice`` (the other entries); a weights file holds it
+    as ``state_dict``. Tensors are loaded on the CPU with ``torch.load(weights_only=True)``; nothing
+    is verified (no checksum, no config check): for the trainer's own files, while
+    :func:`load_model` is for running a model."""
+    import torch
+
+    content = torch.load(path, map_location="cpu", weights_only=True)
+    state = content["network"] if "network" in content else content["state_dict"]
+    others = {key: value for key, value in content.items() if key not in ("network", "state_dict", "config")}
+    return state, dict(content.get("config", {})), others
+
+
 def save_weights(path, network, config):
     """Write a weights file and its ``.sha256`` sidecar; returns the checksum."""
     import torch

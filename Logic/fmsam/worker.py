@@ -81,7 +81,7 @@ def watch_owner(owner_pid, folder):
     import threading
     import time
 
-    from .outputs import process_alive
+    from .processes import process_alive
 
     def watch():
         while process_alive(owner_pid):

@@ -24,6 +24,7 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# This checkout's engine, not an installed fmsam of another version (../bench-venv has none).
 sys.path.insert(0, os.path.join(HERE, "..", "..", "Logic"))
 
 FIELDS = ("method", "pair", "fixed", "moving", "dice", "folding_percent", "jacobian_min", "seconds")

@@ -46,7 +46,11 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 LOGIC = os.path.join(ROOT, "Logic")
+# This checkout's engine, not an installed fmsam of another version (../venv-ants has none).
 sys.path.insert(0, LOGIC)
+
+from benchmark import done_rows  # noqa: E402  (this folder is on sys.path: the script's own)
+
 DATA = os.path.join(ROOT, "..", "shared", "data", "cardiac_myops")
 SPLIT = os.path.join(HERE, "cardiac_split.json")
 
@@ -192,7 +196,7 @@ def run_command(args):
     only = {int(key) for key in args.only.split(",")} if args.only else None
     os.makedirs(args.out, exist_ok=True)
     results = os.path.join(args.out, "results.csv")
-    finished = {(row["method"], row["pair"]) for row in read_csv(results)} if os.path.isfile(results) else set()
+    finished = done_rows(results)
     new_file = not os.path.isfile(results)
     with open(results, "a", newline="") as handle:
         writer = csv.DictWriter(handle, FIELDS)

@@ -15,6 +15,7 @@ import csv
 import os
 import sys
 
+# This checkout's engine, not an installed fmsam of another version.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "Logic"))
 
 from fmsam.contrast import MIN_CORRELATION_GAIN  # noqa: E402

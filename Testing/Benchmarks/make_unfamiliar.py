@@ -19,6 +19,7 @@ import sys
 import numpy as np
 import SimpleITK as sitk
 
+# This checkout's engine, not an installed fmsam of another version.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "Logic"))
 
 from fmsam.evaluate import read_pairs  # noqa: E402

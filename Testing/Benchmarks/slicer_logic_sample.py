@@ -3,6 +3,7 @@ slicer-core (what the README's panel walkthrough shows). Usage: python3 slicer_l
 import os
 import sys
 
+# Testing/ for conftest: the sample pair, and this checkout's engine and module library first.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from conftest import FIXED, MOVING, sample  # noqa: E402

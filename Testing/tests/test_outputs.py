@@ -169,7 +169,7 @@ def test_identical_runs_write_identical_bytes(small_pair, small_network_grid, tm
         ["AffineTransform", "DisplacementFieldTransform"]
     field = sitk.DisplacementFieldTransform(transform.GetNthTransform(1)).GetDisplacementField()
     assert list(field.GetSize()) == reports[1]["network_grid"][::-1]  # the network grid, not the image's
-    assert np.abs(sitk.GetArrayViewFromImage(field)).max() > 0.1
+    assert np.abs(sitk.GetArrayViewFromImage(field)).max() > 1e-3  # the deformable part alone: small here
 
 
 def test_report_is_strict_json_with_weights_and_version(registered_sample):

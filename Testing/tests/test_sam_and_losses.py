@@ -1,10 +1,16 @@
 """SAM moves the weights by rho along the normalised gradient and restores them; losses behave."""
+import os
+import sys
+
 import torch
 
+from conftest import ROOT
 from fmsam.layers import compose, identity_grid, warp
 from fmsam.losses import gradient_inverse_consistency, local_ncc_loss
 from fmsam.networks import UNet
-from fmsam.sam import SAM
+
+sys.path.insert(0, os.path.join(ROOT, "Training"))  # the trainer's modules are scripts, not a package
+from sam import SAM  # noqa: E402
 
 
 def _gradient_of_loss(network, fixed, moving):

@@ -12,6 +12,7 @@ import torch
 from conftest import ROOT, SAMPLE
 
 TRAINING = os.path.join(ROOT, "Training")
+sys.path.insert(0, TRAINING)  # the trainer's modules are scripts, not a package
 TINY = ["--grid", "16,24,24", "--coarse-channels", "4,8", "--fine-channels", "4,8",
         "--val-every", "4", "--val-pairs", "2", "--checkpoint-every", "2", "--threads", "1",
         "--device", "cpu"]
@@ -88,7 +89,6 @@ def test_two_cpu_ranks_hold_identical_weights_after_ddp_steps(cache, tmp_path):
 
 
 def _train_module():
-    sys.path.insert(0, TRAINING)
     import train
     return train
 
@@ -116,7 +116,6 @@ def test_pair_choice_keeps_old_runs_and_adds_synthetic_and_identical_pairs(cache
 def test_synthetic_pairs_share_shape_and_palette():
     """Both images of a synthetic pair show one anatomy in one palette (our loss is local
     correlation, which needs a shared contrast); each pair has a new palette."""
-    sys.path.insert(0, TRAINING)
     from synth import random_deformation, random_label_map, random_palette, render, synth_pair
 
     from fmsam.layers import warp
@@ -148,7 +147,6 @@ def test_synthetic_pairs_share_shape_and_palette():
 
 
 def test_thick_slice_and_intensity_curve_augmentations():
-    sys.path.insert(0, TRAINING)
     from training_data import apply_intensity_curve, random_intensity_curve, thick_slices
 
     # Stripes one voxel wide along each axis, added: averaging slabs along one axis removes the
@@ -255,15 +253,17 @@ def test_export_and_sharpness_read_checkpoints_and_weights_files(cache, tmp_path
 
 # -- the trainer under a Slicer-like launch --------------------------------------------------------
 #: Runs a script the way ``Slicer --no-main-window --python-script SCRIPT ARGS`` does: ``sys.argv``
-#: is the script and what followed Slicer's ``--ignore-rest``, and the file is executed as
+#: is the script and what followed Slicer's ``--ignore-rest``, the script's folder is put first on
+#: ``sys.path`` (CTK's ``ctkAbstractPythonManager::executeFile``), and the file is executed as
 #: ``__main__``. A SystemExit ends Slicer with its code; any other exception, or a script that just
 #: returns, leaves a window-less Slicer running forever (exit codes 99 and 98 here).
 SLICER_LIKE = """
-import runpy, sys, traceback
+import os, runpy, sys, traceback
 script, arguments, block_torch = sys.argv[1], sys.argv[2:], %r
 if block_torch:
     sys.modules["torch"] = None   # a Slicer without the PyTorch extension
 sys.argv = [script] + arguments
+sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
 try:
     runpy.run_path(script, run_name="__main__")
 except SystemExit:

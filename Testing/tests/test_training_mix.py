@@ -17,7 +17,7 @@ import torch
 from conftest import ROOT, SAMPLE
 
 TRAINING = os.path.join(ROOT, "Training")
-sys.path.insert(0, TRAINING)
+sys.path.insert(0, TRAINING)  # the trainer's modules are scripts, not a package
 DATA = os.path.normpath(os.path.join(ROOT, "..", "shared", "data"))
 CARDIAC, ABDOMEN = os.path.join(DATA, "cardiac_myops"), os.path.join(DATA, "abdomen_labels")
 needs_data = pytest.mark.skipif(not (os.path.isdir(CARDIAC) and os.path.isdir(ABDOMEN)),
