@@ -43,6 +43,8 @@ class RegistrationRequest:
     allow_unverified: bool = False              # accept a weights file without a checksum to verify
     progress: typing.Optional[typing.Callable[[str, float], None]] = None
     transform_node: typing.Any = None           # output nodes given by the caller, or None
+    create_inverse: bool = False               # also a node holding the inverse mapping
+    inverse_transform_node: typing.Any = None
     create_warped: bool = True
     warped_node: typing.Any = None
     create_jacobian: bool = True

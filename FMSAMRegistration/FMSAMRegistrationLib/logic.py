@@ -46,8 +46,9 @@ class ProcessingState:
 class RegistrationOutcome:
     """What a run produced: the output nodes and the figures of the engine's report."""
 
-    def __init__(self, transformNode, warpedVolumeNode, jacobianVolumeNode, report):
+    def __init__(self, transformNode, warpedVolumeNode, jacobianVolumeNode, report, inverseTransformNode=None):
         self.transformNode = transformNode
+        self.inverseTransformNode = inverseTransformNode  # or None
         self.warpedVolumeNode = warpedVolumeNode          # or None
         self.jacobianVolumeNode = jacobianVolumeNode      # or None
         self.report = report                              # dict, as the CLI's report.json
@@ -134,7 +135,14 @@ class RegistrationLogic:
         * ``prealign`` (True): affine pre-alignment.
         * ``device`` ('auto'): 'auto', 'cuda' or 'cpu'.
         * ``mode`` ('fast'): 'fast' or 'accurate' (instance optimisation); ``ioSteps`` overrides it.
-        * ``outputTransformNode``: grid transform to fill (default: a new one).
+        * ``outputTransformNode``: grid transform to fill (default: a new one). Its FromParent is the
+          fixed-to-moving mapping (the network grid's displacements, then the affine): volumes and
+          segmentations' label maps placed under it are resampled without inverting anything.
+        * ``createInverseTransform`` (False) / ``inverseTransformNode``: also a transform node whose
+          FromParent is the engine's inverse (moving to fixed, computed by the engine, not by
+          Slicer): a fixed-space volume or segmentation placed under it lands on the moving image.
+          A Slicer transform node holds one direction explicitly and inverts it numerically when
+          asked for the other, hence two nodes for two exact directions.
         * ``createWarpedVolume`` (True) / ``warpedVolumeNode``: the moving volume resampled onto the
           fixed grid (a new node unless one is given).
         * ``createJacobian`` (True) / ``jacobianVolumeNode``: det J map with its colour legend.
@@ -172,7 +180,8 @@ class RegistrationLogic:
     # -- part 1: nodes -> request ---------------------------------------------------------------------
     def prepare(self, fixedVolumeNode, movingVolumeNode, fixedSegmentationNode=None,
                 movingSegmentationNode=None, prealign=True, device="auto", mode="fast", ioSteps=None,
-                outputTransformNode=None, createWarpedVolume=True, warpedVolumeNode=None,
+                outputTransformNode=None, createInverseTransform=False, inverseTransformNode=None,
+                createWarpedVolume=True, warpedVolumeNode=None,
                 createJacobian=True, jacobianVolumeNode=None, showResults=True, modality="auto",
                 weights=None, progress=None, contrastMatching="auto", movingVolumeAction="keep",
                 allowUnverifiedWeights=False, checkTorch=False):
@@ -207,6 +216,11 @@ class RegistrationLogic:
         inputs = [node for node in (fixedVolumeNode, movingVolumeNode, fixedSegmentationNode,
                                     movingSegmentationNode) if node is not None]
         self._check_outputs(inputs, outputTransformNode, warpedVolumeNode, jacobianVolumeNode)
+        if inverseTransformNode is not None:
+            self._check_outputs(inputs, inverseTransformNode, None, None)
+            if outputTransformNode is not None and inverseTransformNode.GetID() == outputTransformNode.GetID():
+                raise InputError("the output transform and the inverse transform are the same node '%s'; pick "
+                                 "two nodes (or create new ones)" % inverseTransformNode.GetName())
 
         fixed_image = mrml_io.image_from_volume_node(fixedVolumeNode, "fixed volume")
         moving_image = mrml_io.image_from_volume_node(movingVolumeNode, "moving volume")
@@ -227,6 +241,8 @@ class RegistrationLogic:
             contrast_matching=contrastMatching, weights=weights,
             allow_unverified=bool(allowUnverifiedWeights), progress=progress,
             transform_node=outputTransformNode,
+            create_inverse=bool(createInverseTransform) or inverseTransformNode is not None,
+            inverse_transform_node=inverseTransformNode,
             create_warped=bool(createWarpedVolume) or warpedVolumeNode is not None, warped_node=warpedVolumeNode,
             create_jacobian=bool(createJacobian) or jacobianVolumeNode is not None,
             jacobian_node=jacobianVolumeNode, show_results=bool(showResults),
@@ -288,7 +304,7 @@ class RegistrationLogic:
             return node
 
         for node in (request.fixed_node, request.moving_node, request.transform_node, request.warped_node,
-                     request.jacobian_node):
+                     request.jacobian_node, request.inverse_transform_node):
             if node is not None and not scene.IsNodePresent(node):
                 raise InputError("the node '%s' was removed from the scene while the registration ran; "
                                  "nothing was added" % node.GetName())
@@ -298,6 +314,11 @@ class RegistrationLogic:
                 "vtkMRMLGridTransformNode", "%s to %s (FM-SAM)" % (moving_name, fixed_name))
             mrml_io.set_registration_transform(transform_node, result.affine, result.deformation)
             transform_node.SetAttribute(REPORT_ATTRIBUTE, json.dumps(result.report, sort_keys=True))
+            inverse_node = None
+            if request.create_inverse:
+                inverse_node = request.inverse_transform_node or new_node(
+                    "vtkMRMLGridTransformNode", "%s to %s (FM-SAM)" % (fixed_name, moving_name))
+                mrml_io.set_inverse_registration_transform(inverse_node, result.affine, result.inverse_deformation)
 
             warped_node = None
             if request.create_warped:
@@ -320,7 +341,7 @@ class RegistrationLogic:
                 scene.RemoveNode(node)
             raise
         self._apply_to_moving(request, transform_node)
-        return RegistrationOutcome(transform_node, warped_node, jacobian_node, dict(result.report))
+        return RegistrationOutcome(transform_node, warped_node, jacobian_node, dict(result.report), inverse_node)
 
     @staticmethod
     def _apply_to_moving(request, transform_node):

@@ -204,6 +204,24 @@ def set_registration_transform(transform_node, affine, deformation):
     return transform_node
 
 
+def set_inverse_registration_transform(transform_node, affine, inverse_deformation):
+    """Store the inverse registration ``y -> z + e(z)``, ``z = affine^-1(y)`` (moving -> fixed, the
+    mapping the command line's ``inverse_transform.h5`` holds) as the node's FromParent transform:
+    the inverse affine, then the inverse displacement grid (a :class:`fmsam.fields.Deformation`),
+    in RAS. A fixed-space volume under the node is resampled onto the moving image's frame."""
+    from fmsam.fields import affine_matrix
+
+    linear = vtk.vtkTransform()
+    linear.SetMatrix(slicer.util.vtkMatrixFromArray(
+        LPS_TO_RAS @ np.linalg.inv(affine_matrix(affine)) @ LPS_TO_RAS))
+    composite = vtk.vtkGeneralTransform()
+    composite.PostMultiply()
+    composite.Concatenate(linear)
+    composite.Concatenate(_oriented_grid_transform(inverse_deformation.displacement, inverse_deformation.grid))
+    transform_node.SetAndObserveTransformFromParent(composite)
+    return transform_node
+
+
 def map_points_from_parent(transform_node, points_lps):
     """Points (n, 3) LPS through the node's FromParent transform (for a registration node: fixed
     points to moving points), as Slicer maps them; LPS (n, 3)."""
@@ -233,5 +251,5 @@ def field_from_grid_transform_node(transform_node):
 
 __all__ = ["image_from_volume_node", "label_image_from_node", "shared_segment_values",
            "set_volume_from_image", "set_grid_transform_from_field", "field_from_grid_transform_node",
-           "set_registration_transform", "map_points_from_parent",
+           "set_registration_transform", "set_inverse_registration_transform", "map_points_from_parent",
            "world_ijk_to_ras", "segment_names"]

@@ -85,7 +85,7 @@ def gui_run(sample_paths):
     states = []
     started = time.perf_counter()
     job = logic.start(nodes["fixed"], nodes["moving"], fixedSegmentationNode=nodes["fixed_labels"],
-                      movingSegmentationNode=nodes["moving_labels"], device="cpu",
+                      movingSegmentationNode=nodes["moving_labels"], device="cpu", createInverseTransform=True,
                       progress=lambda stage, fraction: states.append(logic.state))
     start_seconds = time.perf_counter() - started
     folder = job._engine.folder
@@ -136,6 +136,22 @@ def test_transform_node_maps_points_like_the_cli_transform(gui_run, registered_s
     assert error < 0.01, "grid transform node and CLI transform.h5 differ by %.4f mm" % error
     # The displacement is a real one (the test would pass for any two identity transforms otherwise).
     assert np.abs(expected - points_lps).max() > 2.0
+
+
+def test_inverse_transform_node_undoes_the_forward_one_like_the_cli_inverse(gui_run, registered_sample,
+                                                                             sample_paths):
+    outcome = gui_run["outcome"]
+    inverse = outcome.inverseTransformNode
+    assert inverse is not None and inverse.GetTransformFromParent().GetNumberOfConcatenatedTransforms() == 2
+    points = inside_points(sitk.ReadImage(sample_paths["fixed"]), 500, seed=4)
+    moved = mrml_io.map_points_from_parent(outcome.transformNode, points)
+    back = mrml_io.map_points_from_parent(inverse, moved)
+    error = np.linalg.norm(back - points, axis=1)
+    assert np.median(np.linalg.norm(moved - points, axis=1)) > 1.0
+    assert error.mean() < 0.02 and error.max() < 1.0, (error.mean(), error.max())
+    cli = sitk.ReadTransform(os.path.join(registered_sample, "inverse_transform.h5"))
+    expected = np.array([cli.TransformPoint(point.tolist()) for point in moved])
+    assert np.abs(back - expected).max() < 0.01
 
 
 def test_saved_transform_node_is_the_cli_displacement_field(gui_run, registered_sample, sample_paths, tmp_path):
