@@ -155,6 +155,7 @@ def test_real_selection_stacks_register_without_folding_and_improve_similarity(f
     assert main(["register", fixed_path, moving_path, "--out", out, "--quiet"]) == 0
     report = json.load(open(os.path.join(out, "report.json")))
     assert report["folding_percent"] < MAX_FOLDING_PERCENT
+    assert report["warnings"] == []  # the failure warning judges thin stacks by their relative gain
     fixed_image = sitk.ReadImage(fixed_path, sitk.sitkFloat32)
     warped = sitk.ReadImage(os.path.join(out, "warped.nii.gz"), sitk.sitkFloat32)
     unregistered = fields.resample(sitk.ReadImage(moving_path, sitk.sitkFloat32), fixed_image, sitk.Transform())
@@ -173,3 +174,27 @@ def test_prealignment_survives_a_start_where_the_images_do_not_overlap():
         method.Execute(level_image(fixed, 1), level_image(fixed, 1))
     found = affine_prealign(fixed, fixed, initial=far)  # no exception: the identity wins
     assert found.GetTranslation() == pytest.approx((0.0, 0.0, 0.0), abs=1e-9)
+
+
+def test_thin_stacks_get_a_full_resolution_level_that_is_kept_only_when_it_scores_higher(monkeypatch):
+    from fmsam import prealign
+
+    fixed = normalised_image(phantom(slices=3, spacing=(0.75, 0.75, 15.0), size=160), "mr")[0]
+    moving = normalised_image(phantom(shift_mm=(2.6, -1.7), slices=3, spacing=(0.75, 0.75, 15.0), size=160),
+                              "mr")[0]
+    levels_run = []
+    original = prealign._run_stage
+    monkeypatch.setattr(prealign, "_run_stage", lambda transform, levels, *rest: (
+        levels_run.append(tuple(levels)), original(transform, levels, *rest))[1])
+    refined = affine_prealign(fixed, moving)
+    assert levels_run == [prealign.RIGID_LEVELS, prealign.AFFINE_LEVELS, prealign.THIN_FINE_LEVELS]
+    levels_run.clear()
+    monkeypatch.setattr(prealign, "THIN_FINE_LEVELS", ())
+    coarse = affine_prealign(fixed, moving)
+    assert alignment_score(fixed, moving, refined) >= alignment_score(fixed, moving, coarse)
+    head = sitk.Image([64, 64, 48], sitk.sitkFloat32)  # fits ITK's pyramid: no extra level
+    head = sitk.SmoothingRecursiveGaussian(sitk.AdditiveGaussianNoise(head, 1.0, 0.0, 1), 3.0)
+    levels_run.clear()
+    monkeypatch.setattr(prealign, "THIN_FINE_LEVELS", (1,))
+    affine_prealign(head, head)
+    assert levels_run == [prealign.RIGID_LEVELS, prealign.AFFINE_LEVELS]

@@ -1,0 +1,82 @@
+"""The module's logic on Slicer's real MRML (slicer-core) with a thin, anisotropic stack (issue 14):
+a synthetic 3-slice short-axis-like stack, slices 15 mm thick and 1 mm in plane, oblique, registered
+in-process (``RegistrationLogic.register``, CPU) as a console call in Slicer does it.
+"""
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+slicer = pytest.importorskip("slicer", reason="needs slicer-core (pip install slicer-core)")
+
+import vtk  # noqa: E402  (slicer-core's VTK)
+
+from fmsam.geometry import index_to_ras  # noqa: E402
+from FMSAMRegistrationLib import RegistrationLogic, mrml_io  # noqa: E402
+from FMSAMRegistrationLib.scene import new_scene  # noqa: E402
+from test_thin_stacks import MAX_FOLDING_PERCENT, phantom  # noqa: E402
+
+#: An oblique short-axis orientation (LPS direction columns), as cardiac stacks are stored.
+OBLIQUE = sitk.VersorTransform((0.3, -0.5, 0.8), 0.6).GetMatrix()
+
+
+def thin_stack(shift_mm=(0.0, 0.0)):
+    image = phantom(shift_mm=shift_mm, slices=3, size=96, spacing=(1.0, 1.0, 15.0))
+    image.SetDirection(OBLIQUE)
+    return sitk.Cast(image, sitk.sitkUInt8)
+
+
+def ijk_to_ras(node):
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return slicer.util.arrayFromVTKMatrix(matrix)
+
+
+@pytest.fixture(scope="module")
+def thin_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("thin_scene")
+    paths = {"fixed": str(folder / "fixed.nii.gz"), "moving": str(folder / "moving.nii.gz")}
+    sitk.WriteImage(thin_stack(), paths["fixed"])
+    sitk.WriteImage(thin_stack(shift_mm=(4.0, -3.0)), paths["moving"])
+    headless = new_scene()
+    fixed, moving = headless.load_volume(paths["fixed"], "fixed"), headless.load_volume(paths["moving"], "moving")
+    logic = RegistrationLogic(headless.scene, headless.color_logic)
+    outcome = logic.register(fixed, moving, device="cpu")
+    return {"fixed": fixed, "moving": moving, "outcome": outcome, "paths": paths}
+
+
+def test_the_stack_is_thin_and_oblique_in_the_scene(thin_run):
+    fixed = thin_run["fixed"]
+    assert slicer.util.arrayFromVolume(fixed).shape == (3, 96, 96)
+    assert np.allclose(fixed.GetSpacing(), (1.0, 1.0, 15.0))
+    assert not np.allclose(np.abs(ijk_to_ras(fixed)[:3, :3]), np.diag([1.0, 1.0, 15.0]))
+
+
+def test_outputs_exist_on_the_fixed_grid(thin_run):
+    fixed, outcome = thin_run["fixed"], thin_run["outcome"]
+    expected = ijk_to_ras(fixed)  # spacing, origin and directions in RAS
+    shape = slicer.util.arrayFromVolume(fixed).shape
+    for node in (outcome.warpedVolumeNode, outcome.jacobianVolumeNode):
+        assert node is not None and node.GetScene() is fixed.GetScene()
+        assert np.allclose(ijk_to_ras(node), expected, atol=1e-6), node.GetName()
+        assert slicer.util.arrayFromVolume(node).shape == shape
+    transform = outcome.transformNode
+    assert transform is not None and transform.IsA("vtkMRMLGridTransformNode")
+    field, reference = mrml_io.field_from_grid_transform_node(transform)
+    assert field.shape == shape + (3,)
+    assert np.allclose(index_to_ras(reference), expected, atol=1e-6)
+
+
+def test_values_are_finite_the_jacobian_positive_and_the_stack_aligned(thin_run):
+    outcome = thin_run["outcome"]
+    field, _ = mrml_io.field_from_grid_transform_node(outcome.transformNode)
+    warped = slicer.util.arrayFromVolume(outcome.warpedVolumeNode).astype(np.float64)
+    jacobian = slicer.util.arrayFromVolume(outcome.jacobianVolumeNode)
+    for values in (field, warped, jacobian):
+        assert np.all(np.isfinite(values))
+    assert np.mean(jacobian > 0) > 0.9995  # positive almost everywhere
+    assert outcome.foldingPercent < MAX_FOLDING_PERCENT
+    fixed = slicer.util.arrayFromVolume(thin_run["fixed"]).astype(np.float64)
+    unregistered = sitk.GetArrayFromImage(sitk.Resample(
+        sitk.ReadImage(thin_run["paths"]["moving"], sitk.sitkFloat64),
+        sitk.ReadImage(thin_run["paths"]["fixed"], sitk.sitkFloat64)))
+    assert np.abs(warped - fixed).mean() < 0.5 * np.abs(unregistered - fixed).mean()
