@@ -42,7 +42,6 @@ class Clock:
 
 def profile_once(args, clock):
     clock.start("imports")
-    from fmsam.outputs import REPORT, check_output_folder  # noqa: F401
     from fmsam.pipeline import register
     from fmsam.options import io_steps_of
 

@@ -10,7 +10,6 @@ slicer = pytest.importorskip("slicer", reason="needs slicer-core (pip install sl
 
 import vtk  # noqa: E402  (slicer-core's VTK)
 
-from fmsam.geometry import index_to_ras  # noqa: E402
 from FMSAMRegistrationLib import RegistrationLogic, mrml_io  # noqa: E402
 from FMSAMRegistrationLib.scene import new_scene  # noqa: E402
 from test_thin_stacks import MAX_FOLDING_PERCENT, phantom  # noqa: E402
@@ -61,14 +60,32 @@ def test_outputs_exist_on_the_fixed_grid(thin_run):
         assert slicer.util.arrayFromVolume(node).shape == shape
     transform = outcome.transformNode
     assert transform is not None and transform.IsA("vtkMRMLGridTransformNode")
-    field, reference = mrml_io.field_from_grid_transform_node(transform)
-    assert field.shape == shape + (3,)
-    assert np.allclose(index_to_ras(reference), expected, atol=1e-6)
+    # One transform: the displacement grid on the network grid over the stack, then the affine.
+    composite = transform.GetTransformFromParent()
+    assert composite.GetNumberOfConcatenatedTransforms() == 2
+    grid = composite.GetConcatenatedTransform(0)
+    assert grid.IsA("vtkOrientedGridTransform")
+    data = grid.GetDisplacementGrid()
+    direction = slicer.util.arrayFromVTKMatrix(grid.GetGridDirectionMatrix())[:3, :3]
+    grid_to_ras = np.eye(4)
+    grid_to_ras[:3, :3] = direction @ np.diag(data.GetSpacing())
+    grid_to_ras[:3, 3] = data.GetOrigin()
+
+    def corners(ijk_to_ras_matrix, size_ijk):  # RAS corner voxel centres, sorted (any axis order)
+        found = [ijk_to_ras_matrix[:3, :3] @ (np.array(c) * (np.array(size_ijk) - 1)) + ijk_to_ras_matrix[:3, 3]
+                 for c in np.ndindex(2, 2, 2)]
+        return np.array(sorted(np.round(found, 3).tolist()))
+
+    # The network grid (in the training layout) spans the stack from corner voxel centre to corner.
+    assert np.allclose(corners(grid_to_ras, data.GetDimensions()), corners(expected, shape[::-1]), atol=1e-3)
 
 
 def test_values_are_finite_the_jacobian_positive_and_the_stack_aligned(thin_run):
     outcome = thin_run["outcome"]
-    field, _ = mrml_io.field_from_grid_transform_node(outcome.transformNode)
+    fixed_image = sitk.ReadImage(thin_run["paths"]["fixed"])
+    centres = np.array([fixed_image.TransformIndexToPhysicalPoint((i, j, k)) for k in range(3)
+                        for j in range(0, 96, 3) for i in range(0, 96, 3)])
+    field = mrml_io.map_points_from_parent(outcome.transformNode, centres) - centres
     warped = slicer.util.arrayFromVolume(outcome.warpedVolumeNode).astype(np.float64)
     jacobian = slicer.util.arrayFromVolume(outcome.jacobianVolumeNode)
     for values in (field, warped, jacobian):
