@@ -148,41 +148,22 @@ def fast_fields(network, config, fixed_net, moving_net):
     return NetworkFields(displacement, refine_inverse(displacement, backward), {})
 
 
-#: Accurate mode refines the fields on a grid this much coarser than the network's along each axis
-#: (the network's fields are resampled onto it, and the refinement, not the fields, is brought back):
-#: a step costs about a quarter as much at 0.6.
-IO_GRID_SCALE = 0.6
-
-
-def io_grid(grid, scale=None):
-    """The grid (D, H, W) instance optimisation runs on for a network grid: ``scale`` times as many
-    voxels along each axis, at least :data:`MIN_GRID`."""
-    scale = IO_GRID_SCALE if scale is None else scale
-    return tuple(max(MIN_GRID, int(round(n * scale))) for n in grid)
-
-
 def accurate_fields(network, config, fixed_net, moving_net, steps, similarity="lncc", io_moving=None,
-                    progress=None, scale=None):
+                    progress=None):
     """Accurate mode: the network's two fields refined together on this pair for ``steps`` steps
-    (:func:`fmsam.instance_optimisation.instance_optimise`) with ``similarity``, on
-    :func:`io_grid` (``scale``; 1 for the network grid itself); ``io_moving`` is the moving image
-    the similarity compares (default ``moving_net``; the moving image in its own contrast for
-    'squared_lncc'). The refinement is added to the network's fields on the network grid.
-    ``progress(fraction)`` after every step."""
+    (:func:`fmsam.instance_optimisation.instance_optimise`) with ``similarity``; ``io_moving`` is
+    the moving image the similarity compares (default ``moving_net``; the moving image in its own
+    contrast for 'squared_lncc'). ``progress(fraction)`` after every step. (Refining on a grid 0.6
+    times the network's per axis was tried: a quarter of the cost per step, but Dice 0.05 lower on
+    4 IXI pairs; fewer steps on the full grid cost 0.005: docs/benchmarks.md, "Speed".)"""
     from .instance_optimisation import instance_optimise
 
     forward, backward = both_directions(network, fixed_net, moving_net)
-    shape = tuple(forward.shape[2:])
-    coarse = io_grid(shape, scale)
-    images = [resize(image, coarse) for image in (fixed_net, moving_net if io_moving is None else io_moving)]
-    start = [resize(field, coarse) for field in (forward, backward)]
-    refined_forward, refined_backward, losses = instance_optimise(
-        start[0], start[1], images[0], images[1], steps, config, progress=progress, similarity=similarity)
-    forward = forward + resize(refined_forward - start[0], shape)
-    backward = backward + resize(refined_backward - start[1], shape)
+    forward, backward, losses = instance_optimise(
+        forward, backward, fixed_net, moving_net if io_moving is None else io_moving, steps, config,
+        progress=progress, similarity=similarity)
     return NetworkFields(forward, refine_inverse(forward, backward),
-                         {"io_loss_before": losses[0], "io_loss_after": losses[-1], "io_similarity": similarity,
-                          "io_grid": list(coarse)})
+                         {"io_loss_before": losses[0], "io_loss_after": losses[-1], "io_similarity": similarity})
 
 
 def network_fields(network, config, device, fixed, moving, grid, io_steps=0, similarity="lncc",

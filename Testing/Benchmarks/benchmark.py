@@ -27,6 +27,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # This checkout's engine, not an installed fmsam of another version (../bench-venv has none).
 sys.path.insert(0, os.path.join(HERE, "..", "..", "Logic"))
 
+from fmsam.options import MODES  # noqa: E402  (no torch, no SimpleITK: safe in any venv)
+
 FIELDS = ("method", "pair", "fixed", "moving", "dice", "folding_percent", "jacobian_min", "seconds")
 METHODS = ("affine", "fmsam-fast", "fmsam-accurate", "syn", "elastix", "demons")
 
@@ -180,7 +182,7 @@ def run_demons(pair):
 
 RUNNERS = {
     "fmsam-fast": lambda pair, weights=None: run_fmsam(pair, 0, weights),
-    "fmsam-accurate": lambda pair, weights=None: run_fmsam(pair, 50, weights),
+    "fmsam-accurate": lambda pair, weights=None: run_fmsam(pair, MODES["accurate"], weights),
     "affine": run_affine,
     "syn": run_syn,
     "elastix": run_elastix,

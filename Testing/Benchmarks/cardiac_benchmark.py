@@ -21,7 +21,7 @@ Measures, all on the fixed image's grid and without labels (the data has none):
 * ``seconds``: wall clock of the registration itself (``fmsam``: the report's ``seconds.total``).
 
 Methods: ``identity`` (no registration: the moving image resampled in scanner space), ``fmsam-fast``
-and ``fmsam-accurate`` (``fmsam register`` in a subprocess, ``--io-steps 50`` for accurate),
+and ``fmsam-accurate`` (``fmsam register`` in a subprocess, ``fmsam.options.MODES["accurate"]`` steps for accurate),
 ``ants-affine`` and ``ants-syn`` (antspyx ``type_of_transform="Affine"`` / ``"SyN"``, Mattes MI,
 ``random_seed=1``), which need the separate environment (antspyx pins NumPy < 2.4)::
 
@@ -50,6 +50,7 @@ LOGIC = os.path.join(ROOT, "Logic")
 sys.path.insert(0, LOGIC)
 
 from benchmark import done_rows  # noqa: E402  (this folder is on sys.path: the script's own)
+from fmsam.options import MODES  # noqa: E402
 
 DATA = os.path.join(ROOT, "..", "shared", "data", "cardiac_myops")
 SPLIT = os.path.join(HERE, "cardiac_split.json")
@@ -162,7 +163,7 @@ def run_ants(pair, threads, kind):
 RUNNERS = {
     "identity": run_identity,
     "fmsam-fast": lambda pair, threads: run_fmsam(pair, threads, 0),
-    "fmsam-accurate": lambda pair, threads: run_fmsam(pair, threads, 50),
+    "fmsam-accurate": lambda pair, threads: run_fmsam(pair, threads, MODES["accurate"]),
     "ants-affine": lambda pair, threads: run_ants(pair, threads, "Affine"),
     "ants-syn": lambda pair, threads: run_ants(pair, threads, "SyN"),
 }
