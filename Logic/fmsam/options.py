@@ -12,11 +12,12 @@ MODALITIES = ("auto", "mr", "ct")
 #: ('auto': when their contrasts differ; see :mod:`fmsam.contrast`).
 CONTRAST_MATCHING = ("auto", "on", "off")
 #: The modes and their instance-optimisation steps: 'fast' is the network alone (symmetric
-#: inference, smoothed), 'accurate' refines the network's fields on the pair for 20 steps (of
-#: Adam at fmsam.instance_optimisation.DEFAULT_LEARNING_RATE). 20 steps at 5e-3 reached Dice 0.677
-#: on the first 4 IXI pairs of Testing/Benchmarks/ixi_val_pairs30.csv where 50 at 2e-3 reached 0.679 on
-#: the first 3 of them (0.674 with 20): 0.005 less for 40 % of the steps (docs/benchmarks.md, "Speed").
-MODES = {"fast": 0, "accurate": 20}
+#: inference, smoothed), 'accurate' refines the network's fields on the pair for 18 steps (Adam at
+#: fmsam.instance_optimisation.DEFAULT_LEARNING_RATE, 5e-3). On the first 10 pairs of
+#: Testing/Benchmarks/ixi_val_pairs30.csv 20 such steps reached Dice 0.687 in 31 s where 50 steps
+#: at 2e-3 had reached 0.691 in about 85 s; 18 keep accurate mode within 30 s on two cores
+#: (docs/benchmarks.md, "Speed and scale").
+MODES = {"fast": 0, "accurate": 18}
 #: Most instance-optimisation steps accepted: one step takes about 1.5 s on two CPU cores (a 2 mm head), 2000 about an hour.
 MAX_IO_STEPS = 2000
 #: The stages of a registration, in order, as progress callbacks name them, with their titles.

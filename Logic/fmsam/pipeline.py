@@ -23,7 +23,7 @@ from .imageio import load_label_map_on_grid, load_scalar_volume
 from .intensity import normalised_image
 from .jacobian import jacobian_statistics, transform_jacobian
 from .metrics import dice_report
-from .prealign import affine_input, affine_prealign, identity_affine
+from .prealign import affine_inputs, affine_prealign, identity_affine
 from .quality import deformable_gain
 
 #: Axis layout (DICOM orientation code) of the images the bundled model was trained on (IXI).
@@ -107,14 +107,15 @@ IO_SIMILARITY_ACROSS_CONTRASTS = "squared_lncc"
 
 
 def prealign_or_explain(stages, fixed, moving, initial=None):
-    """:func:`affine_prealign` of two normalised images, each no larger than
-    :data:`fmsam.prealign.AFFINE_MAX_VOXELS` (:func:`fmsam.prealign.affine_input`), progress to
-    ``stages``, with SimpleITK's
+    """:func:`affine_prealign` of two normalised images, block-averaged to at most
+    :data:`fmsam.prealign.AFFINE_MAX_VOXELS` first (:func:`fmsam.prealign.affine_inputs`), progress
+    to ``stages``, with SimpleITK's
     own failures (images it cannot align, e.g. ones that do not overlap) turned into a
     :class:`RegistrationError` that says what to do; the progress callback's exceptions pass
     through as themselves."""
     try:
-        return affine_prealign(affine_input(fixed), affine_input(moving), progress=stages.update, initial=initial)
+        fixed, moving, shrunk = affine_inputs(fixed, moving)
+        return affine_prealign(fixed, moving, progress=stages.update, initial=initial, shrunk=shrunk)
     except RuntimeError as error:
         if error is stages.raised:
             raise
