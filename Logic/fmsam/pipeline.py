@@ -182,6 +182,122 @@ def round_trip_report(forward, inverse, grid_reference):
     return {"mean": round(float(error.mean()), 4), "max": round(float(error.max()), 4)}
 
 
+@dataclasses.dataclass
+class _Inputs:
+    """The images of one registration as read (LPS), and their normalised copies in the training
+    layout (what the affine and the network see)."""
+
+    fixed: sitk.Image
+    moving: sitk.Image
+    fixed_labels: typing.Optional[sitk.Image]
+    moving_labels: typing.Optional[sitk.Image]
+    fixed_normalised: sitk.Image = None
+    moving_normalised: sitk.Image = None
+    modalities: tuple = ("auto", "auto")
+
+
+def read_inputs(fixed, moving, fixed_labels, moving_labels):
+    """Stage 'prepare', first part: the images and label maps as read (see :func:`register`)."""
+    inputs = _Inputs(load_scalar_volume(fixed, "fixed image"), load_scalar_volume(moving, "moving image"),
+                     None, None)
+    if fixed_labels is not None:
+        inputs.fixed_labels = load_label_map_on_grid(fixed_labels, inputs.fixed, fixed, "fixed")
+    if moving_labels is not None:
+        inputs.moving_labels = load_label_map_on_grid(moving_labels, inputs.moving, moving, "moving")
+    return inputs
+
+
+def normalise_inputs(inputs, modality, layout):
+    """Stage 'prepare', second part: both images brought to the axis layout of the training images
+    by a pure permutation or flip of their grids (no resampling: the network learned anatomy in
+    that layout, and the result no longer depends on how a reader stored the voxels, as Slicer flips
+    some NIfTI axes), and normalised (:mod:`fmsam.intensity`; ``modality`` one for both or a pair)."""
+    modalities = (modality, modality) if isinstance(modality, str) else modality
+    inputs.fixed_normalised, fixed_modality = normalised_image(reorient(inputs.fixed, layout), modalities[0])
+    inputs.moving_normalised, moving_modality = normalised_image(reorient(inputs.moving, layout), modalities[1])
+    inputs.modalities = (fixed_modality, moving_modality)
+
+
+def align(stages, inputs, prealign, contrast_matching):
+    """Stage 'affine': ``(affine, ContrastChoice)``. When the contrasts differ the moving image
+    gets the fixed image's and the affine is refined on it (its fine level only, about 0.4 s):
+    mutual information copes with other contrasts, but less well (on 10 gamma-changed pairs it
+    aligned worse than on the originals); refining instead of starting again gave Dice on the gamma
+    and inverted pairs within 0.002 of a full second run."""
+    fixed, moving = inputs.fixed_normalised, inputs.moving_normalised
+    affine = prealign_or_explain(stages, fixed, moving) if prealign else identity_affine()
+    contrast = choose_contrast(fixed, moving, fields.resample(moving, fixed, affine), contrast_matching)
+    if contrast.applied and prealign:
+        affine = prealign_or_explain(stages, fixed, contrast.moving_for_network, initial=affine)
+    return affine, contrast
+
+
+def run_network(stages, network, config, inputs, affine, contrast, io_steps, device):
+    """Stages 'network' and 'instance_optimisation': ``(NetworkFields, device used, grid)``.
+    Instance optimisation compares the moving image in its own contrast when the contrasts differ
+    (a contrast-independent similarity), else the image the network saw."""
+    from .inference import choose_device, grid_for, network_fields
+
+    fixed = inputs.fixed_normalised
+    grid = grid_for(fixed, config)
+    similarity = IO_SIMILARITY_ACROSS_CONTRASTS if contrast.applied else "lncc"
+    # Arrays, not views: a view would outlive the resampled image it shows.
+    moving_on_fixed = sitk.GetArrayFromImage(fields.resample(contrast.moving_for_network, fixed, affine))
+    io_moving = None
+    if similarity == "squared_lncc":
+        io_moving = sitk.GetArrayFromImage(fields.resample(inputs.moving_normalised, fixed, affine))
+    computed, used_device = network_fields(
+        network, config, choose_device(device), sitk.GetArrayViewFromImage(fixed), moving_on_fixed,
+        grid, io_steps, similarity, io_moving,
+        on_instance_optimisation=lambda: stages.begin("instance_optimisation"), progress=stages.update)
+    return computed, used_device, grid
+
+
+def compose(computed, inputs, grid, network):
+    """Stage 'compose': the deformation and its inverse on the network grid (LPS mm), checked
+    finite, and the inverse's round trip for the report."""
+    fixed = inputs.fixed_normalised
+    field_grid = fields.network_grid(fixed, grid)
+    deformation = fields.Deformation(field_grid, fields.normalised_to_lps(computed.forward, fixed))
+    inverse = fields.Deformation(field_grid, fields.normalised_to_lps(computed.inverse, fixed))
+    check_finite_result(deformation.displacement, network)
+    check_finite_result(inverse.displacement, network, "inverse displacement field")
+    return deformation, inverse, round_trip_report(computed.forward, computed.inverse, fixed)
+
+
+def warp_and_compare(inputs, affine, transform):
+    """Stage 'warp': ``(warped image, warped labels or None, report entries)``: the moving image and
+    labels through ``transform`` onto the fixed grid, Dice when both label maps are given
+    (:func:`fmsam.metrics.dice_report`), and the label-free check that the deformable step made the
+    images more alike than the affine did (:func:`fmsam.quality.deformable_gain`)."""
+    fixed = inputs.fixed
+    warped = fields.resample(inputs.moving, fixed, transform)
+    warped_labels, report = None, {}
+    if inputs.moving_labels is not None:
+        warped_labels = fields.resample(inputs.moving_labels, fixed, transform, nearest=True)
+    if inputs.fixed_labels is not None and inputs.moving_labels is not None:
+        through = {None: sitk.Transform(), "affine": affine}
+        report.update(dice_report(inputs.fixed_labels, inputs.moving_labels, lambda which: warped_labels
+                                  if which == "registration" else
+                                  fields.resample(inputs.moving_labels, fixed, through[which], nearest=True)))
+    report["mi_affine"], report["mi_registered"], warning = deformable_gain(
+        fixed, fields.resample(inputs.moving, fixed, affine), warped)
+    report["warnings"] = [warning] if warning else []
+    if report.get("dice_labels") == 0:
+        report["warnings"].append("the two label maps share no label (> 0): no Dice is reported")
+    return warped, warped_labels, report
+
+
+def jacobian_map(transform, fixed, network):
+    """Stage 'jacobian': ``(float32 det J image on the fixed grid, its statistics)``; a determinant
+    beyond float32 is refused."""
+    determinant = transform_jacobian(transform, fixed)
+    with np.errstate(over="ignore"):  # beyond float32: inf, refused here
+        values = determinant.astype(np.float32)
+    check_finite_result(values, network, "Jacobian determinant")
+    return fields.image_on_grid(values, fixed), jacobian_statistics(determinant)
+
+
 def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True, io_steps=0,
              device="auto", weights=None, modality="auto", progress=None, model=None,
              contrast_matching="auto", allow_unverified=False):
@@ -207,103 +323,41 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
     """
     check_register_arguments(fixed, moving, fixed_labels, moving_labels, prealign, io_steps, device,
                              weights, modality, progress, model, contrast_matching, allow_unverified)
-    stages = _Stages(progress)
-    total_start = time.perf_counter()
+    stages, total_start = _Stages(progress), time.perf_counter()
 
     stages.begin("prepare")
-    fixed_image = load_scalar_volume(fixed, "fixed image")
-    moving_image = load_scalar_volume(moving, "moving image")
-    fixed_label_map = moving_label_map = None
-    if fixed_labels is not None:
-        fixed_label_map = load_label_map_on_grid(fixed_labels, fixed_image, fixed, "fixed")
-    if moving_labels is not None:
-        moving_label_map = load_label_map_on_grid(moving_labels, moving_image, moving, "moving")
+    inputs = read_inputs(fixed, moving, fixed_labels, moving_labels)
     config, network_when_ready = start_loading_model(model, weights, allow_unverified)
-    fixed_modality, moving_modality = (modality, modality) if isinstance(modality, str) else modality
-    # Both images are brought to the axis layout of the training images by a pure permutation or
-    # flip of their grids (no resampling): the network learned anatomy in that layout, and the
-    # result no longer depends on how a reader stored the voxels (Slicer flips some NIfTI axes).
-    layout = config.get("orientation", TRAINING_ORIENTATION)
-    network_fixed, fixed_modality = normalised_image(reorient(fixed_image, layout), fixed_modality)
-    moving_normalised, moving_modality = normalised_image(reorient(moving_image, layout), moving_modality)
-
+    normalise_inputs(inputs, modality, config.get("orientation", TRAINING_ORIENTATION))
     stages.begin("affine")
-    affine = prealign_or_explain(stages, network_fixed, moving_normalised) if prealign else identity_affine()
-    contrast = choose_contrast(network_fixed, moving_normalised,
-                               fields.resample(moving_normalised, network_fixed, affine), contrast_matching)
-    if contrast.applied and prealign:
-        # The affine is refined on the moving image in the fixed image's contrast (its fine level
-        # only, about 0.4 s): mutual information copes with other contrasts, but less well (on 10
-        # gamma-changed pairs it aligned worse than on the originals). Refining instead of starting
-        # again: Dice on the gamma and inverted pairs within 0.002 of a full second run.
-        affine = prealign_or_explain(stages, network_fixed, contrast.moving_for_network, initial=affine)
+    affine, contrast = align(stages, inputs, prealign, contrast_matching)
     report = {"contrast_matching": contrast.report()}
-
     stages.begin("network")
-    from .inference import choose_device, grid_for, network_fields
-
     network = network_when_ready()
-    grid = grid_for(network_fixed, config)
-    # Instance optimisation compares the moving image in its own contrast when the contrasts differ
-    # (a contrast-independent similarity), else the image the network saw.
-    similarity = IO_SIMILARITY_ACROSS_CONTRASTS if contrast.applied else "lncc"
-    # Arrays, not views: a view would outlive the resampled image it shows.
-    moving_on_fixed = sitk.GetArrayFromImage(fields.resample(contrast.moving_for_network, network_fixed, affine))
-    io_moving = None
-    if similarity == "squared_lncc":
-        io_moving = sitk.GetArrayFromImage(fields.resample(moving_normalised, network_fixed, affine))
-    computed, used_device = network_fields(
-        network, config, choose_device(device), sitk.GetArrayViewFromImage(network_fixed), moving_on_fixed,
-        grid, io_steps, similarity, io_moving,
-        on_instance_optimisation=lambda: stages.begin("instance_optimisation"), progress=stages.update)
+    computed, used_device, grid = run_network(stages, network, config, inputs, affine, contrast, io_steps, device)
     report.update(computed.report)
-
     stages.begin("compose")
-    field_grid = fields.network_grid(network_fixed, grid)
-    deformation = fields.Deformation(field_grid, fields.normalised_to_lps(computed.forward, network_fixed))
-    inverse = fields.Deformation(field_grid, fields.normalised_to_lps(computed.inverse, network_fixed))
-    check_finite_result(deformation.displacement, network)
-    check_finite_result(inverse.displacement, network, "inverse displacement field")
-    report["inverse_round_trip_mm"] = round_trip_report(computed.forward, computed.inverse, network_fixed)
+    deformation, inverse, report["inverse_round_trip_mm"] = compose(computed, inputs, grid, network)
     transform = fields.registration_transform(affine, deformation)
-
     stages.begin("warp")
-    warped = fields.resample(moving_image, fixed_image, transform)
-    warped_labels = None
-    if moving_label_map is not None:
-        warped_labels = fields.resample(moving_label_map, fixed_image, transform, nearest=True)
-    if fixed_label_map is not None and moving_label_map is not None:
-        through = {None: sitk.Transform(), "affine": affine}
-        report.update(dice_report(fixed_label_map, moving_label_map, lambda which: warped_labels if which == "registration"
-                                  else fields.resample(moving_label_map, fixed_image, through[which], nearest=True)))
-    # Label-free check: did the deformable step make the images more alike than the affine did?
-    report["mi_affine"], report["mi_registered"], warning = deformable_gain(
-        fixed_image, fields.resample(moving_image, fixed_image, affine), warped)
-    report["warnings"] = [warning] if warning else []
-    if report.get("dice_labels") == 0:
-        report["warnings"].append("the two label maps share no label (> 0): no Dice is reported")
-
+    warped, warped_labels, compared = warp_and_compare(inputs, affine, transform)
+    report.update(compared)
     stages.begin("jacobian")
-    determinant = transform_jacobian(transform, fixed_image)
-    with np.errstate(over="ignore"):  # beyond float32: inf, refused here
-        jacobian_values = determinant.astype(np.float32)
-    check_finite_result(jacobian_values, network, "Jacobian determinant")
-    jacobian = fields.image_on_grid(jacobian_values, fixed_image)
+    jacobian, statistics = jacobian_map(transform, inputs.fixed, network)
     stages.end()
 
-    report.update(jacobian_statistics(determinant))
-    seconds = dict(stages.seconds)
-    seconds["total"] = round(time.perf_counter() - total_start, 3)
+    report.update(statistics)
+    seconds = dict(stages.seconds, total=round(time.perf_counter() - total_start, 3))
     report.update({
         "seconds": seconds, "device": used_device.type, "requested_device": device,
         "prealign": bool(prealign), "io_steps": int(io_steps), "network_grid": list(grid),
-        "modality": {"fixed": fixed_modality, "moving": moving_modality},
-        "fixed_size": list(fixed_image.GetSize()), "fixed_spacing": list(fixed_image.GetSpacing()),
+        "modality": dict(zip(("fixed", "moving"), inputs.modalities)),
+        "fixed_size": list(inputs.fixed.GetSize()), "fixed_spacing": list(inputs.fixed.GetSpacing()),
         "weights": weights_provenance(network), "fmsam_version": __version__,
     })
     if non_finite_entries(report):  # report.json is strict JSON
         raise RegistrationError("the registration's figures %s are not finite; no result is returned or "
                                 "written" % ", ".join(non_finite_entries(report)))
-    return RegistrationResult(fixed=fixed_image, affine=affine, deformation=deformation,
+    return RegistrationResult(fixed=inputs.fixed, affine=affine, deformation=deformation,
                               inverse_deformation=inverse, warped=warped, warped_labels=warped_labels,
                               jacobian=jacobian, report=report)

@@ -140,7 +140,8 @@ def test_a_jacobian_beyond_float32_is_an_error_not_a_result(small_pair, small_ne
     JSON in the report)."""
     import fmsam.pipeline as pipeline
 
-    monkeypatch.setattr(pipeline, "jacobian_determinant", lambda field, grid: np.full(field.shape[:3], 1e39))
+    monkeypatch.setattr(pipeline, "transform_jacobian",
+                        lambda transform, grid: np.full(grid.GetSize()[::-1], 1e39))
     with pytest.raises(RegistrationError, match=r"non-finite Jacobian determinant \((\d+) of \1 values"):
         fmsam.register(*small_pair, device="cpu", prealign=False)
 
