@@ -56,6 +56,25 @@ def network_grid(fixed, shape_kji):
     return grid
 
 
+def cover_fixed_voxels(deformation, fixed):
+    """``deformation`` with its grid extended by copies of its edge values (as many network voxels per
+    side as it takes to reach half a ``fixed`` voxel beyond the first and last voxel centres, plus
+    one), so that ITK, which sets the displacement to zero beyond half a grid voxel, and Slicer,
+    which repeats the edge value, agree over the whole of the fixed image's voxels (its buffer),
+    not only between its first and last voxel centres: on a stack of 8 mm slices the outer half
+    slices would otherwise get the affine alone. Values at the original grid's points (and so at
+    every fixed voxel centre) are unchanged."""
+    grid = deformation.grid
+    network_spacing = np.array(grid.GetSpacing())
+    pad = [int(np.ceil(0.5 * f / n)) + 1 for f, n in zip(fixed.GetSpacing(), network_spacing)]  # i, j, k
+    displacement = np.pad(deformation.displacement, [(p, p) for p in pad[::-1]] + [(0, 0)], mode="edge")
+    padded = sitk.Image([n + 2 * p for n, p in zip(grid.GetSize(), pad)], sitk.sitkUInt8)
+    padded.SetSpacing(grid.GetSpacing())
+    padded.SetDirection(grid.GetDirection())
+    padded.SetOrigin(grid.TransformContinuousIndexToPhysicalPoint([-float(p) for p in pad]))
+    return Deformation(padded, displacement)
+
+
 def normalised_to_lps(displacement, fixed):
     """A normalised network displacement (1, 3, D, H, W) tensor over ``fixed`` (any resolution of
     the same extent) as (D, H, W, 3) float32 LPS millimetres: one normalised unit along an axis is
@@ -70,13 +89,13 @@ def normalised_to_lps(displacement, fixed):
 def registration_transform(affine, deformation):
     """The fixed-to-moving mapping ``x -> affine(x + d(x))`` as one ``sitk.CompositeTransform``
     (ITK applies the last transform added first)."""
-    return sitk.CompositeTransform([sitk.Transform(affine), deformation.transform()])
+    return sitk.CompositeTransform([as_affine_transform(affine), deformation.transform()])
 
 
 def inverse_registration_transform(affine, inverse_deformation):
     """The moving-to-fixed mapping ``y -> z + e(z)``, ``z = affine^-1(y)``, as one
     ``sitk.CompositeTransform``."""
-    return sitk.CompositeTransform([inverse_deformation.transform(), sitk.Transform(affine).GetInverse()])
+    return sitk.CompositeTransform([inverse_deformation.transform(), as_affine_transform(affine).GetInverse()])
 
 
 def dense_field(transform, reference):
@@ -87,30 +106,32 @@ def dense_field(transform, reference):
     return sitk.GetArrayFromImage(field)
 
 
-def affine_apply(affine, points_lps):
-    """Apply a SimpleITK affine (or Euler/versor/identity) transform to points (..., 3) at once."""
-    affine = sitk.AffineTransform(3) if affine is None else affine
-    if affine.GetTransformEnum() == sitk.sitkIdentity:
-        return np.asarray(points_lps, dtype=np.float64)
-    as_affine = sitk.AffineTransform(affine)
-    matrix = np.array(as_affine.GetMatrix()).reshape(3, 3)
-    centre = np.array(as_affine.GetCenter())
-    translation = np.array(as_affine.GetTranslation())
-    return (np.asarray(points_lps) - centre) @ matrix.T + centre + translation
-
-
 def affine_matrix(affine):
-    """A linear SimpleITK transform (affine, Euler, identity...) as a 4x4 homogeneous matrix acting on
-    LPS points."""
+    """A linear SimpleITK transform (affine, Euler, versor, translation, scale, identity; None: the
+    identity) as a 4x4 homogeneous matrix acting on LPS points, read off the images of the origin
+    and the three unit points (so any linear transform type works)."""
     matrix = np.eye(4)
     if affine is None or affine.GetTransformEnum() == sitk.sitkIdentity:
         return matrix
-    as_affine = sitk.AffineTransform(affine)
-    linear = np.array(as_affine.GetMatrix()).reshape(3, 3)
-    centre = np.array(as_affine.GetCenter())
-    matrix[:3, :3] = linear
-    matrix[:3, 3] = centre + np.array(as_affine.GetTranslation()) - linear @ centre
+    origin = np.array(affine.TransformPoint((0.0, 0.0, 0.0)))
+    for axis in range(3):
+        unit = [0.0, 0.0, 0.0]
+        unit[axis] = 1.0
+        matrix[:3, axis] = np.array(affine.TransformPoint(unit)) - origin
+    matrix[:3, 3] = origin
     return matrix
+
+
+def as_affine_transform(affine):
+    """Any linear SimpleITK transform (see :func:`affine_matrix`) as an ``sitk.AffineTransform``."""
+    matrix = affine_matrix(affine)
+    return sitk.AffineTransform(matrix[:3, :3].ravel().tolist(), matrix[:3, 3].tolist())
+
+
+def affine_apply(affine, points_lps):
+    """Apply a linear SimpleITK transform (see :func:`affine_matrix`) to points (..., 3) at once."""
+    matrix = affine_matrix(affine)
+    return np.asarray(points_lps, dtype=np.float64) @ matrix[:3, :3].T + matrix[:3, 3]
 
 
 def compose_fixed_to_moving(fixed, affine, deformable_index=None):

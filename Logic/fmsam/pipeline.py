@@ -258,8 +258,8 @@ def compose(computed, inputs, grid, network):
     finite, and the inverse's round trip for the report."""
     fixed = inputs.fixed_normalised
     field_grid = fields.network_grid(fixed, grid)
-    deformation = fields.Deformation(field_grid, fields.normalised_to_lps(computed.forward, fixed))
-    inverse = fields.Deformation(field_grid, fields.normalised_to_lps(computed.inverse, fixed))
+    deformation, inverse = (fields.cover_fixed_voxels(fields.Deformation(
+        field_grid, fields.normalised_to_lps(field, fixed)), fixed) for field in (computed.forward, computed.inverse))
     check_finite_result(deformation.displacement, network)
     check_finite_result(inverse.displacement, network, "inverse displacement field")
     return deformation, inverse, round_trip_report(computed.forward, computed.inverse, fixed)

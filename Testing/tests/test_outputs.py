@@ -168,7 +168,8 @@ def test_identical_runs_write_identical_bytes(small_pair, small_network_grid, tm
     assert [transform.GetNthTransform(n).GetName() for n in range(transform.GetNumberOfTransforms())] == \
         ["AffineTransform", "DisplacementFieldTransform"]
     field = sitk.DisplacementFieldTransform(transform.GetNthTransform(1)).GetDisplacementField()
-    assert list(field.GetSize()) == reports[1]["network_grid"][::-1]  # the network grid, not the image's
+    # The network grid (not the image's), extended by a few voxels to cover the fixed image's voxels.
+    assert all(n <= size <= n + 12 for size, n in zip(field.GetSize(), reports[1]["network_grid"][::-1]))
     assert np.abs(sitk.GetArrayViewFromImage(field)).max() > 1e-3  # the deformable part alone: small here
 
 

@@ -71,13 +71,16 @@ def test_outputs_exist_on_the_fixed_grid(thin_run):
     grid_to_ras[:3, :3] = direction @ np.diag(data.GetSpacing())
     grid_to_ras[:3, 3] = data.GetOrigin()
 
-    def corners(ijk_to_ras_matrix, size_ijk):  # RAS corner voxel centres, sorted (any axis order)
-        found = [ijk_to_ras_matrix[:3, :3] @ (np.array(c) * (np.array(size_ijk) - 1)) + ijk_to_ras_matrix[:3, 3]
+    def box(ijk_to_ras_matrix, first, last):  # RAS bounding box of the index box [first, last]^3
+        found = [ijk_to_ras_matrix[:3, :3] @ np.where(np.array(c) == 0, first, last) + ijk_to_ras_matrix[:3, 3]
                  for c in np.ndindex(2, 2, 2)]
-        return np.array(sorted(np.round(found, 3).tolist()))
+        return np.min(found, axis=0), np.max(found, axis=0)
 
-    # The network grid (in the training layout) spans the stack from corner voxel centre to corner.
-    assert np.allclose(corners(grid_to_ras, data.GetDimensions()), corners(expected, shape[::-1]), atol=1e-3)
+    # The network grid (in the training layout, extended by edge copies) covers the stack's voxels,
+    # half a voxel beyond its first and last voxel centres (the outer half slices included).
+    grid_low, grid_high = box(grid_to_ras, np.zeros(3), np.array(data.GetDimensions()) - 1.0)
+    stack_low, stack_high = box(expected, np.full(3, -0.5), np.array(shape[::-1]) - 0.5)
+    assert np.all(grid_low <= stack_low + 1e-3) and np.all(grid_high >= stack_high - 1e-3)
 
 
 def test_values_are_finite_the_jacobian_positive_and_the_stack_aligned(thin_run):
