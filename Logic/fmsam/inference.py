@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import torch
 
-from .layers import compose, gaussian_smooth, invert, resize, warp
+from .layers import compose, gaussian_smooth, invert, resize
 from .networks import network_grid_shape
 from .options import DEVICES
 
@@ -106,10 +106,7 @@ def refine_inverse(forward, estimate, iterations=INVERSE_ITERATIONS, step=INVERS
     ``v <- (1 - step) v + step (-forward(x + v(x)))`` started from ``estimate`` (the network's
     backward field, already close), so that the two fields written map points back where they came
     from (:func:`round_trip_error`)."""
-    inverse = estimate
-    for _ in range(iterations):
-        inverse = (1.0 - step) * inverse - step * warp(forward, inverse, padding_mode="border")
-    return inverse
+    return invert(forward, iterations, initial=estimate, step=step)
 
 
 def round_trip_error(forward, inverse):

@@ -38,12 +38,15 @@ def compose(outer, inner):
     return inner + warp(outer, inner, padding_mode="border")
 
 
-def invert(displacement, iterations=5):
-    """Displacement of the inverse map, by fixed-point iteration ``v = -u(x + v(x))`` (converges for
-    smooth maps whose displacement changes by less than a voxel per voxel)."""
-    inverse = -displacement
+def invert(displacement, iterations=5, initial=None, step=1.0):
+    """Displacement of the inverse map, by the fixed-point iteration ``v <- (1 - step) v + step
+    (-u(x + v(x)))`` started from ``initial`` (default ``-u``). Undamped (``step`` 1) it converges for
+    smooth maps whose displacement changes by less than a voxel per voxel; a smaller step also
+    where it changes faster."""
+    inverse = -displacement if initial is None else initial
     for _ in range(iterations):
-        inverse = -warp(displacement, inverse, padding_mode="border")
+        update = -warp(displacement, inverse, padding_mode="border")
+        inverse = update if step == 1.0 else (1.0 - step) * inverse + step * update
     return inverse
 
 
