@@ -289,7 +289,7 @@ class BackgroundRegistrationJob(_Progress):
         from fmsam.worker import read_results
 
         affine, deformation, inverse, warped, jacobian, report = read_results(
-            os.path.join(self._engine.folder, "result"), self._request.fixed_image)
+            os.path.join(self._engine.folder, "result"))
         return EngineResult(fixed=self._request.fixed_image, affine=affine, deformation=deformation,
                             inverse_deformation=inverse, warped=warped, jacobian=jacobian, report=report)
 

@@ -15,6 +15,7 @@ import vtk
 from vtk.util import numpy_support
 
 from fmsam.errors import InputError
+from fmsam.fields import affine_matrix
 from fmsam.geometry import LPS_TO_RAS, flip_lps_ras, grid_from_ijk_to_ras, index_to_ras
 
 
@@ -185,6 +186,24 @@ def set_grid_transform_from_field(transform_node, field_lps, reference):
     return transform_node
 
 
+def _linear_ras(matrix_lps):
+    """A ``vtkTransform`` (RAS) of a 4x4 homogeneous LPS matrix."""
+    linear = vtk.vtkTransform()
+    linear.SetMatrix(slicer.util.vtkMatrixFromArray(LPS_TO_RAS @ matrix_lps @ LPS_TO_RAS))
+    return linear
+
+
+def _set_from_parent(transform_node, *parts):
+    """Store ``parts`` (VTK transforms, applied in the order given) as one ``vtkGeneralTransform``,
+    the node's FromParent transform."""
+    composite = vtk.vtkGeneralTransform()
+    composite.PostMultiply()  # each transform concatenated is applied after the ones before
+    for part in parts:
+        composite.Concatenate(part)
+    transform_node.SetAndObserveTransformFromParent(composite)
+    return transform_node
+
+
 def set_registration_transform(transform_node, affine, deformation):
     """Store the registration ``x -> affine(x + d(x))`` (fixed -> moving, the mapping the command
     line's ``transform.h5`` holds) as the node's FromParent transform: one ``vtkGeneralTransform``
@@ -192,16 +211,9 @@ def set_registration_transform(transform_node, affine, deformation):
     network grid) followed by the affine, both in RAS. Slicer resamples volumes under the node with
     it as it is (no inversion) and saves it as an ITK composite transform.
     """
-    from fmsam.fields import affine_matrix
-
-    linear = vtk.vtkTransform()
-    linear.SetMatrix(slicer.util.vtkMatrixFromArray(LPS_TO_RAS @ affine_matrix(affine) @ LPS_TO_RAS))
-    composite = vtk.vtkGeneralTransform()
-    composite.PostMultiply()  # each transform concatenated is applied after the ones before
-    composite.Concatenate(_oriented_grid_transform(deformation.displacement, deformation.grid))
-    composite.Concatenate(linear)
-    transform_node.SetAndObserveTransformFromParent(composite)
-    return transform_node
+    return _set_from_parent(transform_node,
+                            _oriented_grid_transform(deformation.displacement, deformation.grid),
+                            _linear_ras(affine_matrix(affine)))
 
 
 def set_inverse_registration_transform(transform_node, affine, inverse_deformation):
@@ -209,17 +221,8 @@ def set_inverse_registration_transform(transform_node, affine, inverse_deformati
     mapping the command line's ``inverse_transform.h5`` holds) as the node's FromParent transform:
     the inverse affine, then the inverse displacement grid (a :class:`fmsam.fields.Deformation`),
     in RAS. A fixed-space volume under the node is resampled onto the moving image's frame."""
-    from fmsam.fields import affine_matrix
-
-    linear = vtk.vtkTransform()
-    linear.SetMatrix(slicer.util.vtkMatrixFromArray(
-        LPS_TO_RAS @ np.linalg.inv(affine_matrix(affine)) @ LPS_TO_RAS))
-    composite = vtk.vtkGeneralTransform()
-    composite.PostMultiply()
-    composite.Concatenate(linear)
-    composite.Concatenate(_oriented_grid_transform(inverse_deformation.displacement, inverse_deformation.grid))
-    transform_node.SetAndObserveTransformFromParent(composite)
-    return transform_node
+    return _set_from_parent(transform_node, _linear_ras(np.linalg.inv(affine_matrix(affine))),
+                            _oriented_grid_transform(inverse_deformation.displacement, inverse_deformation.grid))
 
 
 def map_points_from_parent(transform_node, points_lps):

@@ -2,6 +2,7 @@
 import numpy as np
 import SimpleITK as sitk
 
+from .fields import dense_field
 from .geometry import index_to_lps
 
 
@@ -34,8 +35,6 @@ def transform_jacobian(transform, reference, slab=24):
     field on that grid, computed a slab of ``slab`` k-planes at a time (with one plane of overlap
     each side, so the central differences are those of the whole grid): the dense field is never
     held whole (a 256^3 grid's would take 400 MB, its nine derivative volumes 1.2 GB)."""
-    from .fields import dense_field
-
     size_i, size_j, size_k = reference.GetSize()
     determinant = np.empty((size_k, size_j, size_i), dtype=np.float64)
     to_lps = index_to_lps(reference)

@@ -92,9 +92,9 @@ def watch_owner(owner_pid, folder):
     threading.Thread(target=watch, name="fmsam-owner-watch", daemon=True).start()
 
 
-def read_results(out, fixed):
+def read_results(out):
     """The results :func:`write_results` wrote, as ``(affine, deformation, inverse_deformation,
-    warped, jacobian, report)`` (see the module docstring); ``fixed`` is the fixed image."""
+    warped, jacobian, report)`` (see the module docstring)."""
     import SimpleITK as sitk
 
     from .fields import Deformation
