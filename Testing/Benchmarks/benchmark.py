@@ -17,6 +17,7 @@ NumPy < 2.4), so they run from a separate virtual environment, the fmsam rows fr
 Threads: ``--threads`` (default 2, the machine's cores) for ITK and torch alike.
 """
 import argparse
+import contextlib
 import csv
 import os
 import sys
@@ -200,6 +201,27 @@ def done_rows(path):
         return {(row["method"], row["pair"]) for row in csv.DictReader(handle)}
 
 
+@contextlib.contextmanager
+def appending_results(out, fields):
+    """``(write(row), {(method, pair) already in it})`` for ``OUT/results.csv`` with columns
+    ``fields``: created with its header when missing, appended to otherwise, so that a run resumes
+    where the last one stopped; every row is flushed as it is written."""
+    os.makedirs(out, exist_ok=True)
+    results = os.path.join(out, "results.csv")
+    finished = done_rows(results)
+    new_file = not os.path.isfile(results)
+    with open(results, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, fields)
+        if new_file:
+            writer.writeheader()
+
+        def write(row):
+            writer.writerow(row)
+            handle.flush()
+
+        yield write, finished
+
+
 def run(args):
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
     methods = args.methods.split(",")
@@ -211,14 +233,7 @@ def run(args):
         import torch
         torch.set_num_threads(args.threads)
     pairs = read_pairs(args.pairs)[: args.limit or None]
-    os.makedirs(args.out, exist_ok=True)
-    results = os.path.join(args.out, "results.csv")
-    finished = done_rows(results)
-    new_file = not os.path.isfile(results)
-    with open(results, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, FIELDS)
-        if new_file:
-            writer.writeheader()
+    with appending_results(args.out, FIELDS) as (write, finished):
         for method in methods:
             for number, pair in enumerate(pairs):
                 key = "%03d" % number
@@ -234,8 +249,7 @@ def run(args):
                        "dice": round(mean_dice_on_fixed(pair, warped_labels), 5),
                        "folding_percent": round(folding_percent, 5), "jacobian_min": round(jacobian_min, 4),
                        "seconds": round(seconds, 2)}
-                writer.writerow(row)
-                handle.flush()
+                write(row)
                 print("%-15s %s  Dice %.3f  folding %.4f %%  %.1f s" % (
                     method + suffix, key, row["dice"], row["folding_percent"], row["seconds"]), flush=True)
 

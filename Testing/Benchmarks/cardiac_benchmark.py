@@ -49,7 +49,7 @@ LOGIC = os.path.join(ROOT, "Logic")
 # This checkout's engine, not an installed fmsam of another version (../venv-ants has none).
 sys.path.insert(0, LOGIC)
 
-from benchmark import done_rows  # noqa: E402  (this folder is on sys.path: the script's own)
+from benchmark import appending_results  # noqa: E402  (this folder is on sys.path: the script's own)
 from fmsam.options import MODES  # noqa: E402
 
 DATA = os.path.join(ROOT, "..", "shared", "data", "cardiac_myops")
@@ -198,14 +198,7 @@ def run_command(args):
         raise SystemExit("unknown method(s) %s; choose from %s" % (unknown, ", ".join(METHODS)))
     pairs = read_csv(args.pairs)[: args.limit or None]
     only = {int(key) for key in args.only.split(",")} if args.only else None
-    os.makedirs(args.out, exist_ok=True)
-    results = os.path.join(args.out, "results.csv")
-    finished = done_rows(results)
-    new_file = not os.path.isfile(results)
-    with open(results, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, FIELDS)
-        if new_file:
-            writer.writeheader()
+    with appending_results(args.out, FIELDS) as (write, finished):
         for method in methods:
             for number, pair in enumerate(pairs):
                 key = "%03d" % number
@@ -220,8 +213,7 @@ def run_command(args):
                     fold, jacobian_min = folding(field, fixed)
                     row.update(nmi=round(nmi_on_fixed(fixed, warped), 5), folding_percent=round(fold, 5),
                                jacobian_min=round(jacobian_min, 4))
-                writer.writerow(row)
-                handle.flush()
+                write(row)
                 print("%-14s %s %-5s %s <- %s exit %d NMI %s folding %s %% %.1f s" % (
                     method, key, pair["kind"], row["fixed"], row["moving"], code, row.get("nmi"),
                     row.get("folding_percent"), seconds), flush=True)
