@@ -175,17 +175,6 @@ def _oriented_grid_transform(field_lps, reference):
     return transform
 
 
-def set_grid_transform_from_field(transform_node, field_lps, reference):
-    """Store a fixed-to-moving displacement field as the node's FromParent transform.
-
-    ``field_lps``: (k, j, i, 3) LPS millimetres on ``reference``'s grid (SimpleITK image). ITK
-    displacement-field files hold this resampling direction and Slicer loads them as FromParent,
-    so saving the node writes the same ``DisplacementFieldTransform`` the command line writes.
-    """
-    transform_node.SetAndObserveTransformFromParent(_oriented_grid_transform(field_lps, reference))
-    return transform_node
-
-
 def _linear_ras(matrix_lps):
     """A ``vtkTransform`` (RAS) of a 4x4 homogeneous LPS matrix."""
     linear = vtk.vtkTransform()
@@ -233,26 +222,6 @@ def map_points_from_parent(transform_node, points_lps):
     return flip_lps_ras(np.array([transform.TransformPoint(*map(float, point)) for point in ras]))
 
 
-def field_from_grid_transform_node(transform_node):
-    """(k, j, i, 3) LPS displacement (fixed -> moving) and its grid (SimpleITK image) from a node
-    written by :func:`set_grid_transform_from_field`."""
-    transform = transform_node.GetTransformFromParent()
-    if transform is None or not transform.IsA("vtkOrientedGridTransform"):
-        raise InputError("the transform '%s' holds no displacement grid as its FromParent transform"
-                         % transform_node.GetName())
-    grid = transform.GetDisplacementGrid()
-    direction = slicer.util.arrayFromVTKMatrix(transform.GetGridDirectionMatrix())
-    ijk_to_ras = np.eye(4)
-    ijk_to_ras[:3, :3] = direction[:3, :3] @ np.diag(grid.GetSpacing())
-    ijk_to_ras[:3, 3] = grid.GetOrigin()
-    reference = grid_from_ijk_to_ras(ijk_to_ras, grid.GetDimensions())
-    field_ras = numpy_support.vtk_to_numpy(grid.GetPointData().GetScalars())
-    size_i, size_j, size_k = grid.GetDimensions()
-    field_lps = flip_lps_ras(field_ras).reshape(size_k, size_j, size_i, 3)
-    return field_lps, reference
-
-
 __all__ = ["image_from_volume_node", "label_image_from_node", "shared_segment_values",
-           "set_volume_from_image", "set_grid_transform_from_field", "field_from_grid_transform_node",
-           "set_registration_transform", "set_inverse_registration_transform", "map_points_from_parent",
+           "set_volume_from_image", "set_registration_transform", "set_inverse_registration_transform", "map_points_from_parent",
            "world_ijk_to_ras", "segment_names"]

@@ -16,6 +16,7 @@ slicer = pytest.importorskip("slicer", reason="needs slicer-core (pip install sl
 import vtk  # noqa: E402  (slicer-core's VTK)
 
 from fmsam.errors import Cancelled, InputError  # noqa: E402
+from fmsam.fields import Deformation  # noqa: E402
 from FMSAMRegistrationLib import RegistrationLogic, ProcessingState, display, mrml_io  # noqa: E402
 from FMSAMRegistrationLib.scene import new_scene  # noqa: E402
 
@@ -458,7 +459,8 @@ def test_refusals_say_what_is_wrong_and_change_nothing(pair_scene):
     scene = headless.scene
     count = scene.GetNumberOfNodes()
     grid = scene.AddNewNodeByClass("vtkMRMLGridTransformNode")
-    mrml_io.set_grid_transform_from_field(grid, np.zeros((4, 4, 4, 3)), sitk.Image(4, 4, 4, sitk.sitkFloat32))
+    mrml_io.set_registration_transform(grid, sitk.AffineTransform(3), Deformation(
+        sitk.Image(4, 4, 4, sitk.sitkFloat32), np.zeros((4, 4, 4, 3), np.float32)))
     nodes["moving"].SetAndObserveTransformNodeID(grid.GetID())
     with pytest.raises(InputError, match="non-linear transform"):
         logic.register(nodes["fixed"], nodes["moving"])

@@ -79,8 +79,6 @@ def test_slicer_creates_a_connector_for_every_ui_binding_and_lists_the_ui_types(
 def test_the_logic_takes_every_node_class_a_selector_offers(release):
     """The logic accepts, in its role, a node of each class Slicer's selector lists for a parameter
     (prepare() reads inputs and checks outputs without running anything)."""
-    from FMSAMRegistrationLib import mrml_io
-
     scene = release.headless.scene
     logic = release.module.FMSAMRegistrationLogic()
     types = {name: release.parameterNodeWrapper.getNodeTypes(datatype)
@@ -96,7 +94,7 @@ def test_the_logic_takes_every_node_class_a_selector_offers(release):
             return node
         if class_name == "vtkMRMLGridTransformNode":
             node = scene.AddNewNodeByClass(class_name, name)
-            mrml_io.set_grid_transform_from_field(node, np.zeros((2, 2, 2, 3)), _tiny_image())
+            _zero_registration(node)
             return node
         return _volume(scene, name, labelmap=class_name == "vtkMRMLLabelMapVolumeNode",
                        voxels=labels if class_name == "vtkMRMLLabelMapVolumeNode" else None)
@@ -124,6 +122,17 @@ def _tiny_image():
     return sitk.Image(2, 2, 2, sitk.sitkFloat32)
 
 
+def _zero_registration(node):
+    """Fill a transform node as a registration result does (identity affine, zero displacements)."""
+    import SimpleITK as sitk
+
+    from fmsam.fields import Deformation
+    from FMSAMRegistrationLib import mrml_io  # after the release's slicer package is in place
+
+    return mrml_io.set_registration_transform(node, sitk.AffineTransform(3),
+                                              Deformation(_tiny_image(), np.zeros((2, 2, 2, 3), np.float32)))
+
+
 def _volume(scene, name, labelmap=False, voxels=None):
     node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode", name)
     if voxels is None:
@@ -135,7 +144,7 @@ def _volume(scene, name, labelmap=False, voxels=None):
 
 def test_parameter_node_defaults_every_field_and_a_saved_scene(release, tmp_path):
     from fmsam.options import DEVICES, MODES
-    from FMSAMRegistrationLib import MOVING_VOLUME_ACTIONS, mrml_io
+    from FMSAMRegistrationLib import MOVING_VOLUME_ACTIONS
     from FMSAMRegistrationLib.scene import new_scene
 
     scene = release.headless.scene
@@ -147,7 +156,7 @@ def test_parameter_node_defaults_every_field_and_a_saved_scene(release, tmp_path
     assert parameters.fixedSegmentation is None and parameters.outputTransform is None
 
     grid = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "result")
-    mrml_io.set_grid_transform_from_field(grid, np.zeros((2, 2, 2, 3)), _tiny_image())
+    _zero_registration(grid)
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "moving segments")
     segmentation.CreateDefaultDisplayNodes()
     values = {"fixedVolume": _volume(scene, "fixed"), "movingVolume": _volume(scene, "moving"),
