@@ -71,6 +71,8 @@ class FMSAMRegistrationParameterNode:
     warpedVolume: vtkMRMLScalarVolumeNode
     createJacobian: bool = True
     jacobianVolume: vtkMRMLScalarVolumeNode
+    createInverseTransform: bool = False
+    inverseTransform: vtkMRMLGridTransformNode
     movingVolumeAction: str = "keep"
 
 
@@ -98,6 +100,23 @@ class FMSAMRegistrationLogic(ScriptedLoadableModuleLogic, RegistrationLogic):
 
     def getParameterNode(self):
         return FMSAMRegistrationParameterNode(super().getParameterNode())
+
+
+def registrationOptions(parameters):
+    """The logic's ``start``/``register`` keyword arguments for what the panel's parameter node holds.
+    A node left in a selector whose box is unticked is not passed (that output is not made)."""
+    return dict(
+        fixedVolumeNode=parameters.fixedVolume, movingVolumeNode=parameters.movingVolume,
+        fixedSegmentationNode=parameters.fixedSegmentation, movingSegmentationNode=parameters.movingSegmentation,
+        prealign=parameters.prealign, device=parameters.device, mode=parameters.mode,
+        contrastMatching=parameters.contrastMatching, outputTransformNode=parameters.outputTransform,
+        createInverseTransform=parameters.createInverseTransform,
+        inverseTransformNode=parameters.inverseTransform if parameters.createInverseTransform else None,
+        createWarpedVolume=parameters.createWarpedVolume,
+        warpedVolumeNode=parameters.warpedVolume if parameters.createWarpedVolume else None,
+        createJacobian=parameters.createJacobian,
+        jacobianVolumeNode=parameters.jacobianVolume if parameters.createJacobian else None,
+        movingVolumeAction=parameters.movingVolumeAction)
 
 
 class FMSAMRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -223,6 +242,7 @@ class FMSAMRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                 combo.currentIndex = index
         self.ui.warpedVolumeSelector.enabled = parameters.createWarpedVolume
         self.ui.jacobianVolumeSelector.enabled = parameters.createJacobian
+        self.ui.inverseTransformSelector.enabled = parameters.createInverseTransform
         self._updateButton()
 
     def _updateButton(self):
@@ -253,16 +273,7 @@ class FMSAMRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                                          "without CUDA). The device is set to Auto, which uses the CPU."))
         self.ui.resultsLabel.text = ""
         with slicer.util.tryWithErrorDisplay(_("Registration could not start."), waitCursor=True):
-            self._job = self.logic.start(
-                parameters.fixedVolume, parameters.movingVolume,
-                fixedSegmentationNode=parameters.fixedSegmentation,
-                movingSegmentationNode=parameters.movingSegmentation,
-                prealign=parameters.prealign, device=parameters.device, mode=parameters.mode,
-                contrastMatching=parameters.contrastMatching,
-                outputTransformNode=parameters.outputTransform,
-                createWarpedVolume=parameters.createWarpedVolume, warpedVolumeNode=parameters.warpedVolume,
-                createJacobian=parameters.createJacobian, jacobianVolumeNode=parameters.jacobianVolume,
-                movingVolumeAction=parameters.movingVolumeAction)
+            self._job = self.logic.start(**registrationOptions(parameters))
         if self._job is None:
             return
         self.ui.progressBar.setVisible(True)
@@ -300,6 +311,7 @@ class FMSAMRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                 # The widget's node selectors pick up the new nodes, so a second run overwrites
                 # them only if the user leaves them selected.
                 self._parameterNode.outputTransform = None
+                self._parameterNode.inverseTransform = None
         finally:
             self._updateButton()
 

@@ -1,24 +1,11 @@
-"""The overview picture: fixed, moving, warped, checkerboard and the Jacobian map (one slice each)."""
-import threading
+"""The overview picture: fixed, moving, warped, checkerboard and the Jacobian map (one slice each).
 
+Drawn with Pillow from NumPy arrays (about 0.05 s); matplotlib, which drew it before, cost 0.6-0.7 s
+of a 4 s fast-mode command (0.4 s to import, 0.3 s to draw).
+"""
 import numpy as np
 import SimpleITK as sitk
-
-
-def _import_plotting():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot  # noqa: F401
-
-
-def start_importing_matplotlib():
-    """Import matplotlib (about 1 s) in a thread, so that it happens while a registration computes
-    rather than after it; :func:`write_overview`'s own import then finds it done (or waits for it)."""
-    thread = threading.Thread(target=_import_plotting, name="fmsam-matplotlib", daemon=True)
-    thread.start()
-    return thread
-
+from PIL import Image, ImageDraw, ImageFont
 
 #: An array axis with fewer voxels than this is a stack's slice axis: the picture shows the slice
 #: plane (across it), never a view along it (a strip a few voxels wide).
@@ -57,45 +44,109 @@ def checkerboard(first, second, tiles=8):
     return np.where(mask, first, second)
 
 
-def write_overview(path, fixed, moving_on_fixed, warped, jacobian, report):
-    """Write a PNG with five panels; the Jacobian uses a diverging map centred on 1 (blue:
-    contraction, red: expansion) with folding (det <= 0) drawn in black."""
-    _import_plotting()
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap, TwoSlopeNorm
+#: ColorBrewer's 11-class RdBu, blue (low) to red (high): matplotlib's ``RdBu_r``, whose 256
+#: colours are these interpolated linearly.
+_RDBU_R = np.array([(5, 48, 97), (33, 102, 172), (67, 147, 195), (146, 197, 222), (209, 229, 240),
+                    (247, 247, 247), (253, 219, 199), (244, 165, 130), (214, 96, 77), (178, 24, 43),
+                    (103, 0, 31)], dtype=np.float64)
+#: The Jacobian panel's range: det J from 0 to 2 over 256 colours, 1 (volume kept) white.
+JACOBIAN_RANGE = (0.0, 2.0)
+PANEL = 300  # pixels: each panel fits a PANEL x PANEL box
+MARGIN = 12
+TITLE = 24  # pixels above each panel
+SUPTITLE = 30
 
+
+def jacobian_colours(determinant):
+    """RGB uint8 colours of det J values (any shape; adds a last axis of 3): the diverging map
+    centred on 1 (blue: contraction, red: expansion), clipped to :data:`JACOBIAN_RANGE`, with the
+    lowest of its 256 bins (det J < 2/256, folding included) black."""
+    low, high = JACOBIAN_RANGE
+    scaled = np.clip((np.asarray(determinant, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
+    index = np.minimum((scaled * 256).astype(np.int64), 255)
+    anchors = np.linspace(0.0, 1.0, len(_RDBU_R))
+    table = np.stack([np.interp(np.linspace(0.0, 1.0, 256), anchors, _RDBU_R[:, c]) for c in range(3)],
+                     axis=1)
+    table = np.round(table).astype(np.uint8)
+    table[0] = 0  # black: folding
+    return table[index]
+
+
+def _grey(array, low, high):
+    return (np.clip((array - low) / (high - low), 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
+
+
+def _panel(pixels, aspect, nearest=False):
+    """A PIL image of a (rows, cols[, 3]) array drawn with row 0 at the bottom (the array's first
+    row is the image's lowest), each array pixel ``aspect`` times as high as wide, scaled to fit
+    :data:`PANEL`."""
+    rows, cols = pixels.shape[:2]
+    scale = min(PANEL / cols, PANEL / (rows * aspect))
+    size = (max(1, int(round(cols * scale))), max(1, int(round(rows * aspect * scale))))
+    image = Image.fromarray(np.ascontiguousarray(pixels[::-1]))
+    return image.resize(size, Image.NEAREST if nearest else Image.BILINEAR)
+
+
+def _font(size):
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1: a scalable font
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _text(draw, xy, text, font, centred=True):
+    """Draw ``text`` with its vertical middle at ``xy[1]``, centred on ``xy[0]`` or starting there
+    (placed from its measured box: Pillow's anchors need a scalable font)."""
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    x = xy[0] - (right - left) // 2 - left if centred else xy[0] - left
+    draw.text((x, xy[1] - (top + bottom) // 2), text, fill="black", font=font)
+
+
+def _colour_bar(canvas, draw, left, top, height, font):
+    """A vertical colour bar of :func:`jacobian_colours` with ticks at 0, 0.5, 1, 1.5 and 2."""
+    low, high = JACOBIAN_RANGE
+    values = high - (np.arange(height) + 0.5) / height * (high - low)
+    canvas.paste(Image.fromarray(np.repeat(jacobian_colours(values)[:, None, :], 14, axis=1)), (left, top))
+    for tick in np.linspace(low, high, 5):
+        y = top + int(round((high - tick) / (high - low) * (height - 1)))
+        draw.line([(left + 14, y), (left + 18, y)], fill="black")
+        _text(draw, (left + 21, y), "%g" % tick, font, centred=False)
+
+
+def write_overview(path, fixed, moving_on_fixed, warped, jacobian, report):
+    """Write a PNG with five panels (fixed, moving before registration, warped moving, a
+    checkerboard of fixed and warped, det J) through the middle of the fixed image; the Jacobian
+    uses a diverging map centred on 1 (blue: contraction, red: expansion) with folding (det <= 0)
+    drawn in black, and a colour bar."""
     spacing_kji = fixed.GetSpacing()[::-1]
     axis = display_axis(fixed.GetSize()[::-1])
-    panels = []
-    for title, image in (("fixed", fixed), ("moving (unregistered)", moving_on_fixed),
-                         ("warped moving", warped)):
-        panels.append((title, *_display_slices(image, spacing_kji, axis)))
-    fixed_slice, aspect = panels[0][1], panels[0][2]
-    normalise = lambda a: (a - _window(a)[0]) / (_window(a)[1] - _window(a)[0])  # noqa: E731
-    board = checkerboard(np.clip(normalise(fixed_slice), 0, 1), np.clip(normalise(panels[2][1]), 0, 1))
+    slices = [_display_slices(image, spacing_kji, axis)[0] for image in (fixed, moving_on_fixed, warped)]
+    aspect = _display_slices(fixed, spacing_kji, axis)[1]
+    windows = [_window(array) for array in slices]
+    greys = [_grey(array, *window) for array, window in zip(slices, windows)]
+    board = checkerboard(greys[0], greys[2])
     jacobian_slice = _display_slices(jacobian, spacing_kji, axis)[0]
+    panels = [(_panel(grey, aspect), title) for grey, title in
+              zip(greys + [board], ("fixed", "moving (unregistered)", "warped moving",
+                                    "checkerboard fixed / warped"))]
+    panels.append((_panel(jacobian_colours(jacobian_slice), aspect, nearest=True),
+                   "det J (folding %.3f %%)" % report["folding_percent"]))
 
-    figure, axes = plt.subplots(1, 5, figsize=(17, 4.2))
-    for axis, (title, array, _) in zip(axes[:3], panels):
-        low, high = _window(array)
-        axis.imshow(array, cmap="gray", vmin=low, vmax=high, aspect=aspect, origin="lower")
-        axis.set_title(title)
-    axes[3].imshow(board, cmap="gray", vmin=0, vmax=1, aspect=aspect, origin="lower")
-    axes[3].set_title("checkerboard fixed / warped")
-    colours = plt.get_cmap("RdBu_r")(np.linspace(0, 1, 256))
-    colours[0] = (0, 0, 0, 1)  # the lowest bin (det <= 0 after clipping) is black: folding
-    cmap = ListedColormap(colours)
-    shown = axes[4].imshow(np.clip(jacobian_slice, 1e-3, 2.0), cmap=cmap,
-                           norm=TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=2.0), aspect=aspect,
-                           origin="lower")
-    axes[4].set_title("det J (folding %.3f %%)" % report["folding_percent"])
-    figure.colorbar(shown, ax=axes[4], fraction=0.046, pad=0.04, label="det J (1 = volume kept)")
-    for axis in axes:
-        axis.axis("off")
+    height = max(panel.size[1] for panel, _ in panels)
+    bar_width = 60
+    width = MARGIN + sum(panel.size[0] + MARGIN for panel, _ in panels) + bar_width
+    canvas = Image.new("RGB", (width, SUPTITLE + TITLE + height + MARGIN), "white")
+    draw = ImageDraw.Draw(canvas)
+    font, large = _font(14), _font(16)
     summary = "registered on %s" % report["device"]  # no time: equal results, equal bytes
     if "dice_after" in report:
         summary += "   Dice affine %.3f -> registered %.3f" % (report["dice_affine"], report["dice_after"])
-    figure.suptitle(summary)
-    figure.tight_layout()
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
+    _text(draw, (width // 2, SUPTITLE // 2 + 2), summary, large)
+    left = MARGIN
+    for panel, title in panels:
+        top = SUPTITLE + TITLE + (height - panel.size[1]) // 2
+        canvas.paste(panel.convert("RGB"), (left, top))
+        _text(draw, (left + panel.size[0] // 2, SUPTITLE + TITLE // 2), title, font)
+        left += panel.size[0] + MARGIN
+    _colour_bar(canvas, draw, left, SUPTITLE + TITLE, height, font)
+    canvas.save(path, format="PNG")

@@ -57,7 +57,7 @@ def test_every_node_parameter_resolves_to_concrete_node_classes(release):
         "fixedVolume": ("vtkMRMLScalarVolumeNode",), "movingVolume": ("vtkMRMLScalarVolumeNode",),
         "fixedSegmentation": ("vtkMRMLSegmentationNode", "vtkMRMLLabelMapVolumeNode"),
         "movingSegmentation": ("vtkMRMLSegmentationNode", "vtkMRMLLabelMapVolumeNode"),
-        "outputTransform": ("vtkMRMLGridTransformNode",),
+        "outputTransform": ("vtkMRMLGridTransformNode",), "inverseTransform": ("vtkMRMLGridTransformNode",),
         "warpedVolume": ("vtkMRMLScalarVolumeNode",), "jacobianVolume": ("vtkMRMLScalarVolumeNode",)}
 
 
@@ -109,9 +109,11 @@ def test_the_logic_takes_every_node_class_a_selector_offers(release):
                     fixedSegmentationNode=node_of(segmentation_class, "fixed segments"),
                     movingSegmentationNode=node_of(segmentation_class, "moving segments"),
                     outputTransformNode=node_of(types["outputTransform"][0], "transform"),
+                    inverseTransformNode=node_of(types["inverseTransform"][0], "inverse"),
                     warpedVolumeNode=node_of(types["warpedVolume"][0], "warped"),
                     jacobianVolumeNode=node_of(types["jacobianVolume"][0], "jacobian"))
                 assert request.fixed_labels is not None and request.moving_labels is not None
+                assert request.create_inverse and request.inverse_transform_node.GetName() == "inverse"
                 checked += 1
     assert checked == 2
 
@@ -151,8 +153,8 @@ def test_parameter_node_defaults_every_field_and_a_saved_scene(release, tmp_path
     logic = release.module.FMSAMRegistrationLogic()
     parameters = logic.getParameterNode()
     assert (parameters.prealign, parameters.mode, parameters.device, parameters.contrastMatching,
-            parameters.createWarpedVolume, parameters.createJacobian, parameters.movingVolumeAction) == (
-        True, "fast", "auto", "auto", True, True, "keep")
+            parameters.createWarpedVolume, parameters.createJacobian, parameters.createInverseTransform,
+            parameters.movingVolumeAction) == (True, "fast", "auto", "auto", True, True, False, "keep")
     assert parameters.fixedSegmentation is None and parameters.outputTransform is None
 
     grid = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "result")
@@ -165,6 +167,7 @@ def test_parameter_node_defaults_every_field_and_a_saved_scene(release, tmp_path
               "device": "cpu", "contrastMatching": "off", "outputTransform": grid,
               "createWarpedVolume": False, "warpedVolume": _volume(scene, "warped"),
               "createJacobian": False, "jacobianVolume": _volume(scene, "jacobian"),
+              "createInverseTransform": True, "inverseTransform": scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "inverse"),
               "movingVolumeAction": "harden"}
     assert set(values) == set(release.module.FMSAMRegistrationParameterNode.allParameters)
     for name, value in values.items():
@@ -179,6 +182,19 @@ def test_parameter_node_defaults_every_field_and_a_saved_scene(release, tmp_path
     with pytest.raises(Exception):
         parameters.outputTransform = linear
     assert parameters.outputTransform is grid
+
+    # What Register passes to the logic: the values above, except the nodes of unticked outputs.
+    options = release.module.registrationOptions(parameters)
+    assert options["inverseTransformNode"] is values["inverseTransform"] and options["createInverseTransform"]
+    assert options["warpedVolumeNode"] is None and options["jacobianVolumeNode"] is None
+    assert (options["createWarpedVolume"], options["createJacobian"], options["mode"], options["device"]) == (
+        False, False, "accurate", "cpu")
+    request = logic.prepare(**dict(options, fixedSegmentationNode=None, movingSegmentationNode=None))
+    assert request.create_inverse and request.inverse_transform_node is values["inverseTransform"]
+    assert not request.create_warped and not request.create_jacobian and request.io_steps == MODES["accurate"]
+    parameters.createInverseTransform = False
+    assert release.module.registrationOptions(parameters)["inverseTransformNode"] is None
+    parameters.createInverseTransform = True
 
     path = release.headless.write_bundle(str(tmp_path / "parameters.mrb"))
     reread = new_scene()
