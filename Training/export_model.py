@@ -39,12 +39,15 @@ def main(argv=None):
         config["training_grid"] = config["grid"]
         config["grid"] = [int(n) for n in args.grid.split(",")]
     checksum = save_weights(args.out, network, config)
-    print("wrote %s (sha256 %s, step %d, validation Dice %.4f)"
-          % (args.out, checksum, saved["step"], saved["best_dice"]))
+    # A weights file (exported before) records no step or validation Dice; a checkpoint does.
+    step, dice = saved.get("step"), saved.get("best_dice")
+    print("wrote %s (sha256 %s, %s)" % (args.out, checksum, "step %d, validation Dice %.4f" % (step, dice)
+                                        if step is not None else "from a weights file: no step recorded"))
     if not args.no_manifest:
-        manifest = {"file": os.path.basename(args.out), "sha256": checksum, "config": config,
-                    "training_step": saved["step"], "training_validation_dice": saved["best_dice"],
-                    "parameters": sum(p.numel() for p in network.parameters())}
+        manifest = {"file": os.path.basename(args.out), "sha256": checksum, "config": config}
+        if step is not None:
+            manifest.update(training_step=step, training_validation_dice=dice)
+        manifest["parameters"] = sum(p.numel() for p in network.parameters())
         with open(MANIFEST, "w") as handle:
             json.dump(manifest, handle, indent=1)
         print("updated %s" % MANIFEST)

@@ -236,6 +236,15 @@ def test_export_and_sharpness_read_checkpoints_and_weights_files(cache, tmp_path
     finer_config = load_model(finer)[1]
     assert finer_config["grid"] == [24, 32, 32] and finer_config["training_grid"] == [16, 24, 24]
     assert finer_config["output_smoothing"] == 0.5
+    # A weights file exported again (e.g. a finished run's weights with the bundled settings): the
+    # same weights, the new settings, and no step to report.
+    again = str(tmp_path / "again.pt")
+    done = _run("export_model.py", "--checkpoint", exported, "--out", again, "--no-manifest",
+                "--output-smoothing", "1.3", "--grid", "24,32,32")
+    assert done.returncode == 0 and "no step recorded" in done.stdout, done.stderr
+    again_network, again_config = load_model(again)
+    assert all(torch.equal(trained[k], v) for k, v in again_network.state_dict().items())
+    assert again_config["output_smoothing"] == 1.3 and again_config["grid"] == [24, 32, 32]
     tuned = str(tmp_path / "tuned")
     done = _run("train.py", "--cache", cache, "--run", tuned, "--steps", "1", "--init", exported, *TINY)
     assert done.returncode == 0, done.stderr
