@@ -1,5 +1,6 @@
-"""The cardiac benchmark's pair lists (issue 15): from issue 15's data_splits.json roles as from
-issue 14's cardiac_split.json sets, and its fmsam command line with another model's weights.
+"""The benchmark scripts' options of issue 15: the cardiac benchmark's pair lists from issue 15's
+data_splits.json roles as from issue 14's cardiac_split.json sets, its fmsam command line with another
+model's weights, and benchmark.py's --modality.
 
 Pair lists are paths only (no image is read), so these tests need no data."""
 import csv
@@ -8,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -86,3 +88,21 @@ def test_weights_and_labels_of_fmsam_rows(tmp_path):
     assert method_name("fmsam-fast", None) == "fmsam-fast" and method_name("identity", "adam") == "identity"
     assert ordered_methods({"ants-syn", "fmsam-fast[b]", "identity", "fmsam-fast", "fmsam-fast[a]"}) == [
         "identity", "fmsam-fast", "fmsam-fast[a]", "fmsam-fast[b]", "ants-syn"]
+
+
+def test_benchmark_modality_sets_the_normalisation(tmp_path):
+    """A CT-like image without air (rendered abdomen: -150 to 250 HU) is MR to ``auto`` (percentiles
+    to [0, 1]); ``modality="ct"`` puts it in the CT window (-1000 to 1000 HU to [0, 1])."""
+    import SimpleITK as sitk
+
+    from benchmark import normalised_pair
+
+    voxels = np.linspace(-150.0, 250.0, 8 * 24 * 24, dtype=np.float32).reshape(8, 24, 24)
+    pair = {}
+    for role in ("fixed", "moving"):
+        pair[role] = str(tmp_path / (role + ".nii.gz"))
+        sitk.WriteImage(sitk.GetImageFromArray(voxels), pair[role])
+    auto = sitk.GetArrayFromImage(normalised_pair(pair)[0])
+    ct = sitk.GetArrayFromImage(normalised_pair(pair, "ct")[1])
+    assert auto.min() == 0.0 and auto.max() == 1.0
+    assert np.allclose(ct, (voxels + 1000.0) / 2000.0, atol=1e-6)
