@@ -13,8 +13,15 @@ affine, and after registration, and the folding share.
 
 ``--grid``/``--output-smoothing`` override the models' own settings, so checkpoints and the bundled
 model are compared on one grid. Prints one line per pair and model, and each model's means.
+
+``--write-pairs DIR`` writes the same rendered pairs instead of registering them, for the benchmarks
+(``Testing/Benchmarks/benchmark.py run --pairs DIR/pairs.csv``), so figures of either path are on
+identical images:
+
+    python Training/evaluate_selection.py --role report --pairs 6 --write-pairs out/abdomen_report
 """
 import argparse
+import csv
 import os
 import sys
 
@@ -50,9 +57,40 @@ def pairs_of(count, subjects):
     return pairs[:count]
 
 
+def rendered_pairs(labels, pairs):
+    """``[(fixed, moving)]``: float32 SimpleITK images in HU on their label maps' grids, one per
+    ``(first, second)`` of ``pairs`` (indices into ``labels``), ``first`` fixed. Pair number ``n``
+    draws from a generator seeded ``1000 + n``: an organ palette (``ORGAN_HU`` +-25 HU), then the
+    fixed image, then the moving one."""
+    images = []
+    for index, (first, second) in enumerate(pairs):
+        generator = torch.Generator().manual_seed(1_000 + index)
+        hu = torch.tensor(ORGAN_HU) + 25.0 * (2 * torch.rand(len(ORGAN_HU), generator=generator) - 1)
+        images.append((rendered_ct(labels[first], generator, hu), rendered_ct(labels[second], generator, hu)))
+    return images
+
+
+def write_pairs(folder, maps, label_paths, pairs, images):
+    """Write ``images`` (from :func:`rendered_pairs`) as ``NN_fixed_MAP.nii.gz`` /
+    ``NN_moving_MAP.nii.gz`` (float32, HU) into ``folder`` and list them with their label maps in
+    ``folder/pairs.csv`` (``fixed,moving,fixed_labels,moving_labels``, paths relative to the CSV,
+    the format of ``fmsam.evaluate.read_pairs``). Returns the CSV's path."""
+    os.makedirs(folder, exist_ok=True)
+    csv_path = os.path.join(folder, "pairs.csv")
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["fixed", "moving", "fixed_labels", "moving_labels"])
+        for index, ((first, second), (fixed, moving)) in enumerate(zip(pairs, images)):
+            names = ["%02d_%s_%s.nii.gz" % (index, role, maps[n]) for role, n in (("fixed", first), ("moving", second))]
+            for name, image in zip(names, (fixed, moving)):
+                sitk.WriteImage(image, os.path.join(folder, name), useCompression=True)
+            writer.writerow(names + [os.path.relpath(label_paths[n], folder) for n in (first, second)])
+    return csv_path
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", required=True, help="name=path (checkpoint or weights file)")
+    parser.add_argument("--models", nargs="+", help="name=path (checkpoint or weights file)")
     parser.add_argument("--data", default=os.path.join(HERE, "..", "..", "shared", "data"))
     parser.add_argument("--splits", default=SPLITS_FILE)
     parser.add_argument("--role", choices=("selection", "report"), default="selection")
@@ -60,17 +98,22 @@ def main(argv=None):
     parser.add_argument("--grid", help="network grid budget D,H,W for every model (default: each model's)")
     parser.add_argument("--output-smoothing", type=float, default=None)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--write-pairs", metavar="DIR",
+                        help="write the rendered pairs and DIR/pairs.csv, and register nothing")
     args = parser.parse_args(argv)
+    if not (args.models or args.write_pairs):
+        parser.error("give --models to register, or --write-pairs DIR")
     if args.threads:
         torch.set_num_threads(args.threads)
     maps = load_splits(args.splits)["abdomen"][args.role]
-    labels = [sitk.ReadImage(os.path.join(args.data, "abdomen_labels", m + ".nii.gz"), sitk.sitkUInt8) for m in maps]
-    images = {}
+    label_paths = [os.path.join(args.data, "abdomen_labels", m + ".nii.gz") for m in maps]
+    labels = [sitk.ReadImage(path, sitk.sitkUInt8) for path in label_paths]
+    pairs = pairs_of(args.pairs, len(maps))
+    images = rendered_pairs(labels, pairs)
+    if args.write_pairs:
+        print("%d %s pairs -> %s" % (len(pairs), args.role, write_pairs(args.write_pairs, maps, label_paths, pairs, images)))
+        return 0
     results = {}
-    for index, (first, second) in enumerate(pairs_of(args.pairs, len(maps))):
-        generator = torch.Generator().manual_seed(1_000 + index)
-        hu = torch.tensor(ORGAN_HU) + 25.0 * (2 * torch.rand(len(ORGAN_HU), generator=generator) - 1)
-        images[index] = (rendered_ct(labels[first], generator, hu), rendered_ct(labels[second], generator, hu))
     for item in args.models:
         name, path = item.split("=", 1)
         network, config = load_network(path)
@@ -78,8 +121,7 @@ def main(argv=None):
             config["grid"] = [int(v) for v in args.grid.split(",")]
         if args.output_smoothing is not None:
             config["output_smoothing"] = args.output_smoothing
-        for index, (first, second) in enumerate(pairs_of(args.pairs, len(maps))):
-            fixed, moving = images[index]
+        for (first, second), (fixed, moving) in zip(pairs, images):
             report = register(fixed, moving, labels[first], labels[second], device="cpu", modality="ct",
                               model=(network, config)).report
             row = (report["dice_initial"], report["dice_affine"], report["dice_after"], report.get("folding_percent", float("nan")))

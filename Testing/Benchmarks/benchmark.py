@@ -14,7 +14,10 @@ NumPy < 2.4), so they run from a separate virtual environment, the fmsam rows fr
     python3 Testing/Benchmarks/benchmark.py report --out DIR
 
 ``report`` writes ``DIR/summary.md`` (a markdown table) and ``DIR/dice_vs_seconds.png``.
-Threads: ``--threads`` (default 2, the machine's cores) for ITK and torch alike.
+Threads: ``--threads`` (default 2, the machine's cores) for ITK and torch alike. ``--modality ct``
+(or ``mr``) normalises the images of the methods that normalise them (affine, demons, fmsam) that way
+instead of ``fmsam``'s automatic choice, as ``fmsam register --modality`` does; give such rows a
+``--label`` (rendered abdomen pairs have no air, so ``auto`` takes them for MR).
 """
 import argparse
 import contextlib
@@ -30,6 +33,8 @@ sys.path.insert(0, os.path.join(HERE, "..", "..", "Logic"))
 
 from fmsam.options import MODES  # noqa: E402  (no torch, no SimpleITK: safe in any venv)
 
+#: The methods that normalise the images as ``fmsam`` does (``--modality`` applies to them only).
+NORMALISING = ("affine", "fmsam-fast", "fmsam-accurate", "demons")
 FIELDS = ("method", "pair", "fixed", "moving", "dice", "folding_percent", "jacobian_min", "seconds")
 METHODS = ("affine", "fmsam-fast", "fmsam-accurate", "syn", "elastix", "demons")
 
@@ -62,7 +67,7 @@ def folding(field_lps, reference):
 
 # -- methods: each returns (seconds of registration, warped labels image, field (k,j,i,3) LPS) ----------
 
-def run_fmsam(pair, io_steps, weights=None, cache={}):
+def run_fmsam(pair, io_steps, weights=None, modality="auto", cache={}):
     from fmsam.pipeline import register
     from fmsam.weights import load_model
 
@@ -70,27 +75,28 @@ def run_fmsam(pair, io_steps, weights=None, cache={}):
         cache["model"], cache["weights"] = load_model(weights), weights
     start = time.perf_counter()
     result = register(pair["fixed"], pair["moving"], pair["fixed_labels"], pair["moving_labels"],
-                      io_steps=io_steps, device="cpu", model=cache["model"])
+                      io_steps=io_steps, device="cpu", model=cache["model"], modality=modality)
     seconds = time.perf_counter() - start
     return seconds, result.warped_labels, result.field, result.fixed
 
 
-def normalised_pair(pair):
-    """The pair's fixed and moving images normalised as ``fmsam.register`` normalises them."""
+def normalised_pair(pair, modality="auto"):
+    """The pair's fixed and moving images normalised as ``fmsam.register`` normalises them
+    (``modality``: 'auto', 'mr' or 'ct')."""
     from fmsam.imageio import load_scalar_volume
     from fmsam.intensity import normalised_image
 
-    return [normalised_image(load_scalar_volume(pair[role]), "auto")[0] for role in ("fixed", "moving")]
+    return [normalised_image(load_scalar_volume(pair[role]), modality)[0] for role in ("fixed", "moving")]
 
 
-def run_affine(pair):
+def run_affine(pair, modality="auto"):
     """fmsam's affine pre-alignment alone (the starting point every fmsam row improves on)."""
     import SimpleITK as sitk
 
     from fmsam import fields
     from fmsam.prealign import affine_prealign
 
-    fixed, moving = normalised_pair(pair)
+    fixed, moving = normalised_pair(pair, modality)
     start = time.perf_counter()
     affine = affine_prealign(fixed, moving)
     seconds = time.perf_counter() - start
@@ -150,14 +156,14 @@ def run_elastix(pair):
     return seconds, warped_labels, field, reference
 
 
-def run_demons(pair):
+def run_demons(pair, modality="auto"):
     """fmsam's affine pre-alignment, then SimpleITK diffeomorphic demons on the affinely aligned
     pair (3 levels, histogram matching), composed into one fixed-to-moving field."""
     import SimpleITK as sitk
 
     from fmsam.prealign import affine_prealign
 
-    fixed, moving = normalised_pair(pair)
+    fixed, moving = normalised_pair(pair, modality)
     start = time.perf_counter()
     affine = affine_prealign(fixed, moving)
     aligned = sitk.Resample(moving, fixed, affine, sitk.sitkLinear, 0.0)
@@ -185,8 +191,8 @@ def run_demons(pair):
 
 
 RUNNERS = {
-    "fmsam-fast": lambda pair, weights=None: run_fmsam(pair, 0, weights),
-    "fmsam-accurate": lambda pair, weights=None: run_fmsam(pair, MODES["accurate"], weights),
+    "fmsam-fast": lambda pair, **options: run_fmsam(pair, 0, **options),
+    "fmsam-accurate": lambda pair, **options: run_fmsam(pair, MODES["accurate"], **options),
     "affine": run_affine,
     "syn": run_syn,
     "elastix": run_elastix,
@@ -239,10 +245,10 @@ def run(args):
                 key = "%03d" % number
                 if (method + suffix, key) in finished:
                     continue
-                if method.startswith("fmsam"):
-                    seconds, warped_labels, field, reference = RUNNERS[method](pair, args.weights)
-                else:
-                    seconds, warped_labels, field, reference = RUNNERS[method](pair)
+                options = {"weights": args.weights} if method.startswith("fmsam") else {}
+                if method in NORMALISING:
+                    options["modality"] = args.modality
+                seconds, warped_labels, field, reference = RUNNERS[method](pair, **options)
                 folding_percent, jacobian_min = folding(field, reference)
                 row = {"method": method + suffix, "pair": key, "fixed": os.path.basename(pair["fixed"]),
                        "moving": os.path.basename(pair["moving"]),
@@ -322,6 +328,8 @@ def main():
     run_parser.add_argument("--limit", type=int, default=0, help="first N pairs only (0: all)")
     run_parser.add_argument("--weights", help="fmsam weights file (default: the bundled model)")
     run_parser.add_argument("--label", help="suffix for the method name, e.g. adam -> fmsam-fast[adam]")
+    run_parser.add_argument("--modality", choices=("auto", "mr", "ct"), default="auto",
+                            help="normalisation of affine, demons and fmsam (default: fmsam's automatic choice)")
     report_parser = commands.add_parser("report")
     report_parser.add_argument("--out", required=True)
     report_parser.add_argument("--title")

@@ -1,8 +1,10 @@
 """Cardiac benchmark (issue 14): thin short-axis stacks, label-free measures.
 
 Pairs come from ``../shared/data/cardiac_myops`` (MyoPS, 2-6 slices 12-23 mm thick, 0.7 mm in plane)
-and the patient split in ``cardiac_split.json``: tune on ``selection`` patients only, report on
-``report`` patients. Two kinds of pair:
+and a patient split: issue 14's ``cardiac_split.json`` (``pairs --set report``), or a role of issue
+15's ``data_splits.json`` (``pairs --splits Testing/Benchmarks/data_splits.json --role report``; half of
+issue 14's report patients train there). Tune on ``selection`` patients only, report on ``report``
+patients. Two kinds of pair:
 
 * ``inter``: two patients, one sequence (bSSFP ``C0``, LGE ``DE`` or ``T2``, taken in turn);
   patient n (fixed) with patient n+1 (moving) of the split's list, the last with the first.
@@ -33,6 +35,9 @@ seeded with ``ants.config.set_ants_deterministic(True, 1)``), which need the sep
     python3 Testing/Benchmarks/cardiac_benchmark.py report --out out/cardiac/report --also out/cardiac/report_ants
 
 Rows already in ``OUT/results.csv`` are skipped (resumable). ``--threads`` (default 1) for ITK and torch.
+``run --weights FILE --label NAME`` runs the fmsam methods with another model (``fmsam register
+--weights``, with ``--allow-unverified-weights`` when FILE has no FILE.sha256 beside it); their rows
+read e.g. ``fmsam-fast[NAME]`` and ``report`` lists them after the bundled model's.
 """
 import argparse
 import csv
@@ -114,7 +119,19 @@ def run_identity(pair, threads):
     return 0, 0.0, warped, np.zeros(sitk.GetArrayViewFromImage(fixed).shape + (3,))
 
 
-def run_fmsam(pair, threads, io_steps):
+def fmsam_command(pair, out, io_steps, weights=None):
+    """The ``fmsam register`` command line of a pair (outputs into folder ``out``); ``weights``: a
+    weights file instead of the bundled model, allowed unverified when it has no ``.sha256``."""
+    command = [sys.executable, "-m", "fmsam.cli", "register", pair["fixed"], pair["moving"],
+               "--out", out, "--device", "cpu", "--quiet", "--io-steps", str(io_steps)]
+    if weights:
+        command += ["--weights", weights]
+        if not os.path.isfile(weights + ".sha256"):
+            command.append("--allow-unverified-weights")
+    return command
+
+
+def run_fmsam(pair, threads, io_steps, weights=None):
     import SimpleITK as sitk
 
     from fmsam.fields import dense_field
@@ -123,8 +140,7 @@ def run_fmsam(pair, threads, io_steps):
         out = os.path.join(folder, "out")
         environment = dict(os.environ, PYTHONPATH=LOGIC, OMP_NUM_THREADS=str(threads),
                            ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=str(threads))
-        command = [sys.executable, "-m", "fmsam.cli", "register", pair["fixed"], pair["moving"],
-                   "--out", out, "--device", "cpu", "--quiet", "--io-steps", str(io_steps)]
+        command = fmsam_command(pair, out, io_steps, weights)
         finished = subprocess.run(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   universal_newlines=True)
         if finished.returncode != 0:
@@ -165,8 +181,8 @@ def run_ants(pair, threads, kind):
 
 RUNNERS = {
     "identity": run_identity,
-    "fmsam-fast": lambda pair, threads: run_fmsam(pair, threads, 0),
-    "fmsam-accurate": lambda pair, threads: run_fmsam(pair, threads, MODES["accurate"]),
+    "fmsam-fast": lambda pair, threads, weights=None: run_fmsam(pair, threads, 0, weights),
+    "fmsam-accurate": lambda pair, threads, weights=None: run_fmsam(pair, threads, MODES["accurate"], weights),
     "ants-affine": lambda pair, threads: run_ants(pair, threads, "Affine"),
     "ants-syn": lambda pair, threads: run_ants(pair, threads, "SyN"),
 }
@@ -177,15 +193,29 @@ def read_csv(path):
         return list(csv.DictReader(handle))
 
 
+def split_patients(splits=None, role=None, issue14_set=None):
+    """MyoPS patient IDs (int), in the split file's order: ``role`` of the ``cardiac`` entry of an
+    issue-15 split file (``data_splits.json``), or else ``issue14_set`` of ``cardiac_split.json``."""
+    if splits:
+        with open(splits) as handle:
+            return json.load(handle)["cardiac"][role]
+    with open(SPLIT) as handle:
+        return json.load(handle)[issue14_set]
+
+
 def pairs_command(args):
-    split = json.load(open(SPLIT))
-    rows = make_pairs(split[args.set])
+    rows = make_pairs(split_patients(args.splits, args.role, args.set))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", newline="") as handle:
         writer = csv.DictWriter(handle, ("kind", "fixed", "moving"))
         writer.writeheader()
         writer.writerows(rows)
     print("%d pairs -> %s" % (len(rows), args.out))
+
+
+def method_name(method, label):
+    """The results' name of a method: an fmsam method run with ``--label NAME`` is ``method[NAME]``."""
+    return "%s[%s]" % (method, label) if label and method.startswith("fmsam") else method
 
 
 def run_command(args):
@@ -201,12 +231,15 @@ def run_command(args):
     with appending_results(args.out, FIELDS) as (write, finished):
         for method in methods:
             for number, pair in enumerate(pairs):
-                key = "%03d" % number
-                if (method, key) in finished or (only is not None and number not in only):
+                key, name = "%03d" % number, method_name(method, args.label)
+                if (name, key) in finished or (only is not None and number not in only):
                     continue
-                code, seconds, warped, field = RUNNERS[method](pair, args.threads)
+                if method.startswith("fmsam"):
+                    code, seconds, warped, field = RUNNERS[method](pair, args.threads, args.weights)
+                else:
+                    code, seconds, warped, field = RUNNERS[method](pair, args.threads)
                 fixed = sitk.ReadImage(pair["fixed"], sitk.sitkFloat32)
-                row = {"method": method, "pair": key, "kind": pair["kind"],
+                row = {"method": name, "pair": key, "kind": pair["kind"],
                        "fixed": os.path.basename(pair["fixed"]), "moving": os.path.basename(pair["moving"]),
                        "exit": code, "seconds": round(seconds, 2)}
                 if code == 0:
@@ -215,8 +248,14 @@ def run_command(args):
                                jacobian_min=round(jacobian_min, 4))
                 write(row)
                 print("%-14s %s %-5s %s <- %s exit %d NMI %s folding %s %% %.1f s" % (
-                    method, key, pair["kind"], row["fixed"], row["moving"], code, row.get("nmi"),
+                    name, key, pair["kind"], row["fixed"], row["moving"], code, row.get("nmi"),
                     row.get("folding_percent"), seconds), flush=True)
+
+
+def ordered_methods(names):
+    """Method names in :data:`METHODS` order, each labelled model (``fmsam-fast[NAME]``) after its
+    method, labels alphabetically."""
+    return sorted(names, key=lambda name: (METHODS.index(name.split("[")[0]), name))
 
 
 def report_command(args):
@@ -225,7 +264,7 @@ def report_command(args):
     rows = []
     for folder in [args.out] + (args.also or []):  # e.g. the ANTs rows, run from another environment
         rows += read_csv(os.path.join(folder, "results.csv"))
-    methods = [m for m in METHODS if any(row["method"] == m for row in rows)]
+    methods = ordered_methods({row["method"] for row in rows})
     by = {(row["method"], row["pair"]): row for row in rows}
     pairs = sorted({row["pair"] for row in rows})
     kinds = {row["pair"]: row["kind"] for row in rows}
@@ -267,7 +306,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     pairs_parser = sub.add_parser("pairs", help="write the pair list of a split set")
-    pairs_parser.add_argument("--set", choices=("selection", "report"), required=True)
+    split = pairs_parser.add_mutually_exclusive_group(required=True)
+    split.add_argument("--set", choices=("selection", "report"), help="a set of issue 14's cardiac_split.json")
+    split.add_argument("--splits", help="an issue-15 split file (data_splits.json): pairs of its cardiac --role")
+    pairs_parser.add_argument("--role", choices=("selection", "report"), help="with --splits")
     pairs_parser.add_argument("--out", required=True)
     run_parser = sub.add_parser("run", help="register the pairs with some methods")
     run_parser.add_argument("--pairs", required=True)
@@ -276,10 +318,14 @@ def main():
     run_parser.add_argument("--threads", type=int, default=1)
     run_parser.add_argument("--limit", type=int, default=0)
     run_parser.add_argument("--only", default="", help="comma-separated pair numbers (0-based) to run")
+    run_parser.add_argument("--weights", help="fmsam weights file (default: the bundled model)")
+    run_parser.add_argument("--label", help="suffix for the fmsam methods' name, e.g. adam -> fmsam-fast[adam]")
     report_parser = sub.add_parser("report", help="summary table of a results folder")
     report_parser.add_argument("--out", required=True)
     report_parser.add_argument("--also", nargs="*", help="more results folders to merge in")
     args = parser.parse_args()
+    if args.command == "pairs" and bool(args.splits) != bool(args.role):
+        parser.error("pairs: --role goes with --splits (and only with it)")
     {"pairs": pairs_command, "run": run_command, "report": report_command}[args.command](args)
 
 

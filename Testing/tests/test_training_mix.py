@@ -384,3 +384,45 @@ def test_sharpness_on_the_mix_measures_the_trainers_pairs(cache, small_splits, m
     # once, 1.40192 against 1.40206).
     assert min(abs(curve[-1.0] - curve[0.0]), abs(curve[1.0] - curve[0.0])) > 1e-6
     assert max(curve[-1.0], curve[1.0]) > curve[0.0]
+
+
+# -- abdomen report pairs as files (issue 15) ---------------------------------------------------------
+
+@needs_data
+def test_written_abdomen_pairs_are_the_rendered_ones(tmp_path):
+    """``evaluate_selection.py --write-pairs`` writes the images its registration path renders in
+    memory (float32 HU, to the voxel), on the label maps' grids, with a pairs CSV that
+    ``fmsam.evaluate.read_pairs`` reads back to the right label maps; it registers nothing."""
+    import SimpleITK as sitk
+
+    import evaluate_selection
+    from anatomy import ORGAN_HU
+    from fmsam.evaluate import read_pairs
+
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps({"abdomen": {"training": [], "selection": [], "report": ["0003", "0010"]}}))
+    folder = tmp_path / "pairs"
+    assert evaluate_selection.main(["--data", DATA, "--splits", str(splits), "--role", "report",
+                                    "--pairs", "1", "--write-pairs", str(folder)]) == 0
+    with open(folder / "pairs.csv") as handle:
+        assert handle.readline().strip() == "fixed,moving,fixed_labels,moving_labels"
+    (pair,) = read_pairs(str(folder / "pairs.csv"))
+    label_paths = [os.path.join(ABDOMEN, name + ".nii.gz") for name in ("0003", "0010")]
+    assert os.path.samefile(pair["fixed_labels"], label_paths[0])
+    assert os.path.samefile(pair["moving_labels"], label_paths[1])
+    labels = [sitk.ReadImage(path, sitk.sitkUInt8) for path in label_paths]
+    (expected,) = evaluate_selection.rendered_pairs(labels, evaluate_selection.pairs_of(1, 2))
+    for role, label_image, in_memory in zip(("fixed", "moving"), labels, expected):
+        written = sitk.ReadImage(pair[role])
+        assert written.GetPixelID() == sitk.sitkFloat32
+        assert written.GetSize() == label_image.GetSize()
+        assert written.GetOrigin() == label_image.GetOrigin() and written.GetSpacing() == label_image.GetSpacing()
+        assert written.GetDirection() == label_image.GetDirection()
+        array = sitk.GetArrayFromImage(written)
+        assert np.array_equal(array, sitk.GetArrayFromImage(in_memory))
+        # In HU: the liver (6) near its palette value (ORGAN_HU +-25, noise 15 HU, blurred).
+        liver = np.median(array[sitk.GetArrayViewFromImage(label_image) == 6])
+        assert abs(liver - ORGAN_HU[6]) < 30, liver
+    fixed, moving = (sitk.GetArrayFromImage(sitk.ReadImage(pair[role])) for role in ("fixed", "moving"))
+    assert fixed.shape != moving.shape or not np.array_equal(fixed, moving)
+    assert sorted(os.listdir(folder)) == ["00_fixed_0003.nii.gz", "00_moving_0010.nii.gz", "pairs.csv"]

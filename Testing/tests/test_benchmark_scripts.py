@@ -1,0 +1,108 @@
+"""The benchmark scripts' options of issue 15: the cardiac benchmark's pair lists from issue 15's
+data_splits.json roles as from issue 14's cardiac_split.json sets, its fmsam command line with another
+model's weights, and benchmark.py's --modality.
+
+Pair lists are paths only (no image is read), so these tests need no data."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BENCHMARKS = os.path.join(ROOT, "Testing", "Benchmarks")
+SCRIPT = os.path.join(BENCHMARKS, "cardiac_benchmark.py")
+SPLITS = os.path.join(BENCHMARKS, "data_splits.json")
+sys.path.insert(0, BENCHMARKS)  # the benchmark's modules are scripts, not a package
+
+
+def _pairs(tmp_path, *args):
+    out = str(tmp_path / "pairs.csv")
+    finished = subprocess.run([sys.executable, SCRIPT, "pairs", "--out", out] + list(args),
+                              capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    with open(out, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _patient(path):
+    """(patient ID, sequence) of ``.../<ID>_<SEQ>.nii.gz``."""
+    patient, sequence = os.path.basename(path)[: -len(".nii.gz")].split("_")
+    return int(patient), sequence
+
+
+@pytest.mark.parametrize("role", ["report", "selection"])
+def test_pairs_of_an_issue15_role_stay_in_the_role(tmp_path, role):
+    with open(SPLITS) as handle:
+        cardiac = json.load(handle)["cardiac"]
+    patients = cardiac[role]
+    assert len(patients) == {"report": 16, "selection": 8}[role]
+    rows = _pairs(tmp_path, "--splits", SPLITS, "--role", role)
+    inter = [row for row in rows if row["kind"] == "inter"]
+    cross = [row for row in rows if row["kind"] == "cross"]
+    assert len(rows) == 2 * len(patients) and len(inter) == len(cross) == len(patients)
+    seen = {_patient(row[side])[0] for row in rows for side in ("fixed", "moving")}
+    assert seen == set(patients)
+    assert not seen & (set(cardiac["training"]) | set(cardiac[{"report": "selection", "selection": "report"}[role]]))
+    for n, (row, patient) in enumerate(zip(inter, patients)):  # n fixed, n + 1 moving, sequences in turn
+        sequence = ("C0", "DE", "T2")[n % 3]
+        assert _patient(row["fixed"]) == (patient, sequence)
+        assert _patient(row["moving"]) == (patients[(n + 1) % len(patients)], sequence)
+    for row, patient in zip(cross, patients):  # one patient, two different sequences
+        (fixed, first), (moving, second) = _patient(row["fixed"]), _patient(row["moving"])
+        assert fixed == moving == patient and first != second
+
+
+def test_issue14_sets_still_give_their_pairs(tmp_path):
+    from cardiac_benchmark import make_pairs
+
+    with open(os.path.join(BENCHMARKS, "cardiac_split.json")) as handle:
+        report = json.load(handle)["report"]
+    rows = _pairs(tmp_path, "--set", "report")
+    assert len(rows) == 2 * len(report) == 64
+    assert rows == [{key: str(value) for key, value in row.items()} for row in make_pairs(report)]
+
+
+def test_role_goes_with_splits_only(tmp_path):
+    for args in (["--splits", SPLITS], ["--set", "report", "--role", "report"],
+                 ["--set", "report", "--splits", SPLITS, "--role", "report"]):
+        finished = subprocess.run([sys.executable, SCRIPT, "pairs", "--out", str(tmp_path / "x.csv")] + args,
+                                  capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert finished.returncode == 2 and not os.path.exists(tmp_path / "x.csv"), args
+
+
+def test_weights_and_labels_of_fmsam_rows(tmp_path):
+    from cardiac_benchmark import fmsam_command, method_name, ordered_methods
+
+    pair = {"fixed": "f.nii.gz", "moving": "m.nii.gz"}
+    assert "--weights" not in fmsam_command(pair, "out", 0)
+    weights = str(tmp_path / "model.pt")
+    command = fmsam_command(pair, "out", 0, weights)
+    assert command[command.index("--weights") + 1] == weights and "--allow-unverified-weights" in command
+    open(weights + ".sha256", "w").close()
+    assert "--allow-unverified-weights" not in fmsam_command(pair, "out", 0, weights)
+    assert method_name("fmsam-fast", "adam") == "fmsam-fast[adam]"
+    assert method_name("fmsam-fast", None) == "fmsam-fast" and method_name("identity", "adam") == "identity"
+    assert ordered_methods({"ants-syn", "fmsam-fast[b]", "identity", "fmsam-fast", "fmsam-fast[a]"}) == [
+        "identity", "fmsam-fast", "fmsam-fast[a]", "fmsam-fast[b]", "ants-syn"]
+
+
+def test_benchmark_modality_sets_the_normalisation(tmp_path):
+    """A CT-like image without air (rendered abdomen: -150 to 250 HU) is MR to ``auto`` (percentiles
+    to [0, 1]); ``modality="ct"`` puts it in the CT window (-1000 to 1000 HU to [0, 1])."""
+    import SimpleITK as sitk
+
+    from benchmark import normalised_pair
+
+    voxels = np.linspace(-150.0, 250.0, 8 * 24 * 24, dtype=np.float32).reshape(8, 24, 24)
+    pair = {}
+    for role in ("fixed", "moving"):
+        pair[role] = str(tmp_path / (role + ".nii.gz"))
+        sitk.WriteImage(sitk.GetImageFromArray(voxels), pair[role])
+    auto = sitk.GetArrayFromImage(normalised_pair(pair)[0])
+    ct = sitk.GetArrayFromImage(normalised_pair(pair, "ct")[1])
+    assert auto.min() == 0.0 and auto.max() == 1.0
+    assert np.allclose(ct, (voxels + 1000.0) / 2000.0, atol=1e-6)
