@@ -38,8 +38,9 @@ class FMSAMRegistration(ScriptedLoadableModule):
         self.parent.contributors = ["FMSAMRegistration developers (FMSAMRegistration project)"]
         self.parent.helpText = _(
             "Deformable registration of two volumes with a uniGradICON-style registration foundation "
-            "model (its trainer does Sharpness-Aware Minimization and, for comparison, Adam; the bundled "
-            "model is the better of the two as measured, currently the Adam one, trained on brain MRI). "
+            "model (its trainer does Sharpness-Aware Minimization, ASAM and, for comparison, Adam; the "
+            "bundled model is the best measured, currently an Adam one trained on brain MRI only: it runs "
+            "on other anatomy, where classical methods are sometimes better; the README says where). "
             "Pick the fixed and moving volumes and click Register: the "
             "result is a grid transform (fixed to moving, as ITK writes it), the moving volume warped "
             "onto the fixed grid, and a Jacobian-determinant map (green = folding). The registration "
