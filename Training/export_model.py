@@ -26,17 +26,18 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="weights file inside Logic/fmsam/weights/")
     parser.add_argument("--no-manifest", action="store_true",
                         help="only write the weights and .sha256 (for a model that is not bundled)")
-    parser.add_argument("--output-smoothing", type=float, default=0.0,
-                        help="Gaussian sigma (network-grid voxels) applied to fast mode's field; 0: none")
+    parser.add_argument("--output-smoothing", type=float, default=None,
+                        help="Gaussian sigma (network-grid voxels) applied to fast mode's field; 0: none "
+                        "(default: the source's setting, none for a checkpoint)")
     parser.add_argument("--grid", help="network grid D,H,W whose voxel count sets the inference grid "
                         "(default: the training grid)")
     args = parser.parse_args(argv)
     weights, config, saved = read_state(args.checkpoint)  # saved: step, best_dice, ...
     network = network_from(weights, config)
-    if args.output_smoothing:
+    if args.output_smoothing is not None:
         config["output_smoothing"] = args.output_smoothing
     if args.grid:
-        config["training_grid"] = config["grid"]
+        config.setdefault("training_grid", config["grid"])  # a re-exported file keeps the real one
         config["grid"] = [int(n) for n in args.grid.split(",")]
     checksum = save_weights(args.out, network, config)
     # A weights file (exported before) records no step or validation Dice; a checkpoint does.
@@ -45,6 +46,10 @@ def main(argv=None):
                                         if step is not None else "from a weights file: no step recorded"))
     if not args.no_manifest:
         manifest = {"file": os.path.basename(args.out), "sha256": checksum, "config": config}
+        if step is None and os.path.isfile(MANIFEST):  # the bundled file again: keep its record
+            previous = json.load(open(MANIFEST))
+            if os.path.abspath(args.checkpoint) == os.path.join(os.path.dirname(MANIFEST), previous["file"]):
+                step, dice = previous.get("training_step"), previous.get("training_validation_dice")
         if step is not None:
             manifest.update(training_step=step, training_validation_dice=dice)
         manifest["parameters"] = sum(p.numel() for p in network.parameters())

@@ -52,6 +52,10 @@ _RDBU_R = np.array([(5, 48, 97), (33, 102, 172), (67, 147, 195), (146, 197, 222)
 #: The Jacobian panel's range: det J from 0 to 2 over 256 colours, 1 (volume kept) white.
 JACOBIAN_RANGE = (0.0, 2.0)
 PANEL = 300  # pixels: each panel fits a PANEL x PANEL box
+#: Each panel's slot is at least this wide and every row of panels at least this high (pixels), so
+#: that titles and the colour bar stay readable when a slice is very narrow or very flat (the slice
+#: itself keeps its aspect, centred in its slot).
+MIN_SLOT = (200, 160)
 MARGIN = 12
 TITLE = 24  # pixels above each panel
 SUPTITLE = 30
@@ -62,7 +66,8 @@ def jacobian_colours(determinant):
     centred on 1 (blue: contraction, red: expansion), clipped to :data:`JACOBIAN_RANGE`, with the
     lowest of its 256 bins (det J < 2/256, folding included) black."""
     low, high = JACOBIAN_RANGE
-    scaled = np.clip((np.asarray(determinant, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
+    values = np.nan_to_num(np.asarray(determinant, dtype=np.float64), nan=low)  # undefined: black
+    scaled = np.clip((values - low) / (high - low), 0.0, 1.0)
     index = np.minimum((scaled * 256).astype(np.int64), 255)
     anchors = np.linspace(0.0, 1.0, len(_RDBU_R))
     table = np.stack([np.interp(np.linspace(0.0, 1.0, 256), anchors, _RDBU_R[:, c]) for c in range(3)],
@@ -90,7 +95,7 @@ def _panel(pixels, aspect, nearest=False):
 def _font(size):
     try:
         return ImageFont.load_default(size=size)  # Pillow >= 10.1: a scalable font
-    except TypeError:
+    except TypeError:  # Pillow 9.2-10.0: the bitmap font (textbbox measures it since 9.2)
         return ImageFont.load_default()
 
 
@@ -132,9 +137,10 @@ def write_overview(path, fixed, moving_on_fixed, warped, jacobian, report):
     panels.append((_panel(jacobian_colours(jacobian_slice), aspect, nearest=True),
                    "det J (folding %.3f %%)" % report["folding_percent"]))
 
-    height = max(panel.size[1] for panel, _ in panels)
+    height = max([MIN_SLOT[1]] + [panel.size[1] for panel, _ in panels])
+    slots = [max(MIN_SLOT[0], panel.size[0]) for panel, _ in panels]
     bar_width = 60
-    width = MARGIN + sum(panel.size[0] + MARGIN for panel, _ in panels) + bar_width
+    width = MARGIN + sum(slot + MARGIN for slot in slots) + bar_width
     canvas = Image.new("RGB", (width, SUPTITLE + TITLE + height + MARGIN), "white")
     draw = ImageDraw.Draw(canvas)
     font, large = _font(14), _font(16)
@@ -143,10 +149,10 @@ def write_overview(path, fixed, moving_on_fixed, warped, jacobian, report):
         summary += "   Dice affine %.3f -> registered %.3f" % (report["dice_affine"], report["dice_after"])
     _text(draw, (width // 2, SUPTITLE // 2 + 2), summary, large)
     left = MARGIN
-    for panel, title in panels:
+    for (panel, title), slot in zip(panels, slots):
         top = SUPTITLE + TITLE + (height - panel.size[1]) // 2
-        canvas.paste(panel.convert("RGB"), (left, top))
-        _text(draw, (left + panel.size[0] // 2, SUPTITLE + TITLE // 2), title, font)
-        left += panel.size[0] + MARGIN
+        canvas.paste(panel.convert("RGB"), (left + (slot - panel.size[0]) // 2, top))
+        _text(draw, (left + slot // 2, SUPTITLE + TITLE // 2), title, font)
+        left += slot + MARGIN
     _colour_bar(canvas, draw, left, SUPTITLE + TITLE, height, font)
     canvas.save(path, format="PNG")

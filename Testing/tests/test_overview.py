@@ -14,6 +14,7 @@ def test_jacobian_colours_are_white_at_one_black_when_folding_and_diverge():
     assert np.all(np.abs(colours[4].astype(int) - 247) <= 4)  # det J = 1: near white (RdBu's centre)
     assert tuple(colours[5]) == (103, 0, 31) == tuple(colours[6])  # the top and beyond: dark red
     assert JACOBIAN_RANGE == (0.0, 2.0)
+    assert np.all(jacobian_colours(np.array([np.nan])) == 0)  # undefined: black, not an error
 
 
 def _image(array, spacing):
@@ -47,3 +48,17 @@ def test_overview_draws_five_panels_and_shows_folding_in_black(tmp_path):
     # 10 x 10 voxels of 1 mm drawn 6 pixels each (a 50-column slice in a 300-pixel panel): the
     # square's corners are 60 pixels apart both ways (the slice plane's pixels are square)
     assert 8 <= rows.max() - rows.min() <= 12 and 8 <= columns.max() - columns.min() <= 12
+
+
+def test_a_narrow_or_flat_slice_keeps_readable_slots(tmp_path):
+    """A slice 5 voxels wide (or high) is drawn with its aspect inside a slot of MIN_SLOT, so the
+    five titles and the colour bar's ticks have room."""
+    from fmsam.overview import MIN_SLOT
+
+    report = {"device": "cpu", "folding_percent": 0.0}
+    for shape in ((3, 400, 5), (3, 5, 400)):
+        image = _image(np.random.default_rng(1).random(shape), (1.0, 1.0, 1.0))
+        path = str(tmp_path / ("%d_%d.png" % shape[1:]))
+        write_overview(path, image, image, image, _image(np.ones(shape), (1.0, 1.0, 1.0)), report)
+        width, height = Image.open(path).size
+        assert width >= 5 * MIN_SLOT[0] and height >= MIN_SLOT[1], (shape, width, height)

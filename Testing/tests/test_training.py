@@ -245,6 +245,15 @@ def test_export_and_sharpness_read_checkpoints_and_weights_files(cache, tmp_path
     again_network, again_config = load_model(again)
     assert all(torch.equal(trained[k], v) for k, v in again_network.state_dict().items())
     assert again_config["output_smoothing"] == 1.3 and again_config["grid"] == [24, 32, 32]
+    # Exported again from a file that already has an inference grid: the training grid stays the
+    # real one; smoothing 0 clears a stored smoothing.
+    third = str(tmp_path / "third.pt")
+    done = _run("export_model.py", "--checkpoint", finer, "--out", third, "--no-manifest",
+                "--output-smoothing", "0", "--grid", "32,40,40")
+    assert done.returncode == 0, done.stderr
+    third_config = load_model(third)[1]
+    assert third_config["training_grid"] == [16, 24, 24] and third_config["grid"] == [32, 40, 40]
+    assert third_config["output_smoothing"] == 0
     tuned = str(tmp_path / "tuned")
     done = _run("train.py", "--cache", cache, "--run", tuned, "--steps", "1", "--init", exported, *TINY)
     assert done.returncode == 0, done.stderr
