@@ -185,19 +185,24 @@ def labels_on_grid(labels, grid, box=None):
     return warp(labels.float(), torch.zeros((1, 3) + tuple(grid)), mode="nearest")
 
 
-def render_ct(generator, label_map, hu_means, noise_hu):
-    """A CT-like image of a label map: each label at its mean HU plus Gaussian noise (``noise_hu``),
-    a 1-2 voxel blur, then the engine's CT window (``fmsam.intensity.CT_WINDOW_HU``) to [0, 1]. No
-    bias field and no gamma (CT has a fixed scale). ``hu_means``: (labels,) tensor."""
-    from fmsam.intensity import CT_WINDOW_HU
-
+def render_ct_hounsfield(generator, label_map, hu_means, noise_hu):
+    """A CT-like image of a label map in Hounsfield units: each label at its mean HU plus Gaussian
+    noise (``noise_hu``) and a 1-2 voxel blur. No bias field and no gamma (CT has a fixed scale).
+    ``label_map``: (1, 1, D, H, W); ``hu_means``: (labels,) tensor. Returns float (1, 1, D, H, W)."""
     shape = label_map.shape[2:]
     index = label_map.long()
     image = hu_means[index] + noise_hu * torch.randn(index.shape, generator=generator)
     blur = 1.0 + torch.rand(1, generator=generator).item()
-    image = resize(resize(image, [max(2, int(round(n / blur))) for n in shape]), shape)
-    low, high = CT_WINDOW_HU
-    return ((image - low) / (high - low)).clamp(0.0, 1.0).float()
+    return resize(resize(image, [max(2, int(round(n / blur))) for n in shape]), shape)
+
+
+def render_ct(generator, label_map, hu_means, noise_hu):
+    """:func:`render_ct_hounsfield` mapped to [0, 1] as the engine maps CT
+    (:func:`fmsam.intensity.hounsfield_to_unit`), float32 (1, 1, D, H, W)."""
+    from fmsam.intensity import hounsfield_to_unit
+
+    image = render_ct_hounsfield(generator, label_map, hu_means, noise_hu)
+    return torch.from_numpy(hounsfield_to_unit(image.numpy()))
 
 
 def slab_average(image, axis, factor):
@@ -217,7 +222,7 @@ def abdomen_pair(abdomen, generator, budget_grid, min_fraction=0.5):
     aligned to each other, as after an affine) or intra-subject (one map, the moving one through
     ``synth.random_deformation``, up to 4 network voxels); a crop box, ``min_fraction``-1 of each
     axis at a random place (the same box in both maps); a CT-like (chance 0.5: organ HU per
-    :data:`ORGAN_HU` +-25, noise 5-25 HU, CT window) or MR-like contrast (``synth.random_palette``
+    :data:`ORGAN_HU` +-25, noise 5-25 HU, the engine's CT mapping) or MR-like contrast (``synth.random_palette``
     and ``synth.render``: bias field, blur, noise, gamma), one contrast for both images (local NCC
     needs a shared contrast; other contrasts are contrast matching's job at inference); the moving
     labels through a small random affine in mm (inter-subject only); then for each image, with

@@ -2,8 +2,8 @@
 
 The trainer's abdomen validation runs the network alone on roughly aligned maps. Here each pair of
 two different maps of the split's ``--role`` (default ``selection``; ``report`` only for published
-figures) is rendered CT-like in Hounsfield units (``anatomy.render_ct`` with a palette fixed by the
-pair's index, noise 15 HU, then undone from the CT window), and registered by
+figures) is rendered CT-like in Hounsfield units (``anatomy.render_ct_hounsfield`` with a palette fixed by
+the pair's index, noise 15 HU), and registered by
 :func:`fmsam.pipeline.register` exactly as a user's pair would be (CT normalisation, affine
 pre-alignment, network on its grid, fast mode), with the maps as label maps: Dice before, after the
 affine, and after registration, and the folding share.
@@ -33,20 +33,18 @@ import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 import torch  # noqa: E402
 
-from anatomy import ORGAN_HU, render_ct  # noqa: E402
+from anatomy import ORGAN_HU, render_ct_hounsfield  # noqa: E402
 from checkpoints import load_network  # noqa: E402
 from data_splits import SPLITS_FILE, load_splits  # noqa: E402
-from fmsam.intensity import CT_WINDOW_HU  # noqa: E402
 from fmsam.pipeline import register  # noqa: E402
 
 
 def rendered_ct(label_image, generator, hu_means, noise_hu=15.0):
     """A float32 SimpleITK image in Hounsfield units on ``label_image``'s grid: the map rendered by
-    ``anatomy.render_ct`` and brought back from the CT window."""
+    ``anatomy.render_ct_hounsfield``."""
     labels = torch.from_numpy(sitk.GetArrayFromImage(label_image).astype(np.float32))[None, None]
-    windowed = render_ct(generator, labels, hu_means, noise_hu)[0, 0].numpy()
-    low, high = CT_WINDOW_HU
-    image = sitk.GetImageFromArray((windowed * (high - low) + low).astype(np.float32))
+    hounsfield = render_ct_hounsfield(generator, labels, hu_means, noise_hu)[0, 0].numpy()
+    image = sitk.GetImageFromArray(hounsfield.astype(np.float32))
     image.CopyInformation(label_image)
     return image
 

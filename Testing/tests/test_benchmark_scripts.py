@@ -92,7 +92,7 @@ def test_weights_and_labels_of_fmsam_rows(tmp_path):
 
 def test_benchmark_modality_sets_the_normalisation(tmp_path):
     """A CT-like image without air (rendered abdomen: -150 to 250 HU) is MR to ``auto`` (percentiles
-    to [0, 1]); ``modality="ct"`` puts it in the CT window (-1000 to 1000 HU to [0, 1])."""
+    to [0, 1]); ``modality="ct"`` maps it through the engine's CT knots (-150 to 250 HU to [0, 1])."""
     import SimpleITK as sitk
 
     from benchmark import normalised_pair
@@ -105,4 +105,4 @@ def test_benchmark_modality_sets_the_normalisation(tmp_path):
     auto = sitk.GetArrayFromImage(normalised_pair(pair)[0])
     ct = sitk.GetArrayFromImage(normalised_pair(pair, "ct")[1])
     assert auto.min() == 0.0 and auto.max() == 1.0
-    assert np.allclose(ct, (voxels + 1000.0) / 2000.0, atol=1e-6)
+    assert np.allclose(ct, (voxels + 150.0) / 400.0, atol=1e-6)

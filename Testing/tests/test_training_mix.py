@@ -242,15 +242,20 @@ def test_abdomen_pairs_are_rendered_anatomy_on_partial_fields_of_view():
         grids.add(tuple(grid))
         assert not torch.equal(fixed, moving)
     assert len(grids) > 3  # partial fields of view of many shapes
-    # Labels on a grid keep the organs; a CT rendering puts each organ at its HU in the CT window.
+    # Labels on a grid keep the organs; a CT rendering puts each organ at its HU, mapped as the
+    # engine maps CT (within 40 HU: noise 5 HU, and a 1-2 voxel blur mixes small organs with their
+    # surroundings on this tiny grid).
+    from fmsam.intensity import hounsfield_to_unit
     labels = labels_on_grid(abdomen.maps[0], full_grid)
     assert set(torch.unique(labels).long().tolist()) >= {0, 1, 2, 3, 6, 7, 8}
     hu = torch.tensor(ORGAN_HU)
     image = render_ct(torch.Generator().manual_seed(0), labels, hu, 5.0)
     for label in (0, 6):
         inside = image[labels == label]
-        expected = (ORGAN_HU[label] + 1000.0) / 2000.0
-        assert abs(float(inside.median()) - expected) < 0.02, (label, float(inside.median()), expected)
+        expected = float(hounsfield_to_unit(ORGAN_HU[label]))
+        tolerance = float(hounsfield_to_unit(ORGAN_HU[label] + 40.0)) - expected
+        assert 0.0 < tolerance and abs(float(inside.median()) - expected) < tolerance, (
+            label, float(inside.median()), expected)
     # Thick slabs along one axis flatten that axis only.
     stripes = (torch.arange(24) % 2).float().view(1, 1, 1, 1, -1).expand(1, 1, 8, 8, 24)
     assert float(slab_average(stripes, 2, 4.0).diff(dim=4).abs().mean()) < 0.2
