@@ -214,7 +214,7 @@ def slab_average(image, axis, factor):
     return resize(F.adaptive_avg_pool3d(image, low), shape)
 
 
-def abdomen_pair(abdomen, generator, budget_grid, min_fraction=0.5):
+def abdomen_pair(abdomen, generator, budget_grid, min_fraction=0.5, with_labels=False):
     """A training pair rendered from abdominal label maps, (fixed, moving) on the network grid of a
     random partial field of view.
 
@@ -227,7 +227,8 @@ def abdomen_pair(abdomen, generator, budget_grid, min_fraction=0.5):
     needs a shared contrast; other contrasts are contrast matching's job at inference); the moving
     labels through a small random affine in mm (inter-subject only); then for each image, with
     chance 0.5, thick slices along one axis shared by the pair (2-8 mm slabs, i.e. anisotropic
-    spacing, when thicker than the grid's voxels)."""
+    spacing, when thicker than the grid's voxels). With ``with_labels``, also the two label maps on
+    the grid: ``(fixed, moving, fixed_labels, moving_labels)`` (same draws, same images)."""
     inter = len(abdomen) > 1 and torch.rand(1, generator=generator).item() < 0.5
     if inter:
         first, second = torch.randperm(len(abdomen), generator=generator)[:2].tolist()
@@ -262,6 +263,8 @@ def abdomen_pair(abdomen, generator, budget_grid, min_fraction=0.5):
         if torch.rand(1, generator=generator).item() < 0.5 and thickness > 1.2 * voxel_mm:
             image = slab_average(image, axis, thickness / voxel_mm)
         images.append(image)
+    if with_labels:
+        return images[0], images[1], fixed_labels, moving_labels
     return images[0], images[1]
 
 

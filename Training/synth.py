@@ -61,12 +61,15 @@ def render(generator, label_map, palette):
     return image.clamp_min(0).pow(gamma).float()
 
 
-def synth_pair(generator, shape, labels=16):
-    """(fixed, moving): one random anatomy in one random palette, the moving one deformed."""
+def synth_pair(generator, shape, labels=16, with_labels=False):
+    """(fixed, moving): one random anatomy in one random palette, the moving one deformed. With
+    ``with_labels``, also the two label maps: ``(fixed, moving, fixed_labels, moving_labels)``
+    (same draws, so the images are the same either way)."""
     fixed_labels = random_label_map(generator, shape, labels)
     moving_labels = warp(fixed_labels, random_deformation(generator, shape), mode="nearest")
     palette = random_palette(generator, labels)
-    return render(generator, fixed_labels, palette), render(generator, moving_labels, palette)
+    fixed, moving = render(generator, fixed_labels, palette), render(generator, moving_labels, palette)
+    return (fixed, moving, fixed_labels, moving_labels) if with_labels else (fixed, moving)
 
 
 __all__ = ["synth_pair", "random_label_map", "random_deformation", "random_palette", "render"]

@@ -45,7 +45,7 @@ try:
                                read_split, sample_pair, sampling_offset, thick_slices)
     from fmsam.inference import choose_device  # noqa: E402
     from fmsam.layers import resize, warp  # noqa: E402
-    from fmsam.losses import local_ncc_loss, symmetric_registration_loss  # noqa: E402
+    from fmsam.losses import label_overlap_loss, local_ncc_loss, symmetric_registration_loss  # noqa: E402
     from fmsam.metrics import labels_in_both, mean_dice  # noqa: E402
     from fmsam.networks import build_network  # noqa: E402
     from fmsam.options import DEVICES  # noqa: E402
@@ -61,7 +61,7 @@ except Exception as _import_error:  # e.g. no PyTorch in this Python (a Slicer w
 
 LOG_FIELDS = ["step", "loss", "similarity", "regulariser", "lr", "seconds", "val_dice",
               "val_dice_identity", "source", "val_abdomen_dice", "val_abdomen_dice_identity",
-              "val_cardiac_lncc", "val_cardiac_lncc_identity"]
+              "val_cardiac_lncc", "val_cardiac_lncc_identity", "label_overlap"]
 #: Sources of ``--mix``: IXI brains (the cache), MyoPS cardiac stacks, synthetic images of real
 #: abdominal label maps, and SynthMorph-style random shapes.
 SOURCES = ("brain", "cardiac", "abdomen", "shapes")
@@ -114,6 +114,11 @@ def parse_args(argv):
                         help="abdomen selection pairs validated with --mix (0: none)")
     parser.add_argument("--val-cardiac-pairs", type=int, default=12,
                         help="cardiac selection pairs validated with --mix (0: none)")
+    parser.add_argument("--label-weight", type=float, default=0.0,
+                        help="weight of a label-overlap term (1 - soft Dice, both ways; "
+                             "fmsam.losses.label_overlap_loss) on the steps whose pairs are rendered "
+                             "from label maps (abdomen and shapes of --mix, --synth-fraction); 0: "
+                             "the unsupervised uniGradICON loss alone")
     parser.add_argument("--init", help="start from these weights (a weights file or a checkpoint) "
                                        "with a fresh optimiser; the network options must match")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA only)")
@@ -159,7 +164,7 @@ def mix_source(mix, draw):
 
 #: Settings added after the first runs, with the value those runs had.
 DEFAULTS = {"synth_fraction": 0.0, "identity_fraction": 0.0, "thick_fraction": 0.0,
-            "remap_fraction": 0.0, "init": None, "mix": None}
+            "remap_fraction": 0.0, "init": None, "mix": None, "label_weight": 0.0}
 
 
 def _choice_generator(args, step, rank):
@@ -175,30 +180,40 @@ def step_source(args, step, rank):
     return mix_source(args.mix, torch.rand(1, generator=_choice_generator(args, step, rank)[1]).item())
 
 
-def draw_pair(args, train_cache, step, rank, grid, anatomy_sets=None):
+def draw_pair(args, train_cache, step, rank, grid, anatomy_sets=None, with_labels=False):
     """The step's training pair on this rank: a real pair (with augmentation), a synthetic one, or
     one image twice; with ``--mix``, a pair of the source the step's first draw picks (cardiac and
     abdomen pairs on their own network grid, see ``Training/anatomy.py``; ``anatomy_sets``: dict
     with the training ``"cardiac"`` and ``"abdomen"`` sets). The choice has its own generator, so
     runs without synthetic or identical pairs draw exactly the pairs they drew before these options
-    existed, and runs without ``--mix`` those they drew before it existed."""
+    existed, and runs without ``--mix`` those they drew before it existed.
+
+    Returns ``(fixed, moving)``; with ``with_labels``, ``(fixed, moving, labels)`` where ``labels``
+    is ``(fixed_labels, moving_labels)`` on the pair's grid for pairs rendered from label maps
+    (abdomen, shapes) and None for the others (same draws, same images either way)."""
     seed, choice = _choice_generator(args, step, rank)
     draw = torch.rand(1, generator=choice).item()
+
+    def labelled(pair):
+        if not with_labels:
+            return pair[:2]
+        return pair[:2] + ((pair[2], pair[3]) if len(pair) == 4 else None,)
+
     if args.mix is not None:
         source = mix_source(args.mix, draw)
         if source == "shapes":
-            return synth_pair(choice, grid)
+            return labelled(synth_pair(choice, grid, with_labels=True))
         if source == "cardiac":
-            return cardiac_pair(anatomy_sets["cardiac"], choice, grid, augment=not args.no_augment)
+            return labelled(cardiac_pair(anatomy_sets["cardiac"], choice, grid, augment=not args.no_augment))
         if source == "abdomen":
-            return abdomen_pair(anatomy_sets["abdomen"], choice, grid)
+            return labelled(abdomen_pair(anatomy_sets["abdomen"], choice, grid, with_labels=True))
         # brain: the identical-pair share is a share of the brain steps, drawn next
         draw = args.synth_fraction + torch.rand(1, generator=choice).item()
     if draw < args.synth_fraction:
-        return synth_pair(choice, grid)
+        return labelled(synth_pair(choice, grid, with_labels=True))
     fixed, moving = sample_pair(train_cache, seed, step, augment=not args.no_augment)
     if draw < args.synth_fraction + args.identity_fraction:
-        return fixed, fixed.clone()
+        return labelled((fixed, fixed.clone()))
     # Draws for later options come after the older ones, so old runs keep their pairs.
     if args.remap_fraction and torch.rand(1, generator=choice).item() < args.remap_fraction:
         curve = random_intensity_curve(choice)
@@ -208,7 +223,7 @@ def draw_pair(args, train_cache, step, rank, grid, anatomy_sets=None):
             fixed = thick_slices(fixed, choice)
         if torch.rand(1, generator=choice).item() < args.thick_fraction:
             moving = thick_slices(moving, choice)
-    return fixed, moving
+    return labelled((fixed, moving))
 
 
 def _ints(text):
@@ -398,7 +413,7 @@ def main(argv=None):
             changed = [k for k in ("optimizer", "rho", "lr", "steps", "seed", "grid", "warmup",
                                    "coarse_channels", "fine_channels", "gradicon_weight", "no_augment",
                                    "synth_fraction", "identity_fraction", "thick_fraction",
-                                   "remap_fraction", "init", "mix")
+                                   "remap_fraction", "init", "mix", "label_weight")
                        if previous.get(k, DEFAULTS.get(k)) != run_settings.get(k)]
             if changed:
                 print("error: %s was started with other settings (%s); use a new --run folder"
@@ -455,13 +470,18 @@ def main(argv=None):
             log.writeheader()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
 
-    def pair_loss(fixed, moving, offset):
+    def pair_loss(fixed, moving, offset, labels=None):
+        """(loss, similarity, regulariser, label overlap loss or None) of one pair."""
         with autocast:
             both = model(torch.cat([fixed, moving]), torch.cat([moving, fixed]))
         # The loss itself in float32: local NCC divides small differences of window sums.
         both = both.float()
-        return symmetric_registration_loss(fixed, moving, both[:1], both[1:],
-                                           args.gradicon_weight, args.ncc_window, offset)
+        loss, similarity, regulariser = symmetric_registration_loss(
+            fixed, moving, both[:1], both[1:], args.gradicon_weight, args.ncc_window, offset)
+        if labels is None or not args.label_weight:
+            return loss, similarity, regulariser, None
+        overlap = label_overlap_loss(labels[0], labels[1], both[:1], both[1:])
+        return loss + args.label_weight * overlap, similarity, regulariser, overlap
 
     started, start_step = time.time(), step
     network.train()
@@ -469,20 +489,22 @@ def main(argv=None):
         tic = time.time()
         for group in base.param_groups:
             group["lr"] = learning_rate(args, step)
-        fixed, moving = draw_pair(args, train_cache, step, rank, grid, anatomy_sets)
+        fixed, moving, labels = draw_pair(args, train_cache, step, rank, grid, anatomy_sets, with_labels=True)
         fixed, moving = fixed.to(device), moving.to(device)
+        if labels is not None:
+            labels = tuple(label.to(device) for label in labels)
         offset = sampling_offset(args.seed, step, fixed.shape[2:])  # the pair's own grid
         if optimizer is not None:
             # SAM's ascent step uses each rank's own gradient (no all-reduce: m-sharpness, as in
             # Foret et al.); the descent gradient at the perturbed weights is averaged over ranks.
             with model.no_sync() if world > 1 else contextlib.nullcontext():
-                loss, similarity, regulariser = pair_loss(fixed, moving, offset)
+                loss, similarity, regulariser, overlap = pair_loss(fixed, moving, offset, labels)
                 loss.backward()
             optimizer.perturb()  # same pair, augmentation and offset in both passes
-            pair_loss(fixed, moving, offset)[0].backward()
+            pair_loss(fixed, moving, offset, labels)[0].backward()
             optimizer.step(clip_norm=args.clip_norm)
         else:
-            loss, similarity, regulariser = pair_loss(fixed, moving, offset)
+            loss, similarity, regulariser, overlap = pair_loss(fixed, moving, offset, labels)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(network.parameters(), args.clip_norm)
             base.step()
@@ -492,7 +514,8 @@ def main(argv=None):
             row = {"step": step, "loss": "%.6f" % loss.item(), "similarity": "%.6f" % similarity.item(),
                    "regulariser": "%.6f" % regulariser.item(), "lr": "%.3g" % learning_rate(args, step - 1),
                    "seconds": "%.3f" % (time.time() - tic), "val_dice": "", "val_dice_identity": "",
-                   "source": step_source(args, step - 1, rank)}
+                   "source": step_source(args, step - 1, rank),
+                   "label_overlap": "" if overlap is None else "%.6f" % overlap.item()}
             if step % args.val_every == 0 or step == args.steps:
                 dice, dice_identity = validate(network, val_cache, pairs, device)
                 row["val_dice"], row["val_dice_identity"] = "%.4f" % dice, "%.4f" % dice_identity
