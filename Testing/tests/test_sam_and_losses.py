@@ -2,11 +2,12 @@
 import os
 import sys
 
+import pytest
 import torch
 
 from conftest import ROOT
 from fmsam.layers import compose, identity_grid, warp
-from fmsam.losses import gradient_inverse_consistency, local_ncc_loss
+from fmsam.losses import gradient_inverse_consistency, label_overlap_loss, local_ncc_loss
 from fmsam.networks import UNet
 
 sys.path.insert(0, os.path.join(ROOT, "Training"))  # the trainer's modules are scripts, not a package
@@ -71,6 +72,43 @@ def test_gradicon_zero_for_exact_inverses_and_positive_otherwise():
     assert gradient_inverse_consistency(shift, -shift).item() < 1e-10
     wobble = 0.05 * torch.sin(3 * identity_grid(shape)[..., :1].permute(0, 4, 1, 2, 3)).repeat(1, 3, 1, 1, 1)
     assert gradient_inverse_consistency(wobble, wobble).item() > 1e-4
+
+
+def _box_labels(shape, start, width, label=1):
+    labels = torch.zeros(1, 1, *shape)
+    labels[..., 3:9, 3:9, start:start + width] = label
+    return labels
+
+
+def test_label_overlap_is_one_minus_dice_both_ways_and_pulls_labels_together():
+    """A 6-voxel cube moved 2 voxels along W: 4 of its 6 columns overlap unregistered (loss 1 - 4/6),
+    all after the exact shift both ways (loss 0); and gradient steps on a translation, from zero,
+    move towards the shift."""
+    shape = (12, 12, 16)
+    fixed, moving = _box_labels(shape, 4, 6), _box_labels(shape, 6, 6)
+    zero = torch.zeros(1, 3, *shape)
+    assert label_overlap_loss(fixed, moving, zero, zero).item() == pytest.approx(1 - 4 / 6, abs=1e-6)
+    step = 2 * 2.0 / (shape[2] - 1)  # two voxels in normalised x
+    forward, backward = zero.clone(), zero.clone()
+    forward[:, 0], backward[:, 0] = step, -step
+    assert label_overlap_loss(fixed, moving, forward, backward).item() < 1e-6
+    # The wrong way: 4 voxels apart, 2 of 6 columns overlap.
+    assert label_overlap_loss(fixed, moving, backward, forward).item() == pytest.approx(1 - 2 / 6, abs=1e-6)
+    # Label values beyond the count of labels present and background-only maps.
+    assert label_overlap_loss(fixed * 7, moving * 7, zero, zero).item() == pytest.approx(1 - 4 / 6, abs=1e-6)
+    assert label_overlap_loss(torch.zeros(1, 1, *shape), torch.zeros(1, 1, *shape), zero, zero).item() == 0.0
+    shift = torch.zeros(1, requires_grad=True)
+    optimiser = torch.optim.SGD([shift], lr=0.05)
+    for _ in range(40):
+        field = torch.zeros(1, 3, *shape)
+        field = torch.cat([shift.view(1, 1, 1, 1, 1).expand(1, 1, *shape), field[:, 1:]], dim=1)
+        loss = label_overlap_loss(fixed, moving, field, -field)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    print("learned shift (voxels):", shift.item() * (shape[2] - 1) / 2, "loss", loss.item())
+    assert 1.0 < shift.item() * (shape[2] - 1) / 2 < 3.0
+    assert loss.item() < 0.25
 
 
 def test_warp_and_compose_follow_the_documented_convention():

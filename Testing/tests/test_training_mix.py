@@ -293,6 +293,62 @@ def test_resume_with_the_mix_continues_identically(cache, small_splits, tmp_path
     assert other.returncode == 2 and "mix" in other.stderr
 
 
+@needs_data
+def test_label_weight_adds_the_overlap_of_the_rendered_label_maps(cache, small_splits, tmp_path):
+    """--label-weight: the pairs are those drawn without it (same images), abdomen and shapes steps
+    carry their label maps (on the pair's grid, the images rendered from them), brain and cardiac
+    steps none; the logged loss is LNCC + GradICON weight x regulariser + label weight x overlap on
+    the labelled steps only; and the label weight is part of the run's settings."""
+    import train
+    from training_data import SubjectCache, read_split
+
+    run = str(tmp_path / "labels")
+    settings = ["--cache", cache, "--steps", "4", "--optimizer", "adam", "--mix", MIX, "--splits", small_splits,
+                "--data", DATA, "--seed", "2", "--val-every", "100", *TINY, "--val-abdomen-pairs", "0",
+                "--val-cardiac-pairs", "0", "--gradicon-weight", "1.5"]
+    args = train.parse_args(["--run", run, *settings, "--label-weight", "0.5"])
+    training, _ = train.load_anatomy(args, 1)
+    subjects = SubjectCache(cache, read_split(cache)["train"], (16, 24, 24))
+    sources = [train.step_source(args, step, 0) for step in range(4)]
+    assert sources == ["shapes", "cardiac", "brain", "abdomen"]
+    for step, source in enumerate(sources):
+        plain = train.draw_pair(args, subjects, step, 0, (16, 24, 24), training)
+        fixed, moving, labels = train.draw_pair(args, subjects, step, 0, (16, 24, 24), training, with_labels=True)
+        assert torch.equal(fixed, plain[0]) and torch.equal(moving, plain[1])
+        if source in ("brain", "cardiac"):
+            assert labels is None
+            continue
+        assert all(label.shape == fixed.shape for label in labels)
+        # Each label is one tissue: its own map explains more of each image's variance (mean of
+        # the image per label) than the map shifted by 3 voxels does.
+        def explained(image, label_map):
+            means = torch.zeros_like(image)
+            for value in torch.unique(label_map):
+                means[label_map == value] = image[label_map == value].mean()
+            return 1.0 - float((image - means).var() / image.var())
+
+        for image, label_map in zip((fixed, moving), labels):
+            own, shifted = explained(image, label_map), explained(image, label_map.roll(3, dims=4))
+            print(source, "variance explained by the own / a shifted label map: %.3f / %.3f" % (own, shifted))
+            assert own > 0.3 and own > shifted + 0.1, (source, own, shifted)
+
+    done = _run("train.py", "--run", run, *settings, "--label-weight", "0.5")
+    assert done.returncode == 0, done.stderr
+    rows = _rows(run)
+    assert [row["source"] for row in rows] == sources
+    for row in rows:
+        expected = float(row["similarity"]) + 1.5 * float(row["regulariser"])
+        if row["source"] in ("shapes", "abdomen"):
+            overlap = float(row["label_overlap"])  # 0 where a small deformation left the map as it was
+            assert 0.0 <= overlap < 1.0 and (overlap > 0.05 or row["source"] == "shapes"), row
+            expected += 0.5 * overlap
+        else:
+            assert row["label_overlap"] == ""
+        assert float(row["loss"]) == pytest.approx(expected, abs=2e-5)
+    other = _run("train.py", "--run", run, *settings, "--label-weight", "1.0")
+    assert other.returncode == 2 and "label_weight" in other.stderr
+
+
 MIX_RUN_STEPS = 24
 
 
