@@ -11,7 +11,8 @@ import warnings
 import numpy as np
 import torch
 
-from .layers import compose, gaussian_smooth, invert, resize
+from .jacobian import grid_determinant
+from .layers import compose, gaussian_smooth, invert, normalised_to_voxels, resize
 from .networks import network_grid_shape
 from .options import DEVICES
 
@@ -115,6 +116,43 @@ def round_trip_error(forward, inverse):
     return compose(forward, inverse)
 
 
+#: Fold removal: network-grid voxels whose det J is below this are smoothed (a margin above 0, because
+#: the fixed grid's finite differences, on which folding is reported, sample the field elsewhere:
+#: with 0.1 the cardiac selection pair 116_T2 <- 116_DE, folding 0.061 % for a continuation of the
+#: bundled model, came out with det J >= 0.137 on its fixed grid).
+UNFOLD_MIN_DETERMINANT = 0.1
+#: At most this many rounds of local smoothing (each: mask of the low voxels dilated by 2 voxels and
+#: softened with sigma 1, blended with the field smoothed at sigma 1.5); 4 rounds removed the folds of
+#: that pair.
+UNFOLD_MAX_ROUNDS = 20
+
+
+def remove_folds(displacement, min_determinant=UNFOLD_MIN_DETERMINANT, max_rounds=UNFOLD_MAX_ROUNDS):
+    """The displacement (1, 3, D, H, W, normalised) with its folds smoothed away locally, and a report:
+    ``unfold_voxels`` (network voxels with det J below ``min_determinant`` before), ``unfold_rounds``
+    (rounds of smoothing; 0: the field is returned as it was), ``unfold_left_voxels`` (still below
+    after the last round), ``unfold_max_change_voxels`` (largest change of the displacement, in
+    network voxels). Only the neighbourhood of low-determinant voxels changes; a field without any is
+    untouched (one determinant, about 40 ms)."""
+    with torch.no_grad():
+        return _remove_folds(displacement, min_determinant, max_rounds)
+
+
+def _remove_folds(displacement, min_determinant, max_rounds):
+    original, rounds = displacement, 0
+    low = grid_determinant(normalised_to_voxels(displacement)) < min_determinant
+    report = {"unfold_voxels": int(low.sum())}
+    while bool(low.any()) and rounds < max_rounds:
+        mask = torch.nn.functional.max_pool3d(low[None, None].to(displacement.dtype), 5, stride=1, padding=2)
+        mask = gaussian_smooth(mask, 1.0).clamp(0.0, 1.0)
+        displacement = displacement + mask * (gaussian_smooth(displacement, 1.5) - displacement)
+        rounds += 1
+        low = grid_determinant(normalised_to_voxels(displacement)) < min_determinant
+    report.update(unfold_rounds=rounds, unfold_left_voxels=int(low.sum()),
+                  unfold_max_change_voxels=round(float(normalised_to_voxels(displacement - original).abs().max()), 4))
+    return displacement, report
+
+
 @dataclasses.dataclass
 class NetworkFields:
     """What a mode computed on the network grid (normalised displacements, CPU tensors)."""
@@ -171,8 +209,9 @@ def network_fields(network, config, device, fixed, moving, grid, io_steps=0, sim
     through the affine; ``grid``: the network grid (D, H, W) (:func:`grid_for`). ``io_steps`` 0 is
     fast mode (:func:`fast_fields`), more is accurate mode (:func:`accurate_fields`, which calls
     ``on_instance_optimisation()`` first, then ``progress(fraction)`` after each step; ``io_moving``
-    is the (k, j, i) moving image its similarity compares, default ``moving``). A CUDA run out of
-    memory is repeated on the CPU."""
+    is the (k, j, i) moving image its similarity compares, default ``moving``). Either mode's
+    forward field then goes through :func:`remove_folds` (its figures join the report; the inverse is
+    refined again when it changed). A CUDA run out of memory is repeated on the CPU."""
     def run(run_device):
         network.to(run_device)
         if run_device.type == "cpu":
@@ -189,6 +228,8 @@ def network_fields(network, config, device, fixed, moving, grid, io_steps=0, sim
             io_net = None if io_moving is None else to_network_grid(io_moving, grid, run_device)
             computed = accurate_fields(network, config, fixed_net, moving_net, io_steps, similarity,
                                        io_net, progress)
-        return NetworkFields(computed.forward.cpu(), computed.inverse.cpu(), computed.report)
+        forward, unfolded = remove_folds(computed.forward)
+        inverse = refine_inverse(forward, computed.inverse) if unfolded["unfold_rounds"] else computed.inverse
+        return NetworkFields(forward.cpu(), inverse.cpu(), dict(computed.report, **unfolded))
 
     return run_with_cpu_fallback(run, device)

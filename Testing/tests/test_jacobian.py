@@ -36,3 +36,63 @@ def test_folding_is_counted():
     stats = jacobian_statistics(np.array([2.0, 0.5, -0.1, 1.0]))
     assert stats["folding_percent"] == pytest.approx(25.0)
     assert stats["folding_voxels"] == 1
+
+
+def test_network_grid_determinant_equals_the_physical_one():
+    """grid_determinant of a field in voxel units (channels x, y, z along W, H, D) equals
+    jacobian_determinant of the same map written in LPS mm on an oblique, anisotropic grid: index-
+    space and physical determinants agree (J_mm = A J_index A^-1)."""
+    import torch
+
+    from fmsam.geometry import index_to_lps
+    from fmsam.jacobian import grid_determinant
+
+    reference = oblique_anisotropic_image()
+    size_i, size_j, size_k = reference.GetSize()
+    k, j, i = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in (size_k, size_j, size_i)], indexing="ij")
+    voxels = 3.0 * np.stack([0.8 * np.sin(0.4 * j + 0.2 * k), 0.6 * np.cos(0.3 * i), 0.9 * np.sin(0.25 * i + 0.3 * j)], axis=-1)
+    matrix = index_to_lps(reference)[:3, :3]
+    field_lps = voxels @ matrix.T  # a displacement of (di, dj, dk) voxels is A (di, dj, dk) mm
+    expected = jacobian_determinant(field_lps, reference)
+    found = grid_determinant(torch.from_numpy(voxels).permute(3, 0, 1, 2)[None]).numpy()
+    assert found.shape == expected.shape
+    np.testing.assert_allclose(found, expected, atol=1e-9)
+    assert expected.min() < 0.0 < 1.5 < expected.max()  # a field with real variation, folding in places
+    # A single-voxel axis has no derivative along it, as in jacobian_determinant.
+    flat = torch.zeros(1, 3, 1, 6, 7)
+    flat[:, 0] = 0.5 * torch.arange(7.0)  # x stretched by 1.5
+    assert torch.allclose(grid_determinant(flat), torch.full((1, 6, 7), 1.5, dtype=flat.dtype))
+
+
+def test_remove_folds_smooths_only_around_the_fold():
+    """A field folded in one spot (a sharp bump along x) comes back with det
+    J >= UNFOLD_MIN_DETERMINANT everywhere, changed only near the bump; a fold-free field comes back
+    unchanged, in 0 rounds."""
+    import torch
+
+    from fmsam.inference import UNFOLD_MIN_DETERMINANT, remove_folds
+    from fmsam.jacobian import grid_determinant
+    from fmsam.layers import normalised_to_voxels, voxels_to_normalised
+
+    shape = (24, 28, 32)
+    d, h, w = torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in shape], indexing="ij")
+    bump = torch.exp(-((d - 12) ** 2 + (h - 14) ** 2 + (w - 10) ** 2) / (2 * 1.5 ** 2))
+    voxels = torch.zeros(1, 3, *shape)
+    voxels[0, 0] = 4.0 * bump  # x moves by up to 4 voxels over about 2: the map folds (det J down to -0.33)
+    voxels[0, 1] = 0.3 * torch.sin(0.2 * w)  # smooth elsewhere, fold-free
+    field = voxels_to_normalised(voxels)
+    before = grid_determinant(voxels)
+    assert float(before.min()) < -0.3
+    repaired, report = remove_folds(field)
+    after = grid_determinant(normalised_to_voxels(repaired))
+    print(report, float(before.min()), float(after.min()))
+    assert float(after.min()) >= UNFOLD_MIN_DETERMINANT
+    assert report["unfold_voxels"] == int((before < UNFOLD_MIN_DETERMINANT).sum()) > 0
+    assert 1 <= report["unfold_rounds"] < 20 and report["unfold_left_voxels"] == 0
+    change = normalised_to_voxels(repaired - field).abs().amax(dim=1)[0]
+    assert report["unfold_max_change_voxels"] == pytest.approx(float(change.max()), abs=1e-4)
+    far = (d - 12) ** 2 + (h - 14) ** 2 + (w - 10) ** 2 > 15 ** 2
+    assert float(change[far].max()) < 1e-3  # the rest of the field is left as it was
+    smooth = voxels_to_normalised((0.3 * torch.sin(0.2 * w)).expand(1, 3, *shape).clone())
+    same, report = remove_folds(smooth)
+    assert torch.equal(same, smooth) and report["unfold_rounds"] == 0 and report["unfold_voxels"] == 0

@@ -18,8 +18,10 @@ def test_register_writes_every_output(registered_sample):
     with open(os.path.join(registered_sample, "report.json")) as handle:
         report = json.load(handle)
     for key in ("device", "folding_percent", "jacobian_min", "jacobian_max", "dice_affine",
-                "dice_after", "log_jacobian_std"):
+                "dice_after", "log_jacobian_std", "unfold_voxels", "unfold_rounds", "unfold_left_voxels",
+                "unfold_max_change_voxels"):
         assert key in report
+    assert report["unfold_left_voxels"] == 0 and report["unfold_rounds"] < 20  # fold removal finished
     for stage in ("prepare", "affine", "network", "compose", "warp", "jacobian", "total"):
         assert report["seconds"][stage] >= 0
     assert report["device"] == "cpu"
