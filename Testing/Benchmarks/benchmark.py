@@ -22,6 +22,7 @@ instead of ``fmsam``'s automatic choice, as ``fmsam register --modality`` does; 
 import argparse
 import contextlib
 import csv
+import math
 import os
 import sys
 import tempfile
@@ -156,38 +157,102 @@ def run_elastix(pair):
     return seconds, warped_labels, field, reference
 
 
-def run_demons(pair, modality="auto"):
-    """fmsam's affine pre-alignment, then SimpleITK diffeomorphic demons on the affinely aligned
-    pair (3 levels, histogram matching), composed into one fixed-to-moving field."""
+#: Demons pyramid, coarse to fine: (shrink factor, iterations) per level.
+DEMONS_LEVELS = ((4, 60), (2, 40), (1, 20))
+#: Gaussian smoothing of the demons displacement field, in voxels of the finest axis (see
+#: :func:`demons_level_settings`).
+DEMONS_SIGMA = 1.5
+#: Longest demons update per iteration, in voxels of the finest axis (see :func:`demons_level_settings`).
+DEMONS_STEP = 0.5
+
+
+def demons_level_settings(image, shrink):
+    """``(shrink factors, field smoothing sigmas in voxels, maximum update step length)``, one factor
+    and sigma per axis (x, y, z), of the demons level ``shrink`` on ``image`` (the full-resolution
+    fixed image). On isotropic images large enough for the pyramid (every brain here) this is
+    ``[shrink] * 3``, ``[DEMONS_SIGMA] * 3`` and ``DEMONS_STEP``, exactly the values the demons
+    always ran with. Thin anisotropic stacks (cardiac short axis: 2-6 slices 12-23 mm thick, 0.7 mm
+    in plane) need three changes, all in the finest axis' voxels so that isotropic images are left
+    as they were:
+
+    * Shrink factors: an axis is shrunk at most to ``shrink`` times the finest spacing (a 12 mm
+      slice axis already is coarser than 4 x 0.7 mm and is not shrunk) and keeps at least 2 voxels
+      (``size // 2``). ``sitk.Shrink(image, [4] * 3)`` of a 3-slice stack left 0 slices.
+    * Smoothing: ``SetStandardDeviations`` is in voxels whatever ``UseImageSpacing`` says. SimpleITK
+      documents the values as "set with respect to pixel coordinates", and ITK's
+      ``PDEDeformableRegistrationFilter::SmoothDisplacementField`` builds a ``GaussianOperator`` of
+      variance sigma^2 along each axis with no spacing in it (``UseImageSpacing`` only reaches the
+      image gradients of the demons force). 1.5 voxels along a 12-23 mm slice axis would average
+      each slice's displacement with its neighbours' 18-35 mm away, which on 3-6 slices is most of
+      the stack. Each axis gets the same physical sigma instead, 1.5 voxels of the finest axis of
+      the level (1.5 x 0.73 mm = 1.1 mm at full resolution, 0.09 slice of 12 mm: slices are hardly
+      mixed; at the 4x level 1.5 x 2.9 mm, 0.36 slice).
+    * Update step: ITK's ESM demons function bounds an update by ``MaximumUpdateStepLength`` times
+      the root mean square of the spacings (its normaliser is mean(spacing^2) x step^2); on a
+      0.73 x 0.73 x 12 mm grid that is 0.5 x 6.95 mm = 3.5 mm, 4.8 in-plane voxels per iteration
+      instead of half a voxel. The step is scaled by finest spacing / RMS spacing, so that the bound
+      is half a voxel of the finest axis again.
+    """
+    spacing = list(image.GetSpacing())
+    finest = min(spacing)
+    factors = [int(max(1, min(shrink, size // 2, round(shrink * finest / sp))))
+               for size, sp in zip(image.GetSize(), spacing)]
+    level_spacing = [sp * factor for sp, factor in zip(spacing, factors)]
+    level_finest = min(level_spacing)
+    # Ratios first (x / x is exactly 1.0): isotropic images get exactly DEMONS_SIGMA and DEMONS_STEP.
+    ratios = [level_finest / sp for sp in level_spacing]
+    sigmas = [DEMONS_SIGMA * ratio for ratio in ratios]
+    step = DEMONS_STEP / math.sqrt(sum((1.0 / ratio) ** 2 for ratio in ratios) / len(ratios))
+    return factors, sigmas, step
+
+
+def demons_registration(fixed, moving):
+    """fmsam's affine pre-alignment, then SimpleITK diffeomorphic demons on the affinely aligned pair
+    (3 levels, :data:`DEMONS_LEVELS`; histogram matching), composed into one fixed-to-moving transform
+    ``x -> affine(x + d(x))``. ``fixed`` and ``moving``: normalised float32 images (e.g.
+    :func:`normalised_pair`). Per-level shrink factors, smoothing and step: :func:`demons_level_settings`.
+
+    Returns ``(composite transform, dense field (k, j, i, 3) LPS mm on the fixed grid, seconds)``;
+    the seconds cover the affine, the demons and the dense field. The one demons implementation of
+    the benchmarks (``benchmark.py``'s and ``cardiac_benchmark.py``'s ``demons``)."""
     import SimpleITK as sitk
 
+    from fmsam.fields import dense_field
     from fmsam.prealign import affine_prealign
 
-    fixed, moving = normalised_pair(pair, modality)
     start = time.perf_counter()
     affine = affine_prealign(fixed, moving)
     aligned = sitk.Resample(moving, fixed, affine, sitk.sitkLinear, 0.0)
     aligned = sitk.HistogramMatching(aligned, fixed, 256, 7, True)
     demons = sitk.DiffeomorphicDemonsRegistrationFilter()
-    demons.SetStandardDeviations(1.5)
     demons.SetSmoothDisplacementField(True)
     field = None
-    for shrink, iterations in ((4, 60), (2, 40), (1, 20)):
-        level_fixed = sitk.Shrink(fixed, [shrink] * 3) if shrink > 1 else fixed
-        level_moving = sitk.Shrink(aligned, [shrink] * 3) if shrink > 1 else aligned
+    for shrink, iterations in DEMONS_LEVELS:
+        factors, sigmas, step = demons_level_settings(fixed, shrink)
+        level_fixed = sitk.Shrink(fixed, factors) if max(factors) > 1 else fixed
+        level_moving = sitk.Shrink(aligned, factors) if max(factors) > 1 else aligned
         initial = (sitk.Image(level_fixed.GetSize(), sitk.sitkVectorFloat64, 3) if field is None else
                    sitk.Resample(field, level_fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64))
         initial.CopyInformation(level_fixed)
+        demons.SetStandardDeviations(sigmas)
+        demons.SetMaximumUpdateStepLength(step)
         demons.SetNumberOfIterations(iterations)
         field = demons.Execute(level_fixed, level_moving, initial)
     deformable = sitk.DisplacementFieldTransform(sitk.Image(field))
     composite = sitk.CompositeTransform([affine, deformable])  # applied last-first: x -> affine(x + d(x))
-    dense = sitk.TransformToDisplacementField(composite, sitk.sitkVectorFloat64, fixed.GetSize(),
-                                              fixed.GetOrigin(), fixed.GetSpacing(), fixed.GetDirection())
-    seconds = time.perf_counter() - start
+    dense = dense_field(composite, fixed)
+    return composite, dense, time.perf_counter() - start
+
+
+def run_demons(pair, modality="auto"):
+    """:func:`demons_registration` of the pair normalised as ``fmsam`` normalises it."""
+    import SimpleITK as sitk
+
+    fixed, moving = normalised_pair(pair, modality)
+    composite, dense, seconds = demons_registration(fixed, moving)
     warped_labels = sitk.Resample(sitk.ReadImage(pair["moving_labels"]), fixed, composite,
                                   sitk.sitkNearestNeighbor, 0)
-    return seconds, warped_labels, sitk.GetArrayFromImage(dense), fixed
+    return seconds, warped_labels, dense, fixed
 
 
 RUNNERS = {
