@@ -192,6 +192,12 @@ def demons_level_settings(image, shrink):
       0.73 x 0.73 x 12 mm grid that is 0.5 x 6.95 mm = 3.5 mm, 4.8 in-plane voxels per iteration
       instead of half a voxel. The step is scaled by finest spacing / RMS spacing, so that the bound
       is half a voxel of the finest axis again.
+
+    Measured on cardiac *selection* patients only (101_C0<-101_DE, 102_C0<-102_T2, 111_DE<-111_C0,
+    103_DE<-104_DE): these settings folded nowhere (min det J 0.10 to 0.14) and raised the NMI over
+    identity by 0.028 to 0.055; the plain clamp (sigma 1.5 voxels on every axis, step 0.5) folded
+    on 3 of the 4 (up to 0.075 %, min det J -0.49) for an NMI higher by at most 0.021; the physical
+    sigma with the unscaled step folded on all 4 (up to 1.5 %, min det J -4.1).
     """
     spacing = list(image.GetSpacing())
     finest = min(spacing)

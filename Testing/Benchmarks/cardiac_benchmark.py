@@ -13,7 +13,8 @@ patients. Two kinds of pair:
 Measures, all on the fixed image's grid and without labels (the data has none):
 
 * ``exit``: the exit code of ``fmsam register``; for ANTs 1 when ``ants.registration`` raised
-  (SyN fails on some 3-slice stacks), else 0. A failed run has no other measure.
+  (SyN fails on some 3-slice stacks), for demons 1 when SimpleITK raised, else 0. A failed run has
+  no other measure.
 * ``nmi``: normalised mutual information (:func:`fmsam.quality.normalised_mutual_information`,
   32 bins) of the fixed image and the moving image as the method resampled it (linear, 0 outside
   the moving image), both normalised as ``fmsam`` normalises MR (0.5th-99.5th percentile to [0, 1]),
@@ -25,11 +26,14 @@ Measures, all on the fixed image's grid and without labels (the data has none):
 Methods: ``identity`` (no registration: the moving image resampled in scanner space), ``fmsam-fast``
 and ``fmsam-accurate`` (``fmsam register`` in a subprocess, ``fmsam.options.MODES["accurate"]`` steps for accurate),
 ``ants-affine`` and ``ants-syn`` (antspyx ``type_of_transform="Affine"`` / ``"SyN"``, Mattes MI,
-seeded with ``ants.config.set_ants_deterministic(True, 1)``), which need the separate environment (antspyx pins NumPy < 2.4)::
+seeded with ``ants.config.set_ants_deterministic(True, 1)``), which need the separate environment (antspyx pins NumPy < 2.4),
+and ``demons`` (``benchmark.py``'s: fmsam's affine pre-alignment, then SimpleITK diffeomorphic demons
+with per-axis levels for thin stacks, :func:`benchmark.demons_registration`; any environment with
+SimpleITK)::
 
     python3 Testing/Benchmarks/cardiac_benchmark.py pairs --set report --out out/cardiac/report_pairs.csv
     python3 Testing/Benchmarks/cardiac_benchmark.py run --pairs out/cardiac/report_pairs.csv \
-        --out out/cardiac/report --methods identity,fmsam-fast,fmsam-accurate
+        --out out/cardiac/report --methods identity,fmsam-fast,fmsam-accurate,demons
     ../venv-ants/bin/python Testing/Benchmarks/cardiac_benchmark.py run --pairs out/cardiac/report_pairs.csv \
         --out out/cardiac/report_ants --methods ants-affine,ants-syn
     python3 Testing/Benchmarks/cardiac_benchmark.py report --out out/cardiac/report --also out/cardiac/report_ants
@@ -62,7 +66,7 @@ SPLIT = os.path.join(HERE, "cardiac_split.json")
 
 FIELDS = ("method", "pair", "kind", "fixed", "moving", "exit", "nmi", "folding_percent", "jacobian_min",
           "seconds")
-METHODS = ("identity", "fmsam-fast", "fmsam-accurate", "ants-affine", "ants-syn")
+METHODS = ("identity", "fmsam-fast", "fmsam-accurate", "ants-affine", "ants-syn", "demons")
 SEQUENCES = ("C0", "DE", "T2")
 CROSS = (("C0", "DE"), ("DE", "T2"), ("T2", "C0"), ("C0", "T2"), ("DE", "C0"), ("T2", "DE"))
 FOREGROUND = 0.05
@@ -179,12 +183,34 @@ def run_ants(pair, threads, kind):
     return 0, seconds, warped, field
 
 
+def run_demons(pair, threads):
+    """``benchmark.py``'s demons (:func:`benchmark.demons_registration`: fmsam's affine, then
+    SimpleITK diffeomorphic demons, per-axis levels for thin stacks) on the pair normalised as
+    ``fmsam`` normalises MR; the moving image as read is resampled through the composite transform."""
+    import SimpleITK as sitk
+
+    from benchmark import demons_registration, normalised_pair
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    fixed, moving = normalised_pair(pair, "mr")
+    start = time.perf_counter()
+    try:
+        composite, field, seconds = demons_registration(fixed, moving)
+    except RuntimeError as error:  # an ITK exception: a failed run (exit 1), as for ANTs
+        print("demons failed: %s" % error, file=sys.stderr)
+        return 1, time.perf_counter() - start, None, None
+    warped = sitk.Resample(sitk.ReadImage(pair["moving"]), fixed, composite, sitk.sitkLinear, 0.0,
+                           sitk.sitkFloat32)
+    return 0, seconds, warped, field
+
+
 RUNNERS = {
     "identity": run_identity,
     "fmsam-fast": lambda pair, threads, weights=None: run_fmsam(pair, threads, 0, weights),
     "fmsam-accurate": lambda pair, threads, weights=None: run_fmsam(pair, threads, MODES["accurate"], weights),
     "ants-affine": lambda pair, threads: run_ants(pair, threads, "Affine"),
     "ants-syn": lambda pair, threads: run_ants(pair, threads, "SyN"),
+    "demons": run_demons,
 }
 
 

@@ -106,3 +106,57 @@ def test_benchmark_modality_sets_the_normalisation(tmp_path):
     ct = sitk.GetArrayFromImage(normalised_pair(pair, "ct")[1])
     assert auto.min() == 0.0 and auto.max() == 1.0
     assert np.allclose(ct, (voxels + 150.0) / 400.0, atol=1e-6)
+
+
+def test_demons_levels_keep_isotropic_images_and_spare_thin_axes():
+    """``benchmark.demons_level_settings``: an isotropic brain-sized grid keeps the factors, sigma and
+    step the demons always ran with; a 3-slice stack (0.73 mm in plane, 12 mm slices) is not shrunk
+    along its slices, smoothed by the same physical sigma on every axis, and its update step bounded
+    by half an in-plane voxel."""
+    import SimpleITK as sitk
+
+    from benchmark import DEMONS_LEVELS, demons_level_settings
+
+    brain = sitk.Image([120, 120, 90], sitk.sitkFloat32)
+    brain.SetSpacing([2.0, 2.0, 2.0])
+    stack = sitk.Image([478, 482, 3], sitk.sitkFloat32)
+    stack.SetSpacing([0.729, 0.729, 12.0])
+    for shrink, _ in DEMONS_LEVELS:
+        assert demons_level_settings(brain, shrink) == ([shrink] * 3, [1.5] * 3, 0.5)
+        factors, sigmas, step = demons_level_settings(stack, shrink)
+        assert factors == [shrink, shrink, 1]
+        spacing = [sp * f for sp, f in zip(stack.GetSpacing(), factors)]
+        assert np.allclose([s * sp for s, sp in zip(sigmas, spacing)], 1.5 * spacing[0])
+        normaliser = sum(sp * sp for sp in spacing) * step * step / 3.0  # ITK's ESM demons bound
+        assert np.isclose(np.sqrt(normaliser), 0.5 * spacing[0])
+    tiny = sitk.Image([6, 40, 2], sitk.sitkFloat32)  # never fewer than 2 voxels (1 stays 1)
+    assert demons_level_settings(tiny, 4)[0] == [3, 4, 1]
+
+
+CARDIAC = os.path.join(ROOT, "..", "shared", "data", "cardiac_myops")
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(CARDIAC, "101_DE.nii.gz")),
+                    reason="needs ../shared/data/cardiac_myops beside the repository")
+def test_cardiac_demons_registers_a_real_cross_sequence_stack():
+    """The cardiac benchmark's ``demons`` on a selection patient's 5-slice stacks (101_C0 <- 101_DE,
+    0.73 mm in plane, 12 mm slices): exit 0, a finite field on the fixed grid, no folding to speak of
+    and a higher NMI than leaving the moving image where it is. Measured: identity 1.0224, demons
+    1.0567, folding 0 %, min det J 0.14, about 12 s."""
+    import SimpleITK as sitk
+
+    from cardiac_benchmark import folding, nmi_on_fixed, run_demons, run_identity
+
+    pair = {"kind": "cross", "fixed": os.path.join(CARDIAC, "101_C0.nii.gz"),
+            "moving": os.path.join(CARDIAC, "101_DE.nii.gz")}
+    fixed = sitk.ReadImage(pair["fixed"], sitk.sitkFloat32)
+    code, seconds, warped, field = run_demons(pair, 1)
+    assert code == 0
+    assert field.shape == sitk.GetArrayViewFromImage(fixed).shape + (3,) and np.all(np.isfinite(field))
+    fold, jacobian_min = folding(field, fixed)
+    nmi = nmi_on_fixed(fixed, warped)
+    identity = nmi_on_fixed(fixed, run_identity(pair, 1)[2])
+    print("identity NMI %.5f, demons NMI %.5f, folding %.4f %%, min det J %.3f, %.1f s"
+          % (identity, nmi, fold, jacobian_min, seconds))
+    assert fold < 1.0
+    assert nmi > identity + 0.015
