@@ -39,8 +39,9 @@ class FMSAMRegistration(ScriptedLoadableModule):
         self.parent.helpText = _(
             "Deformable registration of two volumes with a uniGradICON-style registration foundation "
             "model (its trainer does Sharpness-Aware Minimization, ASAM and, for comparison, Adam; the "
-            "bundled model is the best measured, currently an Adam one trained on brain MRI only: it runs "
-            "on other anatomy, where classical methods are sometimes better; the README says where). "
+            "bundled model is the best measured, currently an Adam one trained on brain MRI, cardiac MR "
+            "stacks and abdominal CT rendered from label maps; on some data classical methods are still "
+            "better, and the README says where). "
             "Pick the fixed and moving volumes and click Register: the "
             "result is a grid transform (fixed to moving, as ITK writes it), the moving volume warped "
             "onto the fixed grid, and a Jacobian-determinant map (green = folding). The registration "
@@ -49,7 +50,8 @@ class FMSAMRegistration(ScriptedLoadableModule):
         self.parent.acknowledgementText = _(
             "Method: Hu et al., Improving Generalization of Medical Image Registration Foundation Model, "
             "IJCNN 2025 (arXiv 2505.06527). Network in the style of uniGradICON. Bundled model trained "
-            "on IXI brain MRI (CC BY-SA 3.0) with DLMUSE labels.")
+            "on IXI brain MRI (CC BY-SA 3.0; DLMUSE labels for validation), MyoPS 2020 cardiac MR and "
+            "Learn2Reg/BTCV abdominal CT organ label maps (both research use, via DeepReg's demo data).")
         # The sample pair in the Sample Data module, once the application is up.
         slicer.app.connect("startupCompleted()", lambda: register_sample_data(os.path.dirname(self.parent.path)))
 
