@@ -41,8 +41,8 @@ try:
     from checkpoints import save_checkpoint  # noqa: E402
     from data_splits import SPLITS_FILE, load_splits  # noqa: E402
     from synth import synth_pair  # noqa: E402
-    from training_data import (SubjectCache, apply_intensity_curve, random_intensity_curve,  # noqa: E402
-                               read_split, sample_pair, sampling_offset, thick_slices)
+    from training_data import (SubjectCache, apply_intensity_curve, label_subset,  # noqa: E402
+                               random_intensity_curve, read_split, sample_pair, sampling_offset, thick_slices)
     from fmsam.inference import choose_device  # noqa: E402
     from fmsam.layers import resize, warp  # noqa: E402
     from fmsam.losses import label_overlap_loss, local_ncc_loss, symmetric_registration_loss  # noqa: E402
@@ -119,6 +119,10 @@ def parse_args(argv):
                              "fmsam.losses.label_overlap_loss) on the steps whose pairs are rendered "
                              "from label maps (abdomen and shapes of --mix, --synth-fraction); 0: "
                              "the unsupervised uniGradICON loss alone")
+    parser.add_argument("--brain-labels", type=int, default=0,
+                        help="with --label-weight, also supervise brain steps with this many labels of "
+                             "the IXI parcellation (drawn per step among those in both subjects, "
+                             "moved with the pair's augmentation); 0: brain steps unsupervised")
     parser.add_argument("--init", help="start from these weights (a weights file or a checkpoint) "
                                        "with a fresh optimiser; the network options must match")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA only)")
@@ -127,6 +131,8 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.mix is not None and args.synth_fraction:
         parser.error("--mix replaces --synth-fraction: give the shapes' share as shapes= in --mix")
+    if args.brain_labels < 0 or (args.brain_labels and not args.label_weight > 0):
+        parser.error("--brain-labels needs a count of 0 or more and a positive --label-weight")
     return args
 
 
@@ -164,7 +170,8 @@ def mix_source(mix, draw):
 
 #: Settings added after the first runs, with the value those runs had.
 DEFAULTS = {"synth_fraction": 0.0, "identity_fraction": 0.0, "thick_fraction": 0.0,
-            "remap_fraction": 0.0, "init": None, "mix": None, "label_weight": 0.0}
+            "remap_fraction": 0.0, "init": None, "mix": None, "label_weight": 0.0,
+            "brain_labels": 0}
 
 
 def _choice_generator(args, step, rank):
@@ -190,7 +197,8 @@ def draw_pair(args, train_cache, step, rank, grid, anatomy_sets=None, with_label
 
     Returns ``(fixed, moving)``; with ``with_labels``, ``(fixed, moving, labels)`` where ``labels``
     is ``(fixed_labels, moving_labels)`` on the pair's grid for pairs rendered from label maps
-    (abdomen, shapes) and None for the others (same draws, same images either way)."""
+    (abdomen, shapes; brain pairs too with ``--brain-labels``, a random subset of their labels drawn
+    from a generator of its own) and None for the others (same draws, same images either way)."""
     seed, choice = _choice_generator(args, step, rank)
     draw = torch.rand(1, generator=choice).item()
 
@@ -211,9 +219,13 @@ def draw_pair(args, train_cache, step, rank, grid, anatomy_sets=None, with_label
         draw = args.synth_fraction + torch.rand(1, generator=choice).item()
     if draw < args.synth_fraction:
         return labelled(synth_pair(choice, grid, with_labels=True))
-    fixed, moving = sample_pair(train_cache, seed, step, augment=not args.no_augment)
+    brain_labels = with_labels and args.brain_labels > 0 and train_cache.labels is not None
+    fixed, moving, *maps = sample_pair(train_cache, seed, step, augment=not args.no_augment, with_labels=brain_labels)
+    if maps:
+        subset = torch.Generator().manual_seed(seed * 1_000_003 + step + 1_300_000_000)
+        maps = list(label_subset(maps[0], maps[1], args.brain_labels, subset))
     if draw < args.synth_fraction + args.identity_fraction:
-        return labelled((fixed, fixed.clone()))
+        return labelled((fixed, fixed.clone()) + ((maps[0], maps[0].clone()) if maps else ()))
     # Draws for later options come after the older ones, so old runs keep their pairs.
     if args.remap_fraction and torch.rand(1, generator=choice).item() < args.remap_fraction:
         curve = random_intensity_curve(choice)
@@ -223,7 +235,7 @@ def draw_pair(args, train_cache, step, rank, grid, anatomy_sets=None, with_label
             fixed = thick_slices(fixed, choice)
         if torch.rand(1, generator=choice).item() < args.thick_fraction:
             moving = thick_slices(moving, choice)
-    return labelled((fixed, moving))
+    return labelled((fixed, moving) + tuple(maps))
 
 
 def _ints(text):
@@ -413,7 +425,7 @@ def main(argv=None):
             changed = [k for k in ("optimizer", "rho", "lr", "steps", "seed", "grid", "warmup",
                                    "coarse_channels", "fine_channels", "gradicon_weight", "no_augment",
                                    "synth_fraction", "identity_fraction", "thick_fraction",
-                                   "remap_fraction", "init", "mix", "label_weight")
+                                   "remap_fraction", "init", "mix", "label_weight", "brain_labels")
                        if previous.get(k, DEFAULTS.get(k)) != run_settings.get(k)]
             if changed:
                 print("error: %s was started with other settings (%s); use a new --run folder"
@@ -427,7 +439,8 @@ def main(argv=None):
 
     split = read_split(args.cache)
     grid = tuple(config["grid"])
-    train_cache = SubjectCache(args.cache, split["train"], grid)
+    train_cache = SubjectCache(args.cache, split["train"], grid,
+                               labels_on_grid=bool(args.brain_labels and args.label_weight))
     val_cache = SubjectCache(args.cache, split["val"], grid, with_labels=True) if rank == 0 else None
     pairs = validation_pairs(args.val_pairs, len(val_cache)) if rank == 0 else None
     anatomy_sets, selection_sets = load_anatomy(args, rank)

@@ -17,22 +17,35 @@ from fmsam.losses import random_subvoxel_offset
 
 class SubjectCache:
     """Images (float32, [0, 1]) of cached subjects resized to the network grid, and optionally
-    their label maps at the cache's full resolution (for validation Dice)."""
+    their label maps at the cache's full resolution (``with_labels``, for validation Dice, int64)
+    or on the network grid (``labels_on_grid``, nearest neighbour over the same extent as the
+    images' resize, int16: for label supervision of training pairs)."""
 
-    def __init__(self, cache_dir, subjects, grid_shape, with_labels=False):
+    def __init__(self, cache_dir, subjects, grid_shape, with_labels=False, labels_on_grid=False):
         self.subjects = list(subjects)
         images, labels = [], []
         for subject in self.subjects:
             data = np.load(os.path.join(cache_dir, subject + ".npz"))
             image = torch.from_numpy(data["image"].astype(np.float32))[None, None]
             images.append(resize(image, grid_shape)[0])
-            if with_labels:
+            if labels_on_grid:
+                label_map = torch.from_numpy(data["labels"].astype(np.float32))[None, None]
+                labels.append(resample_nearest(label_map, grid_shape)[0].to(torch.int16))
+            elif with_labels:
                 labels.append(torch.from_numpy(data["labels"].astype(np.int64))[None])
         self.images = torch.stack(images)          # (S, 1, D, H, W)
-        self.labels = torch.stack(labels) if with_labels else None
+        self.labels = torch.stack(labels) if (with_labels or labels_on_grid) else None
 
     def __len__(self):
         return len(self.subjects)
+
+
+def resample_nearest(label_map, shape):
+    """A (N, 1, D, H, W) float label map on ``shape`` over the same extent as
+    ``fmsam.layers.resize`` (first and last voxel centres kept), nearest neighbour."""
+    identity = torch.tensor([[[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0]]]).expand(len(label_map), 3, 4)
+    grid = F.affine_grid(identity, (len(label_map), 1) + tuple(shape), align_corners=True)
+    return F.grid_sample(label_map, grid, mode="nearest", align_corners=True)
 
 
 def read_split(cache_dir):
@@ -65,21 +78,42 @@ def _random_affine_grid(generator, shape, max_degrees, max_scale, max_shift, ext
     return F.affine_grid(theta[None].float(), (1, 1) + tuple(shape), align_corners=True)
 
 
-def sample_pair(cache, seed, step, augment=True):
+def sample_pair(cache, seed, step, augment=True, with_labels=False):
     """Draw the (fixed, moving) pair for a training step: two distinct subjects, a joint flip along
-    the array's last axis (anterior-posterior for IXI's PSR layout), a small random affine on the moving image, and random gamma on each image."""
+    the array's last axis (anterior-posterior for IXI's PSR layout), a small random affine on the moving image, and random gamma on each image.
+
+    With ``with_labels`` (a cache built with ``labels_on_grid``), returns ``(fixed, moving,
+    fixed_labels, moving_labels)``: the two subjects' label maps (float, (1, 1, D, H, W)) flipped
+    and moved like the images (nearest neighbour); same draws and images as without."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     first, second = torch.randperm(len(cache), generator=generator)[:2].tolist()
     fixed = cache.images[first:first + 1].clone()
     moving = cache.images[second:second + 1].clone()
+    labels = (cache.labels[first:first + 1].float(), cache.labels[second:second + 1].float()) if with_labels else ()
     if not augment:
-        return fixed, moving
+        return (fixed, moving) + labels
     if torch.rand(1, generator=generator).item() < 0.5:
         fixed, moving = fixed.flip(-1), moving.flip(-1)
+        labels = tuple(label.flip(-1) for label in labels)
     grid = _random_affine_grid(generator, moving.shape[2:], 8.0, 0.08, 0.06)
     moving = F.grid_sample(moving, grid, align_corners=True)
+    if labels:
+        labels = (labels[0], F.grid_sample(labels[1], grid, mode="nearest", align_corners=True))
     gammas = torch.exp(torch.empty(2).uniform_(-0.35, 0.35, generator=generator))
-    return fixed.clamp_min(0).pow(gammas[0]), moving.clamp_min(0).pow(gammas[1])
+    return (fixed.clamp_min(0).pow(gammas[0]), moving.clamp_min(0).pow(gammas[1])) + labels
+
+
+def label_subset(fixed_labels, moving_labels, count, generator):
+    """The two label maps with ``count`` labels kept (drawn from ``generator`` among the foreground
+    labels present in both) and renumbered 1..count, every other voxel 0: label supervision of a
+    149-label brain parcellation at the cost of ``count`` labels (the loss's one-hot maps grow with
+    the number of labels). Maps: (1, 1, D, H, W) float; returns the same."""
+    both = np.intersect1d(torch.unique(fixed_labels).numpy(), torch.unique(moving_labels).numpy())
+    both = torch.from_numpy(both[both > 0])
+    chosen = both[torch.randperm(len(both), generator=generator)[:count]]
+    lookup = torch.zeros(int(max(fixed_labels.max().item(), moving_labels.max().item())) + 1)
+    lookup[chosen.long()] = torch.arange(1, len(chosen) + 1, dtype=lookup.dtype)
+    return lookup[fixed_labels.long()], lookup[moving_labels.long()]
 
 
 def sampling_offset(seed, step, shape):

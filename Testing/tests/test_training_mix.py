@@ -349,6 +349,77 @@ def test_label_weight_adds_the_overlap_of_the_rendered_label_maps(cache, small_s
     assert other.returncode == 2 and "label_weight" in other.stderr
 
 
+def test_brain_labels_supervise_brain_steps_with_a_subset_that_moves_with_the_images(cache, tmp_path):
+    """--brain-labels K: a brain step draws the pair it draws without it and carries the two
+    subjects' label maps, flipped and moved like the images, reduced to K labels present in both
+    (renumbered 1..K); a short run logs the overlap on every brain step and adds it to the loss;
+    the count is part of the run's settings and needs --label-weight."""
+    import train
+    from training_data import SubjectCache, label_subset, read_split, sample_pair
+
+    grid = (16, 24, 24)
+    subjects = SubjectCache(cache, read_split(cache)["train"], grid, labels_on_grid=True)
+    assert subjects.labels.dtype == torch.int16 and subjects.labels.shape == (2, 1) + grid
+    args = train.parse_args(["--cache", cache, "--run", "unused", "--mix", "brain=1", "--label-weight", "1",
+                             "--brain-labels", "5", "--seed", "4"])
+    for step in range(4):
+        fixed, moving, labels = train.draw_pair(args, subjects, step, 0, grid, {}, with_labels=True)
+        plain = train.draw_pair(args, subjects, step, 0, grid, {})
+        assert torch.equal(fixed, plain[0]) and torch.equal(moving, plain[1])
+        whole = sample_pair(subjects, 4, step, with_labels=True)
+        assert torch.equal(whole[0], fixed) and torch.equal(whole[1], moving)
+        # The subset is the whole maps' labels renumbered: each kept label is one whole label.
+        for subset, full in zip(labels, whole[2:]):
+            assert set(torch.unique(subset).tolist()) == set(range(6))
+            for value in range(1, 6):
+                assert len(torch.unique(full[subset == value])) == 1
+    one, other = label_subset(*whole[2:], 3, torch.Generator().manual_seed(0))
+    assert one.max() == other.max() == 3
+
+    # The maps move with the images: for subjects whose images are their label maps (blocks of 4
+    # voxels, one brightness per label), each image of a pair still correlates with its map's
+    # rendering (up to gamma and the trilinear blur at block edges) and less with the subjects'
+    # maps as they were (flipped or not), so the moving map took the random affine too.
+    class BlockCache:
+        blocks = torch.randint(1, 9, (2, 1, 6, 8, 8), generator=torch.Generator().manual_seed(1)).float()
+        labels = torch.nn.functional.interpolate(blocks, scale_factor=4, mode="nearest").to(torch.int16)
+        images = labels.float() / 8.0
+
+        def __len__(self):
+            return 2
+
+    def correlation(one, two):
+        return float(torch.corrcoef(torch.stack([one.flatten(), two.flatten()]))[0, 1])
+
+    blocks = BlockCache()
+    before = [blocks.labels[i:i + 1].float() / 8.0 for i in range(2)]
+    before += [image.flip(-1) for image in before]
+    for step in range(4):
+        fixed, moving, fixed_labels, moving_labels = sample_pair(blocks, 4, step, with_labels=True)
+        own = correlation(moving, moving_labels / 8.0)
+        unmoved = max(correlation(moving, image) for image in before)
+        print("moving image vs its map %.3f, vs the maps before the move %.3f" % (own, unmoved))
+        assert correlation(fixed, fixed_labels / 8.0) > 0.95 and own > 0.9 and own > unmoved + 0.05
+    assert one.max() == other.max() == 3
+
+    for bad in (["--brain-labels", "4"], ["--brain-labels", "-1", "--label-weight", "1"]):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--cache", cache, "--run", "unused"] + bad)
+    run = str(tmp_path / "brain_labels")
+    settings = ["--cache", cache, "--steps", "3", "--optimizer", "adam", "--mix", "brain=1", "--seed", "4",
+                "--val-every", "100", *TINY, "--val-abdomen-pairs", "0", "--val-cardiac-pairs", "0",
+                "--gradicon-weight", "1.5", "--label-weight", "0.5"]
+    done = _run("train.py", "--run", run, *settings, "--brain-labels", "5")
+    assert done.returncode == 0, done.stderr
+    for row in _rows(run):
+        overlap = float(row["label_overlap"])
+        assert row["source"] == "brain" and 0.05 < overlap < 1.0, row
+        assert float(row["loss"]) == pytest.approx(
+            float(row["similarity"]) + 1.5 * float(row["regulariser"]) + 0.5 * overlap, abs=2e-5)
+    other = _run("train.py", "--run", run, *settings, "--brain-labels", "6")
+    assert other.returncode == 2 and "brain_labels" in other.stderr
+
+
 MIX_RUN_STEPS = 24
 
 
