@@ -85,11 +85,13 @@ def test_remove_folds_smooths_only_around_the_fold():
     assert float(before.min()) < -0.3
     repaired, report = remove_folds(field)
     after = grid_determinant(normalised_to_voxels(repaired))
-    after_forward = grid_determinant(normalised_to_voxels(repaired), "forward")
-    print(report, float(before.min()), float(after.min()), float(after_forward.min()))
-    assert float(after.min()) >= UNFOLD_MIN_DETERMINANT and float(after_forward.min()) >= UNFOLD_MIN_DETERMINANT
-    folded = (before <= 0) | (grid_determinant(voxels, "forward") <= 0)
-    assert report["unfold_voxels"] == int(folded.sum()) > int((before <= 0).sum())
+    after_corners = grid_determinant(normalised_to_voxels(repaired), "corners")
+    print(report, float(before.min()), float(after.min()), float(after_corners.min()))
+    assert float(after.min()) >= UNFOLD_MIN_DETERMINANT and float(after_corners.min()) >= UNFOLD_MIN_DETERMINANT
+    # folded voxels: central differences 6, with the forward corner 12, with all 8 corners 15
+    folded = (before <= 0) | (grid_determinant(voxels, "corners") <= 0)
+    by_forward = int(((before <= 0) | (grid_determinant(voxels, "forward") <= 0)).sum())
+    assert report["unfold_voxels"] == int(folded.sum()) > by_forward > int((before <= 0).sum())
     assert 1 <= report["unfold_rounds"] < 20 and report["unfold_left_voxels"] == 0
     change = normalised_to_voxels(repaired - field).abs().amax(dim=1)[0]
     assert report["unfold_max_change_voxels"] == pytest.approx(float(change.max()), abs=1e-4)
@@ -118,16 +120,53 @@ def test_forward_differences_see_the_odd_even_fold_central_ones_miss():
     assert torch.allclose(central[:, :, 1:-1], torch.ones(1)) and float(forward.min()) == pytest.approx(-0.2)
     repaired, report = remove_folds(voxels_to_normalised(voxels))
     assert report["unfold_left_voxels"] == 0 and report["unfold_rounds"] >= 1
-    assert float(grid_determinant(normalised_to_voxels(repaired), "forward").min()) >= UNFOLD_MIN_DETERMINANT
+    assert float(grid_determinant(normalised_to_voxels(repaired), "corners").min()) >= UNFOLD_MIN_DETERMINANT
     matrix = torch.tensor([[0.2, 0.1, 0.0], [0.0, -0.3, 0.1], [0.05, 0.0, 0.4]])
     grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in shape], indexing="ij"))
     xyz = grid.flip(0)  # (x, y, z) = (W, H, D) indices
     linear = torch.einsum("ij,jdhw->idhw", matrix, xyz)[None]
     expected = float(torch.linalg.det(torch.eye(3) + matrix))
-    for differences in ("central", "forward"):
+    for differences in ("central", "forward", "corners"):
         assert torch.allclose(grid_determinant(linear, differences), torch.full(shape, expected), atol=1e-5)
     with pytest.raises(ValueError):
         grid_determinant(linear, "backward")
+
+
+def test_corner_determinants_see_a_fold_central_and_forward_differences_miss():
+    """A random 2 x 2 x 2 patch of displacements (up to 0.7 voxels) whose trilinear map folds at a
+    cell corner other than the cell's first one: central and forward differences find det J above
+    0.1 everywhere, the minimum over each voxel's 8 corner Jacobians finds -0.21 (checked by hand
+    below at one corner), and fold removal, which uses the corners, takes it away."""
+    import torch
+
+    from fmsam.inference import UNFOLD_MIN_DETERMINANT, remove_folds
+    from fmsam.jacobian import grid_determinant
+    from fmsam.layers import normalised_to_voxels, voxels_to_normalised
+
+    voxels = torch.zeros(1, 3, 8, 8, 8)
+    voxels[0, :, 3:5, 3:5, 3:5] = (torch.rand(3, 2, 2, 2, generator=torch.Generator().manual_seed(1)) * 2 - 1) * 0.7
+    central, forward, corners = (grid_determinant(voxels, differences) for differences in ("central", "forward", "corners"))
+    assert float(central.min()) > 0.1 and float(forward.min()) > 0.1
+    assert float(corners.min()) == pytest.approx(-0.2089, abs=1e-3)
+    assert bool((corners <= forward + 1e-6).all())  # the forward corner is one of the eight
+    # By hand at the worst voxel: the 8 one-sided Jacobians, the least of them the reported value.
+    d, h, w = [int(index) for index in torch.nonzero(corners == corners.min())[0]]
+    u = voxels[0]
+    least = None
+    for step_w in (1, -1):
+        for step_h in (1, -1):
+            for step_d in (1, -1):
+                columns = [(u[:, d, h, w + step_w] - u[:, d, h, w]) * step_w,
+                           (u[:, d, h + step_h, w] - u[:, d, h, w]) * step_h,
+                           (u[:, d + step_d, h, w] - u[:, d, h, w]) * step_d]
+                found = float(torch.linalg.det(torch.eye(3) + torch.stack(columns, dim=1)))
+                least = found if least is None else min(least, found)
+    assert least == pytest.approx(float(corners.min()), abs=1e-5)
+    repaired, report = remove_folds(voxels_to_normalised(voxels))
+    print(report)
+    assert report["unfold_voxels"] >= 1 and report["unfold_left_voxels"] == 0
+    assert float(grid_determinant(normalised_to_voxels(repaired), "corners").min()) > 0.0
+    assert float(grid_determinant(normalised_to_voxels(repaired)).min()) >= UNFOLD_MIN_DETERMINANT
 
 
 def test_remove_folds_leaves_a_compressed_but_unfolded_field_alone():
