@@ -223,7 +223,7 @@ def draw_pair(args, train_cache, step, rank, grid, anatomy_sets=None, with_label
     fixed, moving, *maps = sample_pair(train_cache, seed, step, augment=not args.no_augment, with_labels=brain_labels)
     if maps:
         subset = torch.Generator().manual_seed(seed * 1_000_003 + step + 1_300_000_000)
-        maps = list(label_subset(maps[0], maps[1], args.brain_labels, subset))
+        maps = list(label_subset(maps[0], maps[1], args.brain_labels, subset) or ())
     if draw < args.synth_fraction + args.identity_fraction:
         return labelled((fixed, fixed.clone()) + ((maps[0], maps[0].clone()) if maps else ()))
     # Draws for later options come after the older ones, so old runs keep their pairs.

@@ -29,6 +29,8 @@ class SubjectCache:
             image = torch.from_numpy(data["image"].astype(np.float32))[None, None]
             images.append(resize(image, grid_shape)[0])
             if labels_on_grid:
+                if data["labels"].size and not 0 <= int(data["labels"].min()) <= int(data["labels"].max()) <= 32767:
+                    raise ValueError("%s: label values must lie in 0..32767 (stored as int16)" % subject)
                 label_map = torch.from_numpy(data["labels"].astype(np.float32))[None, None]
                 labels.append(resample_nearest(label_map, grid_shape)[0].to(torch.int16))
             elif with_labels:
@@ -107,9 +109,12 @@ def label_subset(fixed_labels, moving_labels, count, generator):
     """The two label maps with ``count`` labels kept (drawn from ``generator`` among the foreground
     labels present in both) and renumbered 1..count, every other voxel 0: label supervision of a
     149-label brain parcellation at the cost of ``count`` labels (the loss's one-hot maps grow with
-    the number of labels). Maps: (1, 1, D, H, W) float; returns the same."""
+    the number of labels). Maps: (1, 1, D, H, W) float; returns the same, or None when the two share
+    no foreground label (nothing to supervise: the step is then logged without a label loss)."""
     both = np.intersect1d(torch.unique(fixed_labels).numpy(), torch.unique(moving_labels).numpy())
     both = torch.from_numpy(both[both > 0])
+    if len(both) == 0:
+        return None
     chosen = both[torch.randperm(len(both), generator=generator)[:count]]
     lookup = torch.zeros(int(max(fixed_labels.max().item(), moving_labels.max().item())) + 1)
     lookup[chosen.long()] = torch.arange(1, len(chosen) + 1, dtype=lookup.dtype)

@@ -47,11 +47,14 @@ def grid_determinant(displacement_voxels, differences="central"):
       first corner, which sees the odd-even oscillation central differences are blind to);
     - 'corners': at each voxel the least of the 8 Jacobians of the trilinear map at that voxel, one
       per cell it is a corner of (forward or backward difference along each axis): every corner of
-      every cell is checked, where 'forward' sees one of each cell's eight.
+      every cell is checked, where 'forward' sees one of each cell's eight. The determinant is linear
+      in each column and a central difference is the mean of the two one-sided ones, so the central
+      det J is the mean of these 8 and never below their least. (Inside a cell the trilinear map can
+      still fold where all 8 corners are positive: rare, and not seen here.)
 
-    No derivative along an axis of a single voxel. Returns a (D, H, W) tensor; 'central' takes about
-    40 ms for 80 x 100 x 100 on two CPU cores (0.2 s for the NumPy version), 'corners' eight times
-    the determinant."""
+    No derivative along an axis of a single voxel. Returns a (D, H, W) tensor; on 80 x 100 x 100 with
+    one thread about 25 ms for 'central' and 'forward' (0.2 s for the NumPy version), 90 ms for
+    'corners'."""
     import torch
 
     if differences not in ("central", "forward", "corners"):

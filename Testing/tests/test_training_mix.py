@@ -375,6 +375,7 @@ def test_brain_labels_supervise_brain_steps_with_a_subset_that_moves_with_the_im
                 assert len(torch.unique(full[subset == value])) == 1
     one, other = label_subset(*whole[2:], 3, torch.Generator().manual_seed(0))
     assert one.max() == other.max() == 3
+    assert label_subset(whole[2] * (whole[2] < 20), whole[3] * (whole[3] >= 20), 3, torch.Generator()) is None
 
     # The maps move with the images: for subjects whose images are their label maps (blocks of 4
     # voxels, one brightness per label), each image of a pair still correlates with its map's
@@ -400,7 +401,11 @@ def test_brain_labels_supervise_brain_steps_with_a_subset_that_moves_with_the_im
         unmoved = max(correlation(moving, image) for image in before)
         print("moving image vs its map %.3f, vs the maps before the move %.3f" % (own, unmoved))
         assert correlation(fixed, fixed_labels / 8.0) > 0.95 and own > 0.9 and own > unmoved + 0.05
-    assert one.max() == other.max() == 3
+    # Label values int16 cannot hold are refused, not wrapped.
+    np.savez(str(tmp_path / "big.npz"), image=np.zeros((4, 4, 4), np.float16),
+             labels=np.full((4, 4, 4), 40000, np.uint16))
+    with pytest.raises(ValueError, match="0..32767"):
+        SubjectCache(str(tmp_path), ["big"], (4, 4, 4), labels_on_grid=True)
 
     for bad in (["--brain-labels", "4"], ["--brain-labels", "-1", "--label-weight", "1"]):
         with pytest.raises(SystemExit):
