@@ -30,7 +30,7 @@ from fmsam.geometry import reorient
 from fmsam.intensity import normalised_image
 from fmsam.pipeline import TRAINING_ORIENTATION
 from synth import random_deformation, random_palette, render
-from training_data import _random_affine_grid
+from training_data import _random_affine_grid, labels_on_grid
 
 SEQUENCES = ("C0", "DE", "T2")
 
@@ -175,14 +175,6 @@ class AbdomenSet:
 
     def __len__(self):
         return len(self.ids)
-
-
-def labels_on_grid(labels, grid, box=None):
-    """A label map (1, 1, D', H', W') (optionally cropped to ``box`` = (start, size) per axis) sampled
-    by nearest neighbour on a (D, H, W) grid over the same extent: float (1, 1, D, H, W)."""
-    if box is not None:
-        labels = labels[(slice(None), slice(None)) + tuple(slice(s, s + n) for s, n in box)]
-    return warp(labels.float(), torch.zeros((1, 3) + tuple(grid)), mode="nearest")
 
 
 def render_ct_hounsfield(generator, label_map, hu_means, noise_hu):

@@ -439,8 +439,7 @@ def main(argv=None):
 
     split = read_split(args.cache)
     grid = tuple(config["grid"])
-    train_cache = SubjectCache(args.cache, split["train"], grid,
-                               labels_on_grid=bool(args.brain_labels and args.label_weight))
+    train_cache = SubjectCache(args.cache, split["train"], grid, training_labels=args.brain_labels > 0)
     val_cache = SubjectCache(args.cache, split["val"], grid, with_labels=True) if rank == 0 else None
     pairs = validation_pairs(args.val_pairs, len(val_cache)) if rank == 0 else None
     anatomy_sets, selection_sets = load_anatomy(args, rank)

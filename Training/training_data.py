@@ -11,43 +11,45 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fmsam.layers import resize
+from fmsam.layers import resize, warp
 from fmsam.losses import random_subvoxel_offset
 
 
 class SubjectCache:
     """Images (float32, [0, 1]) of cached subjects resized to the network grid, and optionally
     their label maps at the cache's full resolution (``with_labels``, for validation Dice, int64)
-    or on the network grid (``labels_on_grid``, nearest neighbour over the same extent as the
-    images' resize, int16: for label supervision of training pairs)."""
+    or on the network grid (``training_labels``, :func:`labels_on_grid`, int16: for label
+    supervision of training pairs)."""
 
-    def __init__(self, cache_dir, subjects, grid_shape, with_labels=False, labels_on_grid=False):
+    def __init__(self, cache_dir, subjects, grid_shape, with_labels=False, training_labels=False):
         self.subjects = list(subjects)
         images, labels = [], []
         for subject in self.subjects:
             data = np.load(os.path.join(cache_dir, subject + ".npz"))
             image = torch.from_numpy(data["image"].astype(np.float32))[None, None]
             images.append(resize(image, grid_shape)[0])
-            if labels_on_grid:
-                if data["labels"].size and not 0 <= int(data["labels"].min()) <= int(data["labels"].max()) <= 32767:
+            if training_labels:
+                label_map = data["labels"]  # an npz member is decompressed on every access
+                if label_map.size and not 0 <= int(label_map.min()) <= int(label_map.max()) <= 32767:
                     raise ValueError("%s: label values must lie in 0..32767 (stored as int16)" % subject)
-                label_map = torch.from_numpy(data["labels"].astype(np.float32))[None, None]
-                labels.append(resample_nearest(label_map, grid_shape)[0].to(torch.int16))
+                label_map = torch.from_numpy(label_map.astype(np.float32))[None, None]
+                labels.append(labels_on_grid(label_map, grid_shape)[0].to(torch.int16))
             elif with_labels:
                 labels.append(torch.from_numpy(data["labels"].astype(np.int64))[None])
         self.images = torch.stack(images)          # (S, 1, D, H, W)
-        self.labels = torch.stack(labels) if (with_labels or labels_on_grid) else None
+        self.labels = torch.stack(labels) if (with_labels or training_labels) else None
 
     def __len__(self):
         return len(self.subjects)
 
 
-def resample_nearest(label_map, shape):
-    """A (N, 1, D, H, W) float label map on ``shape`` over the same extent as
-    ``fmsam.layers.resize`` (first and last voxel centres kept), nearest neighbour."""
-    identity = torch.tensor([[[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0]]]).expand(len(label_map), 3, 4)
-    grid = F.affine_grid(identity, (len(label_map), 1) + tuple(shape), align_corners=True)
-    return F.grid_sample(label_map, grid, mode="nearest", align_corners=True)
+def labels_on_grid(labels, grid, box=None):
+    """A label map (1, 1, D', H', W') (optionally cropped to ``box`` = (start, size) per axis) sampled
+    by nearest neighbour on a (D, H, W) grid over the same extent (first and last voxel centres kept,
+    as ``fmsam.layers.resize`` puts the images): float (1, 1, D, H, W)."""
+    if box is not None:
+        labels = labels[(slice(None), slice(None)) + tuple(slice(s, s + n) for s, n in box)]
+    return warp(labels.float(), torch.zeros((1, 3) + tuple(grid)), mode="nearest")
 
 
 def read_split(cache_dir):
@@ -84,7 +86,7 @@ def sample_pair(cache, seed, step, augment=True, with_labels=False):
     """Draw the (fixed, moving) pair for a training step: two distinct subjects, a joint flip along
     the array's last axis (anterior-posterior for IXI's PSR layout), a small random affine on the moving image, and random gamma on each image.
 
-    With ``with_labels`` (a cache built with ``labels_on_grid``), returns ``(fixed, moving,
+    With ``with_labels`` (a cache built with ``training_labels``), returns ``(fixed, moving,
     fixed_labels, moving_labels)``: the two subjects' label maps (float, (1, 1, D, H, W)) flipped
     and moved like the images (nearest neighbour); same draws and images as without."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)

@@ -143,20 +143,19 @@ def remove_folds(displacement, min_determinant=UNFOLD_MIN_DETERMINANT, max_round
     (folded after), ``unfold_max_change_voxels`` (largest change of the displacement, in network
     voxels). A field that folds somewhere is smoothed near its voxels below ``min_determinant`` (a
     margin), round after round while that reduces them, and the field with the fewest is returned;
-    only their neighbourhood changes. A field without folds is untouched (two determinants, about
-    0.1 s on the 80 x 100 x 100 grid, one thread). Inside a cell a trilinear map can fold while all
+    only their neighbourhood changes. A field without folds is untouched (one corner determinant,
+    about 0.1 s on the 80 x 100 x 100 grid, one thread). Inside a cell a trilinear map can fold while all
     its corners are positive (rare); the 0.1 margin is what covers that."""
     with torch.no_grad():
         return _remove_folds(displacement, min_determinant, max_rounds)
 
 
 def _remove_folds(displacement, min_determinant, max_rounds):
-    def determinants(field):
-        voxels = normalised_to_voxels(field)
-        return grid_determinant(voxels, "corners")  # never above the central det J: see its docstring
+    def corner_determinant(field):  # never above the central det J: see grid_determinant
+        return grid_determinant(normalised_to_voxels(field), "corners")
 
     original, rounds = displacement, 0
-    determinant = determinants(displacement)
+    determinant = corner_determinant(displacement)
     folded = int((determinant <= 0).sum())
     best, best_low, left = displacement, int((determinant < min_determinant).sum()), folded
     while folded and best_low and rounds < max_rounds:
@@ -164,7 +163,7 @@ def _remove_folds(displacement, min_determinant, max_rounds):
         mask = torch.nn.functional.max_pool3d(low[None, None].to(best.dtype), 5, stride=1, padding=2)
         mask = gaussian_smooth(mask, 1.0).clamp(0.0, 1.0)
         candidate = best + mask * (gaussian_smooth(best, 1.5) - best)
-        candidate_determinant = determinants(candidate)
+        candidate_determinant = corner_determinant(candidate)
         candidate_low = int((candidate_determinant < min_determinant).sum())
         if candidate_low >= best_low:  # a round that does not help ends the removal; it is not kept
             break

@@ -358,7 +358,7 @@ def test_brain_labels_supervise_brain_steps_with_a_subset_that_moves_with_the_im
     from training_data import SubjectCache, label_subset, read_split, sample_pair
 
     grid = (16, 24, 24)
-    subjects = SubjectCache(cache, read_split(cache)["train"], grid, labels_on_grid=True)
+    subjects = SubjectCache(cache, read_split(cache)["train"], grid, training_labels=True)
     assert subjects.labels.dtype == torch.int16 and subjects.labels.shape == (2, 1) + grid
     args = train.parse_args(["--cache", cache, "--run", "unused", "--mix", "brain=1", "--label-weight", "1",
                              "--brain-labels", "5", "--seed", "4"])
@@ -405,7 +405,7 @@ def test_brain_labels_supervise_brain_steps_with_a_subset_that_moves_with_the_im
     np.savez(str(tmp_path / "big.npz"), image=np.zeros((4, 4, 4), np.float16),
              labels=np.full((4, 4, 4), 40000, np.uint16))
     with pytest.raises(ValueError, match="0..32767"):
-        SubjectCache(str(tmp_path), ["big"], (4, 4, 4), labels_on_grid=True)
+        SubjectCache(str(tmp_path), ["big"], (4, 4, 4), training_labels=True)
 
     for bad in (["--brain-labels", "4"], ["--brain-labels", "-1", "--label-weight", "1"]):
         with pytest.raises(SystemExit):
