@@ -160,3 +160,86 @@ def test_cardiac_demons_registers_a_real_cross_sequence_stack():
           % (identity, nmi, fold, jacobian_min, seconds))
     assert fold < 1.0
     assert nmi > identity + 0.015
+
+
+def test_majority_vote_counts_and_breaks_ties_to_the_smaller_label():
+    from make_template_pairs import majority_vote
+
+    maps = np.array([[[[3, 0, 7]]], [[[3, 5, 2]]], [[[1, 5, 7]]], [[[1, 0, 2]]]], dtype=np.uint16)
+    # voxel 0: 3,3,1,1 (tie -> 1); voxel 1: 0,5,5,0 (tie -> 0); voxel 2: 7,2,7,2 (tie -> 2)
+    assert majority_vote(maps).tolist() == [[[1, 0, 2]]]
+    assert majority_vote(maps[:3]).tolist() == [[[3, 5, 7]]]
+    assert majority_vote(maps).dtype == np.uint16
+
+
+def _fake_cache(tmp_path, subjects, shape=(4, 5, 6)):
+    """A cache as Training/prepare_data.py writes it, and an IXI folder with the template subject's
+    T1 (the grid the templates are written on); subject i's image is constant i / 10, its labels i."""
+    import SimpleITK as sitk
+
+    cache, ixi = tmp_path / "cache", tmp_path / "ixi"
+    for folder in (cache, ixi / "T1"):
+        folder.mkdir(parents=True)
+    with open(cache / "template.json", "w") as handle:
+        json.dump({"template": subjects[0], "train": subjects[:1], "val": subjects}, handle)
+    for index, subject in enumerate(subjects):
+        np.savez_compressed(cache / (subject + ".npz"),
+                            image=np.full(shape, index / 10, dtype=np.float16),
+                            labels=np.full(shape, index, dtype=np.uint16))
+    grid = sitk.GetImageFromArray(np.zeros(shape, dtype=np.float32))
+    grid.SetSpacing((2.0, 2.0, 2.0))
+    grid.SetOrigin((-10.0, 4.0, 7.0))
+    sitk.WriteImage(grid, str(ixi / "T1" / (subjects[0] + "_T1.nii.gz")))
+    return cache, ixi
+
+
+def test_template_pairs_leave_the_subject_out(tmp_path):
+    import SimpleITK as sitk
+
+    subjects = ["S0", "S1", "S2", "S3"]
+    cache, ixi = _fake_cache(tmp_path, subjects)
+    # labels: subject i is i everywhere; give S1 and S2 the same labels so the vote has a majority
+    with np.load(cache / "S2.npz") as data:
+        image = data["image"]
+    np.savez_compressed(cache / "S2.npz", image=image, labels=np.full(image.shape, 1, dtype=np.uint16))
+    out = tmp_path / "out"
+    script = os.path.join(BENCHMARKS, "make_template_pairs.py")
+    finished = subprocess.run([sys.executable, script, "--cache", str(cache), "--ixi", str(ixi),
+                               "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    template = sitk.ReadImage(str(out / "template_without_S0.nii.gz"))
+    assert template.GetSpacing() == (2.0, 2.0, 2.0) and template.GetOrigin() == (-10.0, 4.0, 7.0)
+    # without S0: mean of 0.1, 0.2, 0.3 (float16 storage) and labels 1, 1, 3 -> 1
+    assert np.allclose(sitk.GetArrayFromImage(template), 0.2, atol=1e-3)
+    assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "template_without_S0_labels.nii.gz"))))) == {1}
+    # without S1: mean of 0, 0.2, 0.3; labels 0, 1, 3 (three-way tie -> 0)
+    assert np.allclose(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "template_without_S1.nii.gz"))),
+                       0.5 / 3, atol=1e-3)
+    with open(out / "pairs.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 * len(subjects)
+    assert rows[0]["fixed"] == "template_without_S0.nii.gz" and rows[0]["moving"].endswith("S0_T1.nii.gz")
+    assert rows[1]["moving"] == "template_without_S0.nii.gz" and rows[1]["fixed_labels"].endswith("S0_labels.nii.gz")
+    assert os.path.normpath(os.path.join(str(out), rows[0]["moving"])) == str(ixi / "T1" / "S0_T1.nii.gz")
+
+
+def test_stripped_templates_are_zero_outside_their_labels(tmp_path):
+    import SimpleITK as sitk
+
+    subjects = ["S0", "S1", "S2"]
+    cache, ixi = _fake_cache(tmp_path, subjects)
+    with np.load(cache / "S1.npz") as data:
+        labels = data["labels"].copy()
+    labels[:2] = 0  # S1 and S0 (all 0) outvote S2 (all 2) in the first two slices of S2's template
+    np.savez_compressed(cache / "S1.npz", image=np.full(labels.shape, 0.1, np.float16), labels=labels)
+    out = tmp_path / "out"
+    script = os.path.join(BENCHMARKS, "make_template_pairs.py")
+    finished = subprocess.run([sys.executable, script, "--cache", str(cache), "--ixi", str(ixi),
+                               "--out", str(out), "--strip"], capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    image = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "template_without_S2.nii.gz")))
+    # without S2: S0 (0.0, labels 0) and S1 (0.1, labels 0 then 1): ties 0 vs 1 -> 0 everywhere
+    assert np.all(image == 0)
+    image = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "template_without_S0.nii.gz")))
+    # without S0: S1 (0.1; 0 in slices 0-1, else 1) and S2 (0.2, labels 2): ties -> 0 in slices 0-1
+    assert np.all(image[:2] == 0) and np.allclose(image[2:], 0.15, atol=1e-3)
