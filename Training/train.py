@@ -42,7 +42,8 @@ try:
     from data_splits import SPLITS_FILE, load_splits  # noqa: E402
     from synth import synth_pair  # noqa: E402
     from training_data import (SubjectCache, apply_intensity_curve, label_subset,  # noqa: E402
-                               random_intensity_curve, read_split, sample_pair, sampling_offset, thick_slices)
+                               random_intensity_curve, read_split, sample_pair, sampling_offset,
+                               skull_stripped, thick_slices)
     from fmsam.inference import choose_device  # noqa: E402
     from fmsam.layers import resize, warp  # noqa: E402
     from fmsam.losses import label_overlap_loss, local_ncc_loss, symmetric_registration_loss  # noqa: E402
@@ -100,6 +101,10 @@ def parse_args(argv):
     parser.add_argument("--remap-fraction", type=float, default=0.0,
                         help="share of real pairs whose two images go through one random intensity "
                              "curve (new contrasts, shared within the pair)")
+    parser.add_argument("--strip-fraction", type=float, default=0.0,
+                        help="chance that one image of a brain pair (fixed or moving, even odds) is "
+                             "skull-stripped: zero beyond one voxel of its brain labels (a subject "
+                             "against a stripped template or brain)")
     parser.add_argument("--mix", type=parse_mix, default=None,
                         help="multi-anatomy mix, e.g. brain=0.5,cardiac=0.2,abdomen=0.2,shapes=0.1 "
                              "(shares of steps, normalised to sum 1; cardiac and abdomen read --data "
@@ -129,6 +134,8 @@ def parse_args(argv):
     parser.add_argument("--max-minutes", type=float, default=0,
                         help="stop cleanly (checkpoint written) after this long; 0: no limit")
     args = parser.parse_args(argv)
+    if not 0.0 <= args.strip_fraction <= 1.0:
+        parser.error("--strip-fraction must lie in 0..1")
     if args.mix is not None and args.synth_fraction:
         parser.error("--mix replaces --synth-fraction: give the shapes' share as shapes= in --mix")
     if args.brain_labels < 0 or (args.brain_labels and not args.label_weight > 0):
@@ -171,7 +178,7 @@ def mix_source(mix, draw):
 #: Settings added after the first runs, with the value those runs had.
 DEFAULTS = {"synth_fraction": 0.0, "identity_fraction": 0.0, "thick_fraction": 0.0,
             "remap_fraction": 0.0, "init": None, "mix": None, "label_weight": 0.0,
-            "brain_labels": 0}
+            "brain_labels": 0, "strip_fraction": 0.0}
 
 
 def _choice_generator(args, step, rank):
@@ -220,7 +227,12 @@ def draw_pair(args, train_cache, step, rank, grid, anatomy_sets=None, with_label
     if draw < args.synth_fraction:
         return labelled(synth_pair(choice, grid, with_labels=True))
     brain_labels = with_labels and args.brain_labels > 0 and train_cache.labels is not None
-    fixed, moving, *maps = sample_pair(train_cache, seed, step, augment=not args.no_augment, with_labels=brain_labels)
+    stripping = args.strip_fraction > 0 and train_cache.labels is not None
+    fixed, moving, *maps = sample_pair(train_cache, seed, step, augment=not args.no_augment,
+                                       with_labels=brain_labels or stripping)
+    whole_maps = list(maps)  # the full parcellations (brain masks for --strip-fraction)
+    if not brain_labels:
+        maps = []
     if maps:
         subset = torch.Generator().manual_seed(seed * 1_000_003 + step + 1_300_000_000)
         maps = list(label_subset(maps[0], maps[1], args.brain_labels, subset) or ())
@@ -235,6 +247,11 @@ def draw_pair(args, train_cache, step, rank, grid, anatomy_sets=None, with_label
             fixed = thick_slices(fixed, choice)
         if torch.rand(1, generator=choice).item() < args.thick_fraction:
             moving = thick_slices(moving, choice)
+    if args.strip_fraction and torch.rand(1, generator=choice).item() < args.strip_fraction:
+        if torch.rand(1, generator=choice).item() < 0.5:
+            fixed = skull_stripped(fixed, whole_maps[0])
+        else:
+            moving = skull_stripped(moving, whole_maps[1])
     return labelled((fixed, moving) + tuple(maps))
 
 
@@ -425,7 +442,8 @@ def main(argv=None):
             changed = [k for k in ("optimizer", "rho", "lr", "steps", "seed", "grid", "warmup",
                                    "coarse_channels", "fine_channels", "gradicon_weight", "no_augment",
                                    "synth_fraction", "identity_fraction", "thick_fraction",
-                                   "remap_fraction", "init", "mix", "label_weight", "brain_labels")
+                                   "remap_fraction", "init", "mix", "label_weight", "brain_labels",
+                                   "strip_fraction")
                        if previous.get(k, DEFAULTS.get(k)) != run_settings.get(k)]
             if changed:
                 print("error: %s was started with other settings (%s); use a new --run folder"
@@ -439,7 +457,8 @@ def main(argv=None):
 
     split = read_split(args.cache)
     grid = tuple(config["grid"])
-    train_cache = SubjectCache(args.cache, split["train"], grid, training_labels=args.brain_labels > 0)
+    train_cache = SubjectCache(args.cache, split["train"], grid,
+                               training_labels=args.brain_labels > 0 or args.strip_fraction > 0)
     val_cache = SubjectCache(args.cache, split["val"], grid, with_labels=True) if rank == 0 else None
     pairs = validation_pairs(args.val_pairs, len(val_cache)) if rank == 0 else None
     anatomy_sets, selection_sets = load_anatomy(args, rank)

@@ -142,6 +142,17 @@ def thick_slices(image, generator, factors=(2.0, 3.5)):
     return resize(F.adaptive_avg_pool3d(image, low), shape)
 
 
+def skull_stripped(image, labels, margin=1):
+    """``image`` with every voxel farther than ``margin`` voxels (cube neighbourhood) from a labelled
+    one set to 0: a brain extraction as published templates and many pipelines' images have it (the
+    brain and a rim of CSF kept, skull, scalp and neck gone). ``image``, ``labels``: (1, 1, D, H, W)
+    on one grid (labels: the full parcellation, 0 = background)."""
+    brain = (labels > 0).float()
+    if margin > 0:
+        brain = F.max_pool3d(brain, 2 * margin + 1, stride=1, padding=margin)
+    return image * brain
+
+
 def random_intensity_curve(generator, points=6):
     """A random smooth lookup ``[0, 1] -> [0, 1]`` that keeps 0 at 0 (background stays dark), as
     ``(x, y)`` control points for linear interpolation: any tissue order, so also inverted contrast."""

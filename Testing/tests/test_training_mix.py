@@ -425,6 +425,50 @@ def test_brain_labels_supervise_brain_steps_with_a_subset_that_moves_with_the_im
     assert other.returncode == 2 and "brain_labels" in other.stderr
 
 
+def test_strip_fraction_skull_strips_one_image_of_a_brain_pair(cache):
+    """--strip-fraction F: with chance F, the fixed or the moving image (even odds) of a brain step is
+    zero beyond one voxel of its subject's brain labels (moved with it), the other image and the
+    pair's draws untouched; 0 (the default) draws exactly the old pairs; label subsets still come."""
+    import train
+    from training_data import SubjectCache, read_split, sample_pair, skull_stripped
+
+    image = torch.ones(1, 1, 5, 5, 5)
+    labels = torch.zeros(1, 1, 5, 5, 5)
+    labels[0, 0, 2, 2, 2] = 7
+    kept = skull_stripped(image, labels)
+    assert kept.sum() == 27 and kept[0, 0, 1:4, 1:4, 1:4].sum() == 27  # the label and a 1-voxel rim
+    assert skull_stripped(image, labels, margin=0).sum() == 1
+
+    grid = (16, 24, 24)
+    subjects = SubjectCache(cache, read_split(cache)["train"], grid, training_labels=True)
+    base = ["--cache", cache, "--run", "unused", "--mix", "brain=1", "--seed", "4"]
+    stripping = train.parse_args(base + ["--strip-fraction", "1"])
+    plain = train.parse_args(base)
+    sides = []
+    for step in range(8):
+        fixed, moving, labels = train.draw_pair(stripping, subjects, step, 0, grid, {}, with_labels=True)
+        old = train.draw_pair(plain, subjects, step, 0, grid, {}, with_labels=True)
+        whole = sample_pair(subjects, 4, step, with_labels=True)
+        assert labels is None and old[2] is None  # no --brain-labels: no label loss either way
+        assert torch.equal(old[0], whole[0]) and torch.equal(old[1], whole[1])  # 0: the old pairs
+        if torch.equal(fixed, old[0]):
+            side = 1
+            assert torch.equal(moving, skull_stripped(old[1], whole[3]))
+        else:
+            side = 0
+            assert torch.equal(moving, old[1]) and torch.equal(fixed, skull_stripped(old[0], whole[2]))
+        stripped = (fixed, moving)[side]
+        assert float(stripped.sum()) < 0.9 * float(old[side].sum())  # the skull and scalp are gone
+        sides.append(side)
+    assert set(sides) == {0, 1}
+    supervised = train.parse_args(base + ["--strip-fraction", "1", "--label-weight", "1", "--brain-labels", "5"])
+    fixed, moving, labels = train.draw_pair(supervised, subjects, 0, 0, grid, {}, with_labels=True)
+    assert labels is not None and int(labels[0].max()) == 5
+    for bad in ("-0.1", "1.5"):
+        with pytest.raises(SystemExit):
+            train.parse_args(base + ["--strip-fraction", bad])
+
+
 MIX_RUN_STEPS = 24
 
 
