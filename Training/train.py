@@ -227,7 +227,9 @@ def draw_pair(args, train_cache, step, rank, grid, anatomy_sets=None, with_label
     if draw < args.synth_fraction:
         return labelled(synth_pair(choice, grid, with_labels=True))
     brain_labels = with_labels and args.brain_labels > 0 and train_cache.labels is not None
-    stripping = args.strip_fraction > 0 and train_cache.labels is not None
+    stripping = args.strip_fraction > 0  # main() loads the label maps (the masks) for it
+    if stripping and train_cache.labels is None:
+        raise ValueError("--strip-fraction needs the cache's label maps (SubjectCache(training_labels=True))")
     fixed, moving, *maps = sample_pair(train_cache, seed, step, augment=not args.no_augment,
                                        with_labels=brain_labels or stripping)
     whole_maps = list(maps)  # the full parcellations (brain masks for --strip-fraction)

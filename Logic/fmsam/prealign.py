@@ -218,18 +218,22 @@ class _Progress:
 
     def __init__(self, callback, total_iterations):
         self.callback, self.total = callback, float(total_iterations)
-        self.done, self.cancelled = 0, None
+        self.done, self.cancelled, self.halted = 0, None, False
         self._owner = threading.get_ident()  # the callback runs on this thread only
         self._lock = threading.Lock()
 
     def watch(self, method):
-        if self.callback is not None:
-            method.AddCommand(sitk.sitkIterationEvent, lambda: self._iteration(method))
+        method.AddCommand(sitk.sitkIterationEvent, lambda: self._iteration(method))
+
+    def halt(self):
+        """Stop every watched optimiser at its next iteration (the calling thread failed; the other
+        direction's result is not needed): their ``execute`` then raises :class:`_Halted`."""
+        self.halted = True
 
     def _iteration(self, method):
         with self._lock:
             self.done += 1
-        if self.cancelled is not None:
+        if self.cancelled is not None or self.halted:
             # StopRegistration ends the current resolution level only; stop each later one at once.
             method.StopRegistration()
             return
@@ -252,8 +256,17 @@ class _Progress:
     def execute(self, method, fixed, moving):
         self.watch(method)
         method.Execute(fixed, moving)
+        self.raise_if_stopped()
+
+    def raise_if_stopped(self):
         if self.cancelled is not None:
             raise self.cancelled
+        if self.halted:
+            raise _Halted()
+
+
+class _Halted(Exception):
+    """Ends an alignment whose result is no longer wanted (:meth:`_Progress.halt`)."""
 
 
 def _run_stage(transform, levels, fixed, moving, iterations, sampling, progress):
@@ -277,8 +290,9 @@ def _run_stage(transform, levels, fixed, moving, iterations, sampling, progress)
         try:
             progress.execute(method, level_fixed, level_moving)
         except RuntimeError:
-            if progress.cancelled is not None:  # the callback's own exception (Cancelled or not)
-                raise
+            # ITK's own error while the callback's exception (Cancelled or not) or a halt stopped
+            # the optimiser: that one is what happened
+            progress.raise_if_stopped()
             transform.SetParameters(before)   # ITK's: it gave up on this level
             return
 
@@ -314,14 +328,19 @@ def _both_ways(fixed, moving, iterations, sampling, progress, shrunk=1):
     (``reverse``, fixed LPS point -> moving LPS point like the others; None if it has no inverse).
     The calling thread reports progress while it waits; when the callback raises, both alignments
     stop and it is raised here once the second thread has ended (no ITK work outlives the call)."""
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    with ThreadPoolExecutor(max_workers=1) as pool:  # leaving the block joins the second thread
         other = pool.submit(_rigid_then_affine, moving, fixed, iterations, sampling, progress, shrunk)
         try:
             affine, centred = _rigid_then_affine(fixed, moving, iterations, sampling, progress, shrunk)
-        finally:
             while not wait([other], timeout=_WAIT_SECONDS).done:
                 progress.report()  # a raised callback stops the other optimiser at its next iteration
-        backward, _ = other.result()
+        except BaseException:
+            progress.halt()  # this thread failed or was cancelled: the other stops at its next iteration
+            raise
+    # A callback that raised while this thread waited: its exception, even if the other thread
+    # had already finished its last iteration (or ITK raised its own error meanwhile).
+    progress.raise_if_stopped()
+    backward, _ = other.result()
     try:
         reverse = sitk.AffineTransform(backward.GetInverse())
     except RuntimeError:  # a singular matrix has no inverse: no such candidate

@@ -142,3 +142,51 @@ def test_cancelling_while_waiting_for_the_other_direction_stops_it(known_pair, m
     assert len(calls) == 3
     affine_prealign(fixed, moving, progress=lambda fraction: None)  # the same, not cancelled
     assert len(done_other) == 2 and done_other[0] < 20 < done_other[1]
+
+
+def test_a_cancel_after_the_other_direction_finished_is_not_lost(known_pair, monkeypatch):
+    """The callback raises while the calling thread waits, after the other direction's last
+    iteration: the exception still comes out (the other thread never saw it)."""
+    from fmsam import prealign
+
+    fixed, moving, _ = known_pair
+    original = prealign._rigid_then_affine
+    caller = threading.get_ident()
+    other_done = threading.Event()
+
+    def slow_caller_other_real(fixed_image, moving_image, iterations, sampling, progress, shrunk=1):
+        if threading.get_ident() == caller:
+            return sitk.AffineTransform(3), sitk.AffineTransform(3)
+        try:
+            return original(fixed_image, moving_image, iterations, sampling, progress, shrunk)
+        finally:
+            other_done.set()
+
+    monkeypatch.setattr(prealign, "_rigid_then_affine", slow_caller_other_real)
+
+    def cancel_once_the_other_is_done(fraction):
+        if other_done.wait(timeout=60):
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        affine_prealign(fixed, moving, progress=cancel_once_the_other_is_done)
+
+
+def test_an_itk_error_while_cancelling_comes_out_as_the_cancel(monkeypatch):
+    """ITK's own error in a stage stopped by the callback: the callback's exception is raised."""
+    from fmsam import prealign
+
+    progress = prealign._Progress(lambda fraction: None, 10)
+    progress.cancelled = Cancelled()
+
+    def itk_gives_up(self, method, fixed, moving):
+        raise RuntimeError("ITK ERROR: All samples map outside moving image buffer")
+
+    monkeypatch.setattr(prealign._Progress, "execute", itk_gives_up)
+    image = sitk.Image([16, 16, 16], sitk.sitkFloat32)
+    with pytest.raises(Cancelled):
+        prealign._run_stage(sitk.AffineTransform(3), (2,), image, image, 5, 0.1, progress)
+    progress.cancelled = None  # not cancelled: ITK's error ends the stage, the transform kept
+    transform = sitk.AffineTransform(3)
+    prealign._run_stage(transform, (2,), image, image, 5, 0.1, progress)
+    assert transform.GetParameters() == sitk.AffineTransform(3).GetParameters()
