@@ -106,16 +106,17 @@ class _Stages:
 IO_SIMILARITY_ACROSS_CONTRASTS = "squared_lncc"
 
 
-def prealign_or_explain(stages, fixed, moving, initial=None):
-    """:func:`affine_prealign` of two normalised images, block-averaged to at most
-    :data:`fmsam.prealign.AFFINE_MAX_VOXELS` first (:func:`fmsam.prealign.affine_inputs`), progress
-    to ``stages``, with SimpleITK's
+def prealign_or_explain(stages, fixed, moving, initial=None, both_ways=False):
+    """:func:`affine_prealign` of two normalised images (``both_ways`` passed on), block-averaged to
+    at most :data:`fmsam.prealign.AFFINE_MAX_VOXELS` first (:func:`fmsam.prealign.affine_inputs`),
+    progress to ``stages``, with SimpleITK's
     own failures (images it cannot align, e.g. ones that do not overlap) turned into a
     :class:`RegistrationError` that says what to do; the progress callback's exceptions pass
     through as themselves."""
     try:
         fixed, moving, shrunk = affine_inputs(fixed, moving)
-        return affine_prealign(fixed, moving, progress=stages.update, initial=initial, shrunk=shrunk)
+        return affine_prealign(fixed, moving, progress=stages.update, initial=initial, shrunk=shrunk,
+                               both_ways=both_ways)
     except RuntimeError as error:
         if error is stages.raised:
             raise
@@ -218,14 +219,23 @@ def normalise_inputs(inputs, modality, layout):
     inputs.modalities = (fixed_modality, moving_modality)
 
 
-def align(stages, inputs, prealign, contrast_matching):
-    """Stage 'affine': ``(affine, ContrastChoice)``. When the contrasts differ the moving image
+#: Accurate mode (instance optimisation) aligns both ways (:func:`fmsam.prealign.affine_prealign`'s
+#: ``both_ways``): a direction that fails is caught by the other (a skull-stripped template against a
+#: head with its skull), for about 0.5 s that fast mode's 5-second budget does not have on every
+#: machine (fast: 3.37 -> 3.77 s on an idle 2-core machine, 4.1 -> 4.8 s on the same machine busier
+#: with page-cache reclaim; docs/benchmarks.md, "Subject-to-template pairs").
+BOTH_WAYS_FROM_IO_STEPS = 1
+
+
+def align(stages, inputs, prealign, contrast_matching, both_ways=False):
+    """Stage 'affine': ``(affine, ContrastChoice)``; ``both_ways``: see
+    :func:`fmsam.prealign.affine_prealign`. When the contrasts differ the moving image
     gets the fixed image's and the affine is refined on it (its fine level only, about 0.4 s):
     mutual information copes with other contrasts, but less well (on 10 gamma-changed pairs it
     aligned worse than on the originals); refining instead of starting again gave Dice on the gamma
     and inverted pairs within 0.002 of a full second run."""
     fixed, moving = inputs.fixed_normalised, inputs.moving_normalised
-    affine = prealign_or_explain(stages, fixed, moving) if prealign else identity_affine()
+    affine = prealign_or_explain(stages, fixed, moving, both_ways=both_ways) if prealign else identity_affine()
     contrast = choose_contrast(fixed, moving, fields.resample(moving, fixed, affine), contrast_matching)
     if contrast.applied and prealign:
         affine = prealign_or_explain(stages, fixed, contrast.moving_for_network, initial=affine)
@@ -330,7 +340,8 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
     config, network_when_ready = start_loading_model(model, weights, allow_unverified)
     normalise_inputs(inputs, modality, config.get("orientation", TRAINING_ORIENTATION))
     stages.begin("affine")
-    affine, contrast = align(stages, inputs, prealign, contrast_matching)
+    affine, contrast = align(stages, inputs, prealign, contrast_matching,
+                             both_ways=io_steps >= BOTH_WAYS_FROM_IO_STEPS)
     report = {"contrast_matching": contrast.report()}
     stages.begin("network")
     network = network_when_ready()

@@ -14,18 +14,16 @@ own pyramid, exactly as before.
 Whatever the path, the result is never worse than leaving the images where they are: the optimised
 affine is compared with the identity and with the moments-centred translation (a refined affine with
 the identity and the one it started from) by the normalised mutual information on the fixed grid
-(:func:`alignment_score`), and the best is returned. The alignment also runs the other way round
-(fixed onto moving, in a second thread: SimpleITK releases the GIL, so on two cores it costs about
-0.3 s) and its inverse is one more candidate: one direction can fail where the other does not. A
-skull-stripped template moving onto a head with its skull is such a case: the affine's Dice was
-0.06-0.19 on 4 of 10 selection pairs that way, 0.54-0.56 the other way round, and the score picked
-the right one on the 6 pairs checked (docs/benchmarks.md, "Subject-to-template pairs"). On thin
+(:func:`alignment_score`), and the best is returned. With ``both_ways`` (accurate mode), the same
+alignment also runs the other way round (fixed onto moving) and its inverse is one more candidate:
+one direction can fail where the other does not. A skull-stripped template moving onto a head with
+its skull is such a case: the affine's Dice was 0.06-0.19 on 4 of 10 selection pairs that way,
+0.54-0.56 the other way round, and the score picked the right one on the 6 pairs checked
+(docs/benchmarks.md, "Subject-to-template pairs"). It doubles the affine's time (about 0.5 s more on
+a 2 mm head pair), which fast mode's 5-second budget does not have room for on every machine. On thin
 stacks the best is then refined at full resolution (:data:`THIN_FINE_LEVELS`) and the refinement
 kept only when it scores higher.
 """
-import threading
-from concurrent.futures import ThreadPoolExecutor, wait
-
 import numpy as np
 import SimpleITK as sitk
 
@@ -78,28 +76,34 @@ REFINE_LEVELS = (2,)
 THIN_FINE_LEVELS = (1,)
 
 
-def affine_prealign(fixed, moving, iterations=60, sampling=0.10, progress=None, initial=None, shrunk=1):
+def affine_prealign(fixed, moving, iterations=60, sampling=0.10, progress=None, initial=None, shrunk=1,
+                    both_ways=False):
     """Affinely register ``moving`` to ``fixed`` (both normalised float32 SimpleITK images).
 
     ``initial``: an affine transform to refine (levels ``REFINE_LEVELS``, no rigid stage) instead of
     starting from the images' moments. ``shrunk``: the factor :func:`affine_inputs` block-averaged
-    both images by (the pyramid's levels are divided by it).
-    Without ``initial``, the alignment runs both ways (:func:`_both_ways`) and the best candidate
-    by :func:`alignment_score` is returned.
+    both images by (the pyramid's levels are divided by it). ``both_ways`` (without ``initial``):
+    also align ``fixed`` onto ``moving`` and make the inverse a candidate.
     Returns an ``sitk.AffineTransform`` (fixed LPS point -> moving LPS point). ``progress(fraction)``
-    is called on the calling thread only, every optimiser iteration of its own alignment and while it
-    waits for the other direction's; when it raises (e.g. :class:`fmsam.Cancelled`) the
+    is called every optimiser iteration; when it raises (e.g. :class:`fmsam.Cancelled`) the
     optimiser stops at that iteration and the exception is raised again here. Runs on one ITK
     thread: the multi-threaded metric adds partial sums in varying order, and the transform then
     differed in the last bits from run to run (outputs were not reproducible byte for byte).
     """
     if initial is None:
         thin = not (fits_pyramid(fixed, AFFINE_LEVELS) and fits_pyramid(moving, AFFINE_LEVELS))
-        levels = 2 * (len(RIGID_LEVELS) + len(AFFINE_LEVELS)) + (len(THIN_FINE_LEVELS) if thin else 0)
+        levels = ((len(RIGID_LEVELS) + len(AFFINE_LEVELS)) * (2 if both_ways else 1)
+                  + (len(THIN_FINE_LEVELS) if thin else 0))
         tracker = _Progress(progress, iterations * levels)
-        affine, centred, reverse = _both_ways(fixed, moving, iterations, sampling, tracker, shrunk)
-        candidates = [affine, reverse, centred, sitk.AffineTransform(3)]
-        best = best_alignment(fixed, moving, [c for c in candidates if c is not None])
+        affine, centred = _rigid_then_affine(fixed, moving, iterations, sampling, tracker, shrunk)
+        candidates = [affine, centred, sitk.AffineTransform(3)]
+        if both_ways:
+            backward, _ = _rigid_then_affine(moving, fixed, iterations, sampling, tracker, shrunk)
+            try:
+                candidates.insert(1, sitk.AffineTransform(backward.GetInverse()))
+            except RuntimeError:  # a singular matrix has no inverse: no such candidate
+                pass
+        best = best_alignment(fixed, moving, candidates)
         if not thin:
             return best
         # Thin stacks: one more level at full resolution, kept only when it scores higher.
@@ -218,55 +222,29 @@ class _Progress:
 
     def __init__(self, callback, total_iterations):
         self.callback, self.total = callback, float(total_iterations)
-        self.done, self.cancelled, self.halted = 0, None, False
-        self._owner = threading.get_ident()  # the callback runs on this thread only
-        self._lock = threading.Lock()
+        self.done, self.cancelled = 0, None
 
     def watch(self, method):
-        method.AddCommand(sitk.sitkIterationEvent, lambda: self._iteration(method))
-
-    def halt(self):
-        """Stop every watched optimiser at its next iteration (the calling thread failed; the other
-        direction's result is not needed): their ``execute`` then raises :class:`_Halted`."""
-        self.halted = True
+        if self.callback is not None:
+            method.AddCommand(sitk.sitkIterationEvent, lambda: self._iteration(method))
 
     def _iteration(self, method):
-        with self._lock:
-            self.done += 1
-        if self.cancelled is not None or self.halted:
+        self.done += 1
+        if self.cancelled is not None:
             # StopRegistration ends the current resolution level only; stop each later one at once.
             method.StopRegistration()
             return
-        if threading.get_ident() == self._owner and not self.report():
-            method.StopRegistration()
-
-    def report(self):
-        """Call the callback with the fraction done (on the owner's thread); False when it raised
-        (the exception is kept in ``cancelled`` and every watched optimiser stops at its next
-        iteration)."""
-        if self.callback is None or self.cancelled is not None:
-            return self.cancelled is None
         try:
             self.callback(min(self.done / self.total, 0.99))
-            return True
         except BaseException as raised:  # Cancelled, or the callback's own error: raised as itself
             self.cancelled = raised
-            return False
+            method.StopRegistration()
 
     def execute(self, method, fixed, moving):
         self.watch(method)
         method.Execute(fixed, moving)
-        self.raise_if_stopped()
-
-    def raise_if_stopped(self):
         if self.cancelled is not None:
             raise self.cancelled
-        if self.halted:
-            raise _Halted()
-
-
-class _Halted(Exception):
-    """Ends an alignment whose result is no longer wanted (:meth:`_Progress.halt`)."""
 
 
 def _run_stage(transform, levels, fixed, moving, iterations, sampling, progress):
@@ -290,9 +268,8 @@ def _run_stage(transform, levels, fixed, moving, iterations, sampling, progress)
         try:
             progress.execute(method, level_fixed, level_moving)
         except RuntimeError:
-            # ITK's own error while the callback's exception (Cancelled or not) or a halt stopped
-            # the optimiser: that one is what happened
-            progress.raise_if_stopped()
+            if progress.cancelled is not None:  # ITK's error while the callback stopped it: the
+                raise progress.cancelled        # callback's own exception (Cancelled or not)
             transform.SetParameters(before)   # ITK's: it gave up on this level
             return
 
@@ -316,36 +293,6 @@ def _rigid_then_affine(fixed, moving, iterations, sampling, progress, shrunk=1):
     # 60 iterations at 10 % sampling gave the same Dice as 100 at 15 % (docs/benchmarks.md).
     _run_stage(affine, _shrunk_levels(AFFINE_LEVELS, shrunk), fixed, moving, iterations, sampling, progress)
     return affine, centred
-
-
-#: Seconds between progress reports while the calling thread waits for the other direction.
-_WAIT_SECONDS = 0.1
-
-
-def _both_ways(fixed, moving, iterations, sampling, progress, shrunk=1):
-    """``(affine, centred, reverse)``: :func:`_rigid_then_affine` of ``moving`` onto ``fixed`` on the
-    calling thread, and of ``fixed`` onto ``moving`` on a second thread, whose result is inverted
-    (``reverse``, fixed LPS point -> moving LPS point like the others; None if it has no inverse).
-    The calling thread reports progress while it waits; when the callback raises, both alignments
-    stop and it is raised here once the second thread has ended (no ITK work outlives the call)."""
-    with ThreadPoolExecutor(max_workers=1) as pool:  # leaving the block joins the second thread
-        other = pool.submit(_rigid_then_affine, moving, fixed, iterations, sampling, progress, shrunk)
-        try:
-            affine, centred = _rigid_then_affine(fixed, moving, iterations, sampling, progress, shrunk)
-            while not wait([other], timeout=_WAIT_SECONDS).done:
-                progress.report()  # a raised callback stops the other optimiser at its next iteration
-        except BaseException:
-            progress.halt()  # this thread failed or was cancelled: the other stops at its next iteration
-            raise
-    # A callback that raised while this thread waited: its exception, even if the other thread
-    # had already finished its last iteration (or ITK raised its own error meanwhile).
-    progress.raise_if_stopped()
-    backward, _ = other.result()
-    try:
-        reverse = sitk.AffineTransform(backward.GetInverse())
-    except RuntimeError:  # a singular matrix has no inverse: no such candidate
-        reverse = None
-    return affine, centred, reverse
 
 
 def identity_affine():

@@ -1,6 +1,4 @@
 """Affine pre-alignment: recovers a known affine, refines a perturbed one, reports progress."""
-import threading
-
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -93,7 +91,8 @@ def _label_dice(fixed_labels, moving_labels, transform):
 
 def test_a_skull_stripped_moving_image_is_aligned_through_the_other_direction(sample_paths):
     """A head with its skull fixed, a skull-stripped brain moving: the alignment that way stops far
-    from the brain; the one the other way round is right, and the score picks it."""
+    from the brain (all that the default, one way, has); with ``both_ways`` the one the other way
+    round is right, and the score picks it."""
     from fmsam.prealign import _Progress, _rigid_then_affine, affine_inputs, alignment_score
 
     fixed = normalised_image(sitk.ReadImage(sample_paths["fixed"], sitk.sitkFloat32), "mr")[0]
@@ -101,75 +100,13 @@ def test_a_skull_stripped_moving_image_is_aligned_through_the_other_direction(sa
     labels = sitk.ReadImage(sample_paths["fixed_labels"]), sitk.ReadImage(sample_paths["moving_labels"])
     fixed, moving, shrunk = affine_inputs(fixed, moving)
     one_way, _ = _rigid_then_affine(fixed, moving, 60, 0.10, _Progress(None, 1), shrunk)
-    threads = []
-    found = affine_prealign(fixed, moving, shrunk=shrunk,
-                            progress=lambda fraction: threads.append(threading.get_ident()))
+    fractions = []
+    assert affine_prealign(fixed, moving, shrunk=shrunk).GetParameters() == one_way.GetParameters()
+    found = affine_prealign(fixed, moving, shrunk=shrunk, both_ways=True, progress=fractions.append)
     assert _label_dice(*labels, one_way) < 0.35
     assert _label_dice(*labels, found) > 0.42  # 0.448 (0.273 one way; the head unstripped: about 0.46)
     assert alignment_score(fixed, moving, found) > alignment_score(fixed, moving, one_way)
-    assert threads and set(threads) == {threading.get_ident()}  # the callback ran on this thread only
-
-
-def test_cancelling_while_waiting_for_the_other_direction_stops_it(known_pair, monkeypatch):
-    """The calling thread's own alignment ends at once; the other direction runs on; a callback that
-    raises while the caller waits stops it within a few iterations, and the exception comes out."""
-    from fmsam import prealign
-
-    fixed, moving, _ = known_pair
-    original = prealign._rigid_then_affine
-    caller = threading.get_ident()
-    done_other = []
-
-    def only_the_other_direction_works(fixed_image, moving_image, iterations, sampling, progress, shrunk=1):
-        if threading.get_ident() == caller:
-            return sitk.AffineTransform(3), sitk.AffineTransform(3)
-        try:
-            return original(fixed_image, moving_image, iterations, sampling, progress, shrunk)
-        finally:
-            done_other.append(progress.done)
-
-    monkeypatch.setattr(prealign, "_rigid_then_affine", only_the_other_direction_works)
-    monkeypatch.setattr(prealign, "_WAIT_SECONDS", 0.001)
-    calls = []
-
-    def cancel_at_third(fraction):
-        calls.append(fraction)
-        if len(calls) == 3:
-            raise Cancelled()
-
-    with pytest.raises(Cancelled):
-        affine_prealign(fixed, moving, progress=cancel_at_third)
-    assert len(calls) == 3
-    affine_prealign(fixed, moving, progress=lambda fraction: None)  # the same, not cancelled
-    assert len(done_other) == 2 and done_other[0] < 20 < done_other[1]
-
-
-def test_a_cancel_after_the_other_direction_finished_is_not_lost(known_pair, monkeypatch):
-    """The callback raises while the calling thread waits, after the other direction's last
-    iteration: the exception still comes out (the other thread never saw it)."""
-    from fmsam import prealign
-
-    fixed, moving, _ = known_pair
-    original = prealign._rigid_then_affine
-    caller = threading.get_ident()
-    other_done = threading.Event()
-
-    def slow_caller_other_real(fixed_image, moving_image, iterations, sampling, progress, shrunk=1):
-        if threading.get_ident() == caller:
-            return sitk.AffineTransform(3), sitk.AffineTransform(3)
-        try:
-            return original(fixed_image, moving_image, iterations, sampling, progress, shrunk)
-        finally:
-            other_done.set()
-
-    monkeypatch.setattr(prealign, "_rigid_then_affine", slow_caller_other_real)
-
-    def cancel_once_the_other_is_done(fraction):
-        if other_done.wait(timeout=60):
-            raise Cancelled()
-
-    with pytest.raises(Cancelled):
-        affine_prealign(fixed, moving, progress=cancel_once_the_other_is_done)
+    assert fractions == sorted(fractions) and 0 < fractions[-1] < 1
 
 
 def test_an_itk_error_while_cancelling_comes_out_as_the_cancel(monkeypatch):
@@ -190,3 +127,20 @@ def test_an_itk_error_while_cancelling_comes_out_as_the_cancel(monkeypatch):
     transform = sitk.AffineTransform(3)
     prealign._run_stage(transform, (2,), image, image, 5, 0.1, progress)
     assert transform.GetParameters() == sitk.AffineTransform(3).GetParameters()
+
+
+def test_accurate_mode_aligns_both_ways_and_fast_mode_one_way(sample_paths, monkeypatch):
+    from fmsam import pipeline
+
+    asked = []
+    original = pipeline.affine_prealign
+
+    def recording(*args, **kwargs):
+        asked.append(kwargs.get("both_ways"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "affine_prealign", recording)
+    for io_steps, expected in ((0, False), (1, True)):
+        asked.clear()
+        pipeline.register(sample_paths["fixed"], sample_paths["moving"], io_steps=io_steps, device="cpu")
+        assert asked and asked[0] is expected  # the first (not the contrast-matching refinement) call
