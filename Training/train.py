@@ -230,11 +230,10 @@ def draw_pair(args, train_cache, step, rank, grid, anatomy_sets=None, with_label
     stripping = args.strip_fraction > 0  # main() loads the label maps (the masks) for it
     if stripping and train_cache.labels is None:
         raise ValueError("--strip-fraction needs the cache's label maps (SubjectCache(training_labels=True))")
-    fixed, moving, *maps = sample_pair(train_cache, seed, step, augment=not args.no_augment,
-                                       with_labels=brain_labels or stripping)
-    whole_maps = list(maps)  # the full parcellations (brain masks for --strip-fraction)
-    if not brain_labels:
-        maps = []
+    # whole_maps: the two full parcellations (the label subsets' source, the strip masks)
+    fixed, moving, *whole_maps = sample_pair(train_cache, seed, step, augment=not args.no_augment,
+                                             with_labels=brain_labels or stripping)
+    maps = whole_maps if brain_labels else []
     if maps:
         subset = torch.Generator().manual_seed(seed * 1_000_003 + step + 1_300_000_000)
         maps = list(label_subset(maps[0], maps[1], args.brain_labels, subset) or ())

@@ -82,11 +82,12 @@ def _stripped(path, labels_path):
 
 
 def _label_dice(fixed_labels, moving_labels, transform):
-    fixed = sitk.GetArrayFromImage(fixed_labels)
+    """Mean Dice as ``fmsam evaluate`` reports it (labels of both maps) after ``transform``."""
+    from fmsam.metrics import labels_in_both, mean_dice
+
+    fixed, moving = sitk.GetArrayFromImage(fixed_labels), sitk.GetArrayFromImage(moving_labels)
     warped = sitk.GetArrayFromImage(fields.resample(moving_labels, fixed_labels, transform, nearest=True))
-    shared = np.intersect1d(np.unique(fixed), np.unique(warped))
-    return np.mean([2.0 * np.sum((fixed == v) & (warped == v)) / (np.sum(fixed == v) + np.sum(warped == v))
-                    for v in shared[shared > 0]])
+    return mean_dice(fixed, warped, labels_in_both(fixed, moving))
 
 
 def test_a_skull_stripped_moving_image_is_aligned_through_the_other_direction(sample_paths):
