@@ -7,7 +7,9 @@ mapping as an affine and a displacement field on the network grid, both directio
 warp the moving image and labels, Dice (warp) -> Jacobian determinant on the fixed grid (jacobian).
 """
 import concurrent.futures
+import contextlib
 import dataclasses
+import sys
 import time
 import typing
 
@@ -227,6 +229,27 @@ def normalise_inputs(inputs, modality, layout):
 BOTH_WAYS_FROM_IO_STEPS = 1
 
 
+#: Python's thread switch interval (seconds) during the affine stage (default 0.005). The bundled model
+#: loads in a thread meanwhile (PyTorch's import: about a second of Python holding the interpreter
+#: lock), and ITK's optimiser calls back into Python after every iteration (progress, Cancel), each
+#: call waiting for the lock until the loading thread's interval ran out: on the first 10 IXI pairs
+#: the affine stage took 1.10 s at the default interval, 0.85 s at this one (the affine alone, with
+#: nothing loading, about 0.55 s; docs/benchmarks.md, "Speed").
+AFFINE_SWITCH_INTERVAL = 0.0002
+
+
+@contextlib.contextmanager
+def quick_thread_switches(interval=AFFINE_SWITCH_INTERVAL):
+    """Python's thread switch interval set to ``interval`` seconds inside the block (process-wide,
+    as the interpreter has one), and back to what it was after."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(interval)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(previous)
+
+
 def align(stages, inputs, prealign, contrast_matching, both_ways=False):
     """Stage 'affine': ``(affine, ContrastChoice)``; ``both_ways``: see
     :func:`fmsam.prealign.affine_prealign`. When the contrasts differ the moving image
@@ -340,8 +363,9 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
     config, network_when_ready = start_loading_model(model, weights, allow_unverified)
     normalise_inputs(inputs, modality, config.get("orientation", TRAINING_ORIENTATION))
     stages.begin("affine")
-    affine, contrast = align(stages, inputs, prealign, contrast_matching,
-                             both_ways=io_steps >= BOTH_WAYS_FROM_IO_STEPS)
+    with quick_thread_switches():
+        affine, contrast = align(stages, inputs, prealign, contrast_matching,
+                                 both_ways=io_steps >= BOTH_WAYS_FROM_IO_STEPS)
     report = {"contrast_matching": contrast.report()}
     stages.begin("network")
     network = network_when_ready()

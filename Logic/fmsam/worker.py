@@ -160,13 +160,17 @@ def run(request_path):
 
 
 def main(argv=None):
-    """Entry point: ``argv`` is ``[REQUEST.json]``. Leaves the process at once when done (its files
+    """Entry point: ``argv`` is ``[REQUEST.json]``. Keeps the memory it frees for reuse
+    (:func:`fmsam.allocator.keep_freed_memory`) and leaves the process at once when done (its files
     are closed), sparing PyTorch's teardown."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         _say(ERROR, "usage: worker REQUEST.json")
         code = BAD_INPUT
     else:
+        from .allocator import keep_freed_memory
+
+        keep_freed_memory()  # this process runs one registration and ends
         code = run(argv[0])
     sys.stdout.flush()
     sys.stderr.flush()

@@ -2,6 +2,7 @@
 jacobian commands agreeing with register, self-registration, determinism."""
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -135,6 +136,28 @@ def test_progress_reports_stages_and_can_cancel(sample_paths):
     with pytest.raises(fmsam.Cancelled):
         fmsam.register(sample_paths["fixed"], sample_paths["moving"], device="cpu", progress=progress)
     assert seen[0] == "prepare" and "affine" in seen and seen[-1] == "network"
+
+
+def test_affine_stage_switches_threads_quickly_and_restores_the_interval(sample_paths):
+    # The affine stage lowers Python's thread switch interval (the model loads in a thread meanwhile)
+    # and sets it back however the stage ends, here by a cancel in the middle of it.
+    from fmsam.pipeline import AFFINE_SWITCH_INTERVAL
+
+    before = sys.getswitchinterval()
+    assert before != AFFINE_SWITCH_INTERVAL
+    seen = {}
+
+    def progress(stage, fraction):
+        if 0 < fraction < 1:  # not the calls that begin and end a stage, made between stages
+            seen.setdefault(stage, set()).add(sys.getswitchinterval())
+        if stage == "affine" and fraction > 0.1:
+            raise fmsam.Cancelled()
+
+    with pytest.raises(fmsam.Cancelled):
+        fmsam.register(sample_paths["fixed"], sample_paths["moving"], device="cpu", progress=progress)
+    assert len(seen["affine"]) == 1                     # the optimiser's iterations
+    assert seen["affine"].pop() == pytest.approx(AFFINE_SWITCH_INTERVAL, rel=1e-3)  # Python keeps microseconds
+    assert sys.getswitchinterval() == before
 
 
 def test_no_affine_and_image_objects(sample_paths):
