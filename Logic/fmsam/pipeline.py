@@ -25,7 +25,7 @@ from .imageio import load_label_map_on_grid, load_scalar_volume
 from .intensity import normalised_image
 from .jacobian import jacobian_statistics, transform_jacobian
 from .metrics import dice_report
-from .prealign import affine_inputs, affine_prealign, identity_affine
+from .prealign import affine_inputs, affine_prealign, identity_affine, moving_shows_much_less
 from .quality import deformable_gain
 
 #: Axis layout (DICOM orientation code) of the images the bundled model was trained on (IXI).
@@ -225,8 +225,17 @@ def normalise_inputs(inputs, modality, layout):
 #: ``both_ways``): a direction that fails is caught by the other (a skull-stripped template against a
 #: head with its skull), for about 0.5 s that fast mode's 5-second budget does not have on every
 #: machine (fast: 3.37 -> 3.77 s on an idle 2-core machine, 4.1 -> 4.8 s on the same machine busier
-#: with page-cache reclaim; docs/benchmarks.md, "Subject-to-template pairs").
+#: with page-cache reclaim; docs/benchmarks.md, "Subject-to-template pairs"). Fast mode aligns both
+#: ways only when the moving image shows much less than the fixed one
+#: (:func:`fmsam.prealign.moving_shows_much_less`), the case where one way fails.
 BOTH_WAYS_FROM_IO_STEPS = 1
+
+
+def aligns_both_ways(inputs, io_steps):
+    """Whether the affine runs both ways: in accurate mode always, in fast mode when the moving
+    image's foreground is much smaller than the fixed image's (normalised images of ``inputs``)."""
+    return io_steps >= BOTH_WAYS_FROM_IO_STEPS or moving_shows_much_less(inputs.fixed_normalised,
+                                                                         inputs.moving_normalised)
 
 
 #: Python's thread switch interval (seconds) during the affine stage (default 0.005). The bundled model
@@ -364,9 +373,9 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
     normalise_inputs(inputs, modality, config.get("orientation", TRAINING_ORIENTATION))
     stages.begin("affine")
     with quick_thread_switches():
-        affine, contrast = align(stages, inputs, prealign, contrast_matching,
-                                 both_ways=io_steps >= BOTH_WAYS_FROM_IO_STEPS)
-    report = {"contrast_matching": contrast.report()}
+        both_ways = prealign and aligns_both_ways(inputs, io_steps)
+        affine, contrast = align(stages, inputs, prealign, contrast_matching, both_ways=both_ways)
+    report = {"contrast_matching": contrast.report(), "affine_both_ways": bool(both_ways)}
     stages.begin("network")
     network = network_when_ready()
     computed, used_device, grid = run_network(stages, network, config, inputs, affine, contrast, io_steps, device)

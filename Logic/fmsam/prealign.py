@@ -14,7 +14,8 @@ own pyramid, exactly as before.
 Whatever the path, the result is never worse than leaving the images where they are: the optimised
 affine is compared with the identity and with the moments-centred translation (a refined affine with
 the identity and the one it started from) by the normalised mutual information on the fixed grid
-(:func:`alignment_score`), and the best is returned. With ``both_ways`` (accurate mode), the same
+(:func:`alignment_score`), and the best is returned. With ``both_ways`` (accurate mode, and fast mode
+when the moving image shows much less than the fixed one: :func:`moving_shows_much_less`), the same
 alignment also runs the other way round (fixed onto moving) and its inverse is one more candidate:
 one direction can fail where the other does not. A skull-stripped template moving onto a head with
 its skull is such a case: the affine's Dice was 0.06-0.19 on 4 of 10 selection pairs that way,
@@ -198,6 +199,30 @@ def score_grid(fixed):
     reference.SetSpacing([sp * s for sp, s in zip(fixed.GetSpacing(), strides)])
     pick = tuple(slice(None, None, s) for s in strides[::-1])
     return reference, sitk.GetArrayViewFromImage(fixed)[pick]
+
+
+def foreground_volume(image):
+    """Volume (mm^3) of the voxels of a normalised image above :data:`FOREGROUND`."""
+    return float((sitk.GetArrayViewFromImage(image) > FOREGROUND).sum()) * float(np.prod(image.GetSpacing()))
+
+
+#: The moving image shows much less than the fixed one when its foreground volume is below this
+#: fraction of the fixed image's (:func:`moving_shows_much_less`). Chosen on selection pairs: a
+#: skull-stripped brain moving onto a head with its skull 0.32-0.43 (the 10 pairs of the stripped
+#: template set with the template moving); every other pair 0.55 or more (30 IXI subject pairs
+#: 0.74-1.33, the unstripped template set 0.76-1.32, 16 cardiac selection pairs 0.55-3.84). No pair
+#: of the report sets is below it (abdomen 0.92-1.10, OASIS 0.94-1.07, cardiac 0.55-1.77), so their
+#: fast-mode figures are unchanged.
+SMALLER_MOVING_RATIO = 0.5
+
+
+def moving_shows_much_less(fixed, moving):
+    """True when ``moving``'s foreground volume is below :data:`SMALLER_MOVING_RATIO` times
+    ``fixed``'s (both normalised): a brain alone moving onto a whole head, a part onto the whole.
+    Aligning the small onto the large is the direction that fails (the optimiser can settle on any
+    bright structure of the fixed image); the large onto the small does not, which is why
+    :func:`affine_prealign` is then asked to align both ways."""
+    return foreground_volume(moving) < SMALLER_MOVING_RATIO * foreground_volume(fixed)
 
 
 def alignment_score(fixed, moving, transform):

@@ -243,3 +243,27 @@ def test_stripped_templates_are_zero_outside_their_labels(tmp_path):
     image = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "template_without_S0.nii.gz")))
     # without S0: S1 (0.1; 0 in slices 0-1, else 1) and S2 (0.2, labels 2): ties -> 0 in slices 0-1
     assert np.all(image[:2] == 0) and np.allclose(image[2:], 0.15, atol=1e-3)
+
+
+def test_foreground_ratios_of_a_pairs_file(sample_paths, tmp_path, capsys):
+    """The ratio the fast mode's two-way affine is decided by, per pair, over a pairs file: the
+    sample pair both ways, and its moving image skull-stripped (a brain alone, about a third of a head)."""
+    import SimpleITK as sitk
+
+    import foreground_ratios
+
+    image = sitk.ReadImage(sample_paths["moving"], sitk.sitkFloat32)
+    brain = sitk.GetArrayFromImage(sitk.ReadImage(sample_paths["moving_labels"])) > 0
+    stripped = sitk.GetImageFromArray(np.where(brain, sitk.GetArrayFromImage(image), 0.0).astype(np.float32))
+    stripped.CopyInformation(image)
+    sitk.WriteImage(stripped, str(tmp_path / "stripped.nii.gz"))
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("fixed,moving\n%s,%s\n%s,%s\n%s,stripped.nii.gz\n" % (
+        sample_paths["fixed"], sample_paths["moving"], sample_paths["moving"], sample_paths["fixed"],
+        sample_paths["fixed"]))
+    found = foreground_ratios.ratios(str(pairs))
+    assert found[0] == pytest.approx(1.0 / found[1])
+    assert 0.7 < found[0] < 1.4
+    assert 0.2 < found[2] < 0.45
+    foreground_ratios.main(["sample=%s" % pairs])
+    assert "3 pairs, below 0.50:  1" in capsys.readouterr().out

@@ -130,7 +130,17 @@ def test_an_itk_error_while_cancelling_comes_out_as_the_cancel(monkeypatch):
     assert transform.GetParameters() == sitk.AffineTransform(3).GetParameters()
 
 
-def test_accurate_mode_aligns_both_ways_and_fast_mode_one_way(sample_paths, monkeypatch):
+def _stripped_raw(path, labels_path):
+    """The image at ``path`` (not normalised) with every voxel outside its brain labels set to 0."""
+    image = sitk.ReadImage(path, sitk.sitkFloat32)
+    brain = sitk.GetArrayFromImage(sitk.ReadImage(labels_path)) > 0
+    stripped = sitk.GetImageFromArray(np.where(brain, sitk.GetArrayFromImage(image), 0.0).astype(np.float32))
+    stripped.CopyInformation(image)
+    return stripped
+
+
+def test_accurate_mode_aligns_both_ways_and_fast_mode_when_the_moving_image_shows_much_less(
+        sample_paths, monkeypatch):
     from fmsam import pipeline
 
     asked = []
@@ -143,5 +153,36 @@ def test_accurate_mode_aligns_both_ways_and_fast_mode_one_way(sample_paths, monk
     monkeypatch.setattr(pipeline, "affine_prealign", recording)
     for io_steps, expected in ((0, False), (1, True)):
         asked.clear()
-        pipeline.register(sample_paths["fixed"], sample_paths["moving"], io_steps=io_steps, device="cpu")
+        result = pipeline.register(sample_paths["fixed"], sample_paths["moving"], io_steps=io_steps, device="cpu")
         assert asked and asked[0] is expected  # the first (not the contrast-matching refinement) call
+        assert result.report["affine_both_ways"] is expected
+    # Fast mode, a skull-stripped brain moving onto a head: both ways, and the network starts from
+    # the right place (Dice 0.537; 0.432 from the one-way affine, which is 0.273 alone).
+    asked.clear()
+    result = pipeline.register(sample_paths["fixed"], _stripped_raw(sample_paths["moving"], sample_paths["moving_labels"]),
+                               sample_paths["fixed_labels"], sample_paths["moving_labels"], device="cpu")
+    assert asked[0] is True and result.report["affine_both_ways"] is True
+    assert result.report["dice_affine"] > 0.42 and result.report["dice_after"] > 0.5
+    # Without the pre-alignment there is no affine to run either way.
+    result = pipeline.register(sample_paths["fixed"], sample_paths["moving"], prealign=False, io_steps=1, device="cpu")
+    assert result.report["affine_both_ways"] is False
+
+
+def test_the_moving_image_shows_much_less_by_foreground_volume_in_millimetres():
+    from fmsam.prealign import SMALLER_MOVING_RATIO, foreground_volume, moving_shows_much_less
+
+    def cube(side, spacing=1.0):
+        voxels = np.zeros((40, 40, 40), np.float32)
+        voxels[:side, :side, :side] = 0.8
+        image = sitk.GetImageFromArray(voxels)
+        image.SetSpacing([spacing] * 3)
+        return image
+
+    assert foreground_volume(cube(10, 2.0)) == pytest.approx(8000.0)
+    large, small = cube(30), cube(20)  # 27 000 and 8 000 mm^3: 0.296
+    assert SMALLER_MOVING_RATIO == 0.5
+    assert moving_shows_much_less(large, small)
+    assert not moving_shows_much_less(small, large)    # the large moving onto the small: one way does
+    assert not moving_shows_much_less(large, large)
+    assert not moving_shows_much_less(large, cube(24))  # 13 824 mm^3: 0.512
+    assert not moving_shows_much_less(large, cube(20, 2.0))  # fewer voxels but 64 000 mm^3
