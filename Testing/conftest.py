@@ -48,6 +48,22 @@ def inverted_moving(sample_paths, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def stripped_moving(sample_paths, tmp_path_factory):
+    """Path of the sample's moving T1 skull-stripped: every voxel outside its brain labels set to 0
+    (a brain alone, about a third of the head's foreground)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(sample_paths["moving"], sitk.sitkFloat32)
+    brain = sitk.GetArrayFromImage(sitk.ReadImage(sample_paths["moving_labels"])) > 0
+    stripped = sitk.GetImageFromArray(np.where(brain, sitk.GetArrayFromImage(image), 0.0).astype(np.float32))
+    stripped.CopyInformation(image)
+    path = str(tmp_path_factory.mktemp("stripped") / "stripped.nii.gz")
+    sitk.WriteImage(stripped, path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def input_digests_before(sample_paths):
     return file_digests(sample_paths)
 

@@ -304,13 +304,16 @@ def run_and_exit(argv=None):
 
     Every output file is written and closed when ``main`` returns; what the interpreter would still
     do is tear down PyTorch (0.3-0.4 s of a 4 s command on two cores, measured while matplotlib was
-    loaded too). For the same reason the process keeps memory it frees for reuse
-    (:func:`fmsam.allocator.keep_freed_memory`). Programs that call ``main`` themselves (tests,
-    Slicer) keep a normal interpreter and their own memory policy.
+    loaded too). For the same reason ``fmsam register`` keeps memory it frees for reuse
+    (:func:`fmsam.allocator.keep_freed_memory`; not ``evaluate``, which registers many pairs).
+    Programs that call ``main`` themselves (tests, Slicer) keep a normal interpreter and their own
+    memory policy.
     """
     from .allocator import keep_freed_memory
 
-    keep_freed_memory()  # the process ends after this one command: freed memory is reused, not returned
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    if arguments[:1] == ["register"]:  # one registration, then the process ends
+        keep_freed_memory()
     code = main(argv)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -10,6 +10,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import sys
+import threading
 import time
 import typing
 
@@ -238,25 +239,34 @@ def aligns_both_ways(inputs, io_steps):
                                                                          inputs.moving_normalised)
 
 
-#: Python's thread switch interval (seconds) during the affine stage (default 0.005). The bundled model
-#: loads in a thread meanwhile (PyTorch's import: about a second of Python holding the interpreter
-#: lock), and ITK's optimiser calls back into Python after every iteration (progress, Cancel), each
-#: call waiting for the lock until the loading thread's interval ran out: on the first 10 IXI pairs
-#: the affine stage took 1.10 s at the default interval, 0.85 s at this one (the affine alone, with
-#: nothing loading, about 0.55 s; docs/benchmarks.md, "Speed").
+#: Python's thread switch interval (seconds) during the affine stage (default 0.005) while the
+#: bundled model loads in a thread (PyTorch's import: about a second of Python holding the
+#: interpreter lock). ITK's optimiser calls back into Python after every iteration (progress,
+#: Cancel), and each call waited for the lock until the loading thread's interval ran out: on the
+#: first 10 IXI pairs the affine stage took 0.98 s at the default interval and 0.81 s at this one
+#: (the affine alone, with nothing loading, about 0.55 s; docs/benchmarks.md, "Speed and scale").
 AFFINE_SWITCH_INTERVAL = 0.0002
+
+_switching = {"lock": threading.Lock(), "depth": 0, "previous": None}
 
 
 @contextlib.contextmanager
 def quick_thread_switches(interval=AFFINE_SWITCH_INTERVAL):
     """Python's thread switch interval set to ``interval`` seconds inside the block (process-wide,
-    as the interpreter has one), and back to what it was after."""
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(interval)
+    as the interpreter has one). Blocks may overlap, in one thread or several (registrations run
+    in threads): the first to enter saves the interval and the last to leave restores it."""
+    with _switching["lock"]:
+        if _switching["depth"] == 0:
+            _switching["previous"] = sys.getswitchinterval()
+            sys.setswitchinterval(interval)
+        _switching["depth"] += 1
     try:
         yield
     finally:
-        sys.setswitchinterval(previous)
+        with _switching["lock"]:
+            _switching["depth"] -= 1
+            if _switching["depth"] == 0:
+                sys.setswitchinterval(_switching["previous"])
 
 
 def align(stages, inputs, prealign, contrast_matching, both_ways=False):
@@ -372,7 +382,8 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
     config, network_when_ready = start_loading_model(model, weights, allow_unverified)
     normalise_inputs(inputs, modality, config.get("orientation", TRAINING_ORIENTATION))
     stages.begin("affine")
-    with quick_thread_switches():
+    loading_in_thread = model is None and weights is None  # see start_loading_model
+    with quick_thread_switches() if loading_in_thread else contextlib.nullcontext():
         both_ways = prealign and aligns_both_ways(inputs, io_steps)
         affine, contrast = align(stages, inputs, prealign, contrast_matching, both_ways=both_ways)
     report = {"contrast_matching": contrast.report(), "affine_both_ways": bool(both_ways)}

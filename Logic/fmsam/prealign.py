@@ -218,10 +218,12 @@ SMALLER_MOVING_RATIO = 0.5
 
 def moving_shows_much_less(fixed, moving):
     """True when ``moving``'s foreground volume is below :data:`SMALLER_MOVING_RATIO` times
-    ``fixed``'s (both normalised): a brain alone moving onto a whole head, a part onto the whole.
-    Aligning the small onto the large is the direction that fails (the optimiser can settle on any
-    bright structure of the fixed image); the large onto the small does not, which is why
-    :func:`affine_prealign` is then asked to align both ways."""
+    ``fixed``'s (both normalised, as the affine sees them; before contrast matching): a brain alone
+    moving onto a whole head, a part onto the whole. Aligning the small onto the large is the
+    direction seen to fail (the optimiser can settle on another bright structure of the fixed image);
+    the large onto the small did not, which is why :func:`affine_prealign` is then asked to align
+    both ways. It counts bright voxels, not anatomy: a fixed image with a bright background, or a
+    slab of a few slices moving, meets it too, and costs the second direction's time there."""
     return foreground_volume(moving) < SMALLER_MOVING_RATIO * foreground_volume(fixed)
 
 

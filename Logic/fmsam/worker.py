@@ -61,10 +61,20 @@ def _progress_printer():
 
 
 def read_request(path):
-    """The request as a dict, with its file paths made absolute."""
+    """The request as a dict, with its file paths made absolute. :class:`fmsam.InputError` when the
+    file cannot be read or is not a JSON object."""
+    from .errors import InputError
+
     folder = os.path.dirname(os.path.abspath(path))
-    with open(path) as handle:
-        request = json.load(handle)
+    try:
+        with open(path) as handle:
+            request = json.load(handle)
+    except OSError as error:
+        raise InputError("the request file %s cannot be read (%s)" % (path, error.strerror or error)) from None
+    except ValueError as error:  # json.JSONDecodeError, UnicodeDecodeError
+        raise InputError("the request file %s is not JSON (%s)" % (path, error)) from None
+    if not isinstance(request, dict):
+        raise InputError("the request file %s does not hold a JSON object" % path)
     for key in ("fixed", "moving", "fixed_labels", "moving_labels", "weights", "out"):
         if request.get(key):
             request[key] = os.path.join(folder, request[key])

@@ -5,31 +5,57 @@ label Dice through the forward and through the reversed affine; seconds of the f
 
 Usage: python3 Testing/Benchmarks/affine_directions.py OUT.csv NAME=pairs.csv ...
 (columns ``fixed``, ``moving``, ``fixed_labels``, ``moving_labels``, relative to the pairs file)."""
-import csv, os, sys, time
+import csv
+import os
+import sys
+import time
+
 import SimpleITK as sitk
+
 from fmsam import fields, pipeline, prealign
 from fmsam.metrics import labels_in_both, mean_dice
-handle = open(sys.argv[1], "w", newline="")
-out = csv.writer(handle)
-out.writerow(["set", "pair", "s_fwd", "s_rev", "s_centred", "s_identity", "zero_fixed", "zero_moving", "fg_fixed", "fg_moving", "dice_fwd", "dice_rev", "t_fwd"])
-for item in sys.argv[2:]:
-    name, path = item.split("=")
-    base = os.path.dirname(os.path.abspath(path))
-    for n, row in enumerate(csv.DictReader(open(path))):
-        row = {k: os.path.join(base, v) for k, v in row.items()}
-        inputs = pipeline.read_inputs(row["fixed"], row["moving"], row["fixed_labels"], row["moving_labels"])
-        pipeline.normalise_inputs(inputs, "auto", pipeline.TRAINING_ORIENTATION)
-        f, m, s = prealign.affine_inputs(inputs.fixed_normalised, inputs.moving_normalised)
-        tr = prealign._Progress(None, 1)
-        t = time.perf_counter()
-        fwd, centred = prealign._rigid_then_affine(f, m, 60, 0.10, tr, s)
-        t_fwd = time.perf_counter() - t
-        rev, _ = prealign._rigid_then_affine(m, f, 60, 0.10, tr, s)
-        rev = sitk.AffineTransform(rev.GetInverse())
-        sc = [prealign.alignment_score(f, m, x) for x in (fwd, rev, centred, sitk.AffineTransform(3))]
-        fa, ma = sitk.GetArrayViewFromImage(inputs.fixed_normalised), sitk.GetArrayViewFromImage(inputs.moving_normalised)
-        fl = sitk.GetArrayFromImage(inputs.fixed_labels); ml = sitk.GetArrayFromImage(inputs.moving_labels)
-        labels = labels_in_both(fl, ml)
-        d = [mean_dice(fl, sitk.GetArrayFromImage(fields.resample(inputs.moving_labels, inputs.fixed, x, nearest=True)), labels) for x in (fwd, rev)]
-        out.writerow([name, n] + ["%.4f" % v for v in sc] + ["%.3f" % (fa == 0).mean(), "%.3f" % (ma == 0).mean(), "%.3f" % (fa > prealign.FOREGROUND).mean(), "%.3f" % (ma > prealign.FOREGROUND).mean(), "%.4f" % d[0], "%.4f" % d[1], "%.3f" % t_fwd])
-        handle.flush()
+
+COLUMNS = ["set", "pair", "s_fwd", "s_rev", "s_centred", "s_identity", "zero_fixed", "zero_moving",
+           "fg_fixed", "fg_moving", "dice_fwd", "dice_rev", "t_fwd"]
+
+
+def pair_row(row):
+    """The figures of one pair (a dict of the pairs file's columns, absolute paths), in COLUMNS'
+    order after ``set`` and ``pair``. The two directions are ``fmsam.prealign``'s own stages."""
+    inputs = pipeline.read_inputs(row["fixed"], row["moving"], row["fixed_labels"], row["moving_labels"])
+    pipeline.normalise_inputs(inputs, "auto", pipeline.TRAINING_ORIENTATION)
+    fixed, moving, shrunk = prealign.affine_inputs(inputs.fixed_normalised, inputs.moving_normalised)
+    quiet = prealign._Progress(None, 1)
+    start = time.perf_counter()
+    forward, centred = prealign._rigid_then_affine(fixed, moving, 60, 0.10, quiet, shrunk)
+    seconds = time.perf_counter() - start
+    backward, _ = prealign._rigid_then_affine(moving, fixed, 60, 0.10, quiet, shrunk)
+    reverse = sitk.AffineTransform(backward.GetInverse())
+    scores = [prealign.alignment_score(fixed, moving, x) for x in (forward, reverse, centred, sitk.AffineTransform(3))]
+    fixed_voxels = sitk.GetArrayViewFromImage(inputs.fixed_normalised)
+    moving_voxels = sitk.GetArrayViewFromImage(inputs.moving_normalised)
+    fixed_labels = sitk.GetArrayFromImage(inputs.fixed_labels)
+    labels = labels_in_both(fixed_labels, sitk.GetArrayFromImage(inputs.moving_labels))
+    dice = [mean_dice(fixed_labels, sitk.GetArrayFromImage(
+        fields.resample(inputs.moving_labels, inputs.fixed, x, nearest=True)), labels) for x in (forward, reverse)]
+    return (["%.4f" % v for v in scores]
+            + ["%.3f" % (fixed_voxels == 0).mean(), "%.3f" % (moving_voxels == 0).mean(),
+               "%.3f" % (fixed_voxels > prealign.FOREGROUND).mean(), "%.3f" % (moving_voxels > prealign.FOREGROUND).mean(),
+               "%.4f" % dice[0], "%.4f" % dice[1], "%.3f" % seconds])
+
+
+def main(argv):
+    with open(argv[0], "w", newline="") as handle:
+        out = csv.writer(handle)
+        out.writerow(COLUMNS)
+        for item in argv[1:]:
+            name, path = item.split("=", 1)
+            base = os.path.dirname(os.path.abspath(path))
+            with open(path) as pairs:
+                for n, row in enumerate(csv.DictReader(pairs)):
+                    out.writerow([name, n] + pair_row({k: os.path.join(base, v) for k, v in row.items()}))
+                    handle.flush()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -8,6 +8,8 @@ for line in open(sys.argv[1]):
     if m: w[m.group(1)].append(float(m.group(2)))
     m = re.match(r"\s+(\S+) ([\d.]+) ([\d.]+) ([\d.]+)", line)
     if m: st[m.group(1)].append([float(m.group(i)) for i in (2, 3, 4)])
+if not w:
+    sys.exit("speed_summary: no 'whole' lines in %s" % sys.argv[1])
 for k in w:
     a = np.array(st[k]).mean(0)
     print("%-22s n=%d whole mean %.2f (%.2f-%.2f)  affine %.2f network %.2f registration %.2f" % (k, len(w[k]), np.mean(w[k]), min(w[k]), max(w[k]), *a))

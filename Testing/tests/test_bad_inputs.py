@@ -290,3 +290,19 @@ def test_the_largest_labels_are_counted_without_a_count_per_value():
         tracemalloc.stop()
     assert dice == {7: pytest.approx(2 * 5 / 12), 2 ** 32 - 1: pytest.approx(2 * 7 / 16)}
     assert peak < 20e6
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "cannot be read (No such file or directory)"),
+    ("{", "is not JSON"),
+    ("[1, 2]", "does not hold a JSON object"),
+])
+def test_the_engine_process_refuses_a_bad_request_file_in_one_line(tmp_path, capsys, content, message):
+    from fmsam import worker
+
+    request = tmp_path / "request.json"
+    if content is not None:
+        request.write_text(content)
+    assert worker.run(str(request)) == worker.BAD_INPUT
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(worker.ERROR + " the request file ") and message in lines[0]

@@ -71,16 +71,6 @@ def test_cancelling_stops_the_optimiser(known_pair):
     assert len(calls) == 3  # later levels and the affine stage were skipped at once
 
 
-def _stripped(path, labels_path):
-    """The image at ``path`` with every voxel outside its brain labels set to 0 (skull-stripped),
-    normalised."""
-    image = sitk.ReadImage(path, sitk.sitkFloat32)
-    brain = sitk.GetArrayFromImage(sitk.ReadImage(labels_path)) > 0
-    stripped = sitk.GetImageFromArray(np.where(brain, sitk.GetArrayFromImage(image), 0.0).astype(np.float32))
-    stripped.CopyInformation(image)
-    return normalised_image(stripped, "mr")[0]
-
-
 def _label_dice(fixed_labels, moving_labels, transform):
     """Mean Dice as ``fmsam evaluate`` reports it (labels of both maps) after ``transform``."""
     from fmsam.metrics import labels_in_both, mean_dice
@@ -90,14 +80,14 @@ def _label_dice(fixed_labels, moving_labels, transform):
     return mean_dice(fixed, warped, labels_in_both(fixed, moving))
 
 
-def test_a_skull_stripped_moving_image_is_aligned_through_the_other_direction(sample_paths):
+def test_a_skull_stripped_moving_image_is_aligned_through_the_other_direction(sample_paths, stripped_moving):
     """A head with its skull fixed, a skull-stripped brain moving: the alignment that way stops far
     from the brain (all that the default, one way, has); with ``both_ways`` the one the other way
     round is right, and the score picks it."""
     from fmsam.prealign import _Progress, _rigid_then_affine, affine_inputs, alignment_score
 
     fixed = normalised_image(sitk.ReadImage(sample_paths["fixed"], sitk.sitkFloat32), "mr")[0]
-    moving = _stripped(sample_paths["moving"], sample_paths["moving_labels"])
+    moving = normalised_image(sitk.ReadImage(stripped_moving, sitk.sitkFloat32), "mr")[0]
     labels = sitk.ReadImage(sample_paths["fixed_labels"]), sitk.ReadImage(sample_paths["moving_labels"])
     fixed, moving, shrunk = affine_inputs(fixed, moving)
     one_way, _ = _rigid_then_affine(fixed, moving, 60, 0.10, _Progress(None, 1), shrunk)
@@ -130,17 +120,8 @@ def test_an_itk_error_while_cancelling_comes_out_as_the_cancel(monkeypatch):
     assert transform.GetParameters() == sitk.AffineTransform(3).GetParameters()
 
 
-def _stripped_raw(path, labels_path):
-    """The image at ``path`` (not normalised) with every voxel outside its brain labels set to 0."""
-    image = sitk.ReadImage(path, sitk.sitkFloat32)
-    brain = sitk.GetArrayFromImage(sitk.ReadImage(labels_path)) > 0
-    stripped = sitk.GetImageFromArray(np.where(brain, sitk.GetArrayFromImage(image), 0.0).astype(np.float32))
-    stripped.CopyInformation(image)
-    return stripped
-
-
 def test_accurate_mode_aligns_both_ways_and_fast_mode_when_the_moving_image_shows_much_less(
-        sample_paths, monkeypatch):
+        sample_paths, stripped_moving, monkeypatch):
     from fmsam import pipeline
 
     asked = []
@@ -159,8 +140,8 @@ def test_accurate_mode_aligns_both_ways_and_fast_mode_when_the_moving_image_show
     # Fast mode, a skull-stripped brain moving onto a head: both ways, and the network starts from
     # the right place (Dice 0.537; 0.432 from the one-way affine, which is 0.273 alone).
     asked.clear()
-    result = pipeline.register(sample_paths["fixed"], _stripped_raw(sample_paths["moving"], sample_paths["moving_labels"]),
-                               sample_paths["fixed_labels"], sample_paths["moving_labels"], device="cpu")
+    result = pipeline.register(sample_paths["fixed"], stripped_moving, sample_paths["fixed_labels"],
+                               sample_paths["moving_labels"], device="cpu")
     assert asked[0] is True and result.report["affine_both_ways"] is True
     assert result.report["dice_affine"] > 0.42 and result.report["dice_after"] > 0.5
     # Without the pre-alignment there is no affine to run either way.

@@ -160,6 +160,50 @@ def test_affine_stage_switches_threads_quickly_and_restores_the_interval(sample_
     assert sys.getswitchinterval() == before
 
 
+def test_overlapping_quick_switches_in_two_threads_restore_the_interval():
+    # A enters, B enters, A leaves, B leaves: the interval stays quick until B leaves, then is back.
+    import threading
+
+    from fmsam.pipeline import AFFINE_SWITCH_INTERVAL, quick_thread_switches
+
+    before = sys.getswitchinterval()
+    a_in, a_left, b_in = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def b():
+        a_in.wait()
+        with quick_thread_switches():
+            b_in.set()
+            a_left.wait()
+            seen["b after a left"] = sys.getswitchinterval()
+
+    thread = threading.Thread(target=b)
+    thread.start()
+    with quick_thread_switches():
+        a_in.set()
+        b_in.wait()
+    a_left.set()
+    thread.join()
+    assert seen["b after a left"] == pytest.approx(AFFINE_SWITCH_INTERVAL, rel=1e-3)
+    assert sys.getswitchinterval() == before
+
+
+def test_a_loaded_model_leaves_the_switch_interval_alone(sample_paths):
+    # No thread loads the model, so there is nothing to switch to quickly.
+    from fmsam.weights import load_model
+
+    before = sys.getswitchinterval()
+    seen = set()
+
+    def progress(stage, fraction):
+        if stage == "affine":
+            seen.add(sys.getswitchinterval())
+
+    fmsam.register(sample_paths["fixed"], sample_paths["moving"], device="cpu", progress=progress,
+                   model=load_model(None, "cpu"))
+    assert seen == {before}
+
+
 def test_no_affine_and_image_objects(sample_paths):
     fixed = sitk.ReadImage(sample_paths["fixed"])
     result = fmsam.register(fixed, fixed, prealign=False, device="cpu")
