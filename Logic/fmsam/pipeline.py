@@ -228,7 +228,7 @@ def normalise_inputs(inputs, modality, layout):
 #: machine (fast: 3.37 -> 3.77 s on an idle 2-core machine, 4.1 -> 4.8 s on the same machine busier
 #: with page-cache reclaim; docs/benchmarks.md, "Subject-to-template pairs"). Fast mode aligns both
 #: ways only when the moving image shows much less than the fixed one
-#: (:func:`fmsam.prealign.moving_shows_much_less`), the case where one way fails.
+#: (:func:`fmsam.prealign.moving_shows_much_less`), the case where one way was seen to fail.
 BOTH_WAYS_FROM_IO_STEPS = 1
 
 
