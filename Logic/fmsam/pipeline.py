@@ -160,15 +160,21 @@ def non_finite_entries(report, prefix=""):
     return found
 
 
+def loads_in_thread(model, weights):
+    """Whether :func:`start_loading_model` loads the network in a thread: the bundled model, when no
+    loaded ``model`` and no ``weights`` file is given."""
+    return model is None and weights is None
+
+
 def start_loading_model(model, weights, allow_unverified):
     """``(network options, a function returning the network)``. The bundled model is loaded in a
     thread (PyTorch's import takes about 1 s) while the images are prepared and aligned, which
-    needs only the options (from the manifest)."""
+    needs only the options (from the manifest): :func:`loads_in_thread`."""
     from .weights import bundled_config, load_model
 
     if model is not None:
         return model[1], lambda: model[0]
-    if weights is not None:
+    if not loads_in_thread(model, weights):
         network, config = load_model(weights, "cpu", allow_unverified)
         return config, lambda: network
     loader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fmsam-load")
@@ -382,8 +388,7 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
     config, network_when_ready = start_loading_model(model, weights, allow_unverified)
     normalise_inputs(inputs, modality, config.get("orientation", TRAINING_ORIENTATION))
     stages.begin("affine")
-    loading_in_thread = model is None and weights is None  # see start_loading_model
-    with quick_thread_switches() if loading_in_thread else contextlib.nullcontext():
+    with quick_thread_switches() if loads_in_thread(model, weights) else contextlib.nullcontext():
         both_ways = prealign and aligns_both_ways(inputs, io_steps)
         affine, contrast = align(stages, inputs, prealign, contrast_matching, both_ways=both_ways)
     report = {"contrast_matching": contrast.report(), "affine_both_ways": bool(both_ways)}

@@ -192,7 +192,6 @@ def test_thin_stacks_get_a_full_resolution_level_that_is_kept_only_when_it_score
     affine_prealign(fixed, moving, both_ways=True)  # the other direction too, then the fine level once
     assert levels_run == [prealign.RIGID_LEVELS, prealign.AFFINE_LEVELS] * 2 + [prealign.THIN_FINE_LEVELS]
     levels_run.clear()
-    levels_run.clear()
     monkeypatch.setattr(prealign, "THIN_FINE_LEVELS", ())
     coarse = affine_prealign(fixed, moving)
     assert alignment_score(fixed, moving, refined) >= alignment_score(fixed, moving, coarse)
