@@ -285,8 +285,8 @@ def test_scene_bundle_round_trip_keeps_nodes_colours_and_window_level(gui_run, t
     mapped_made = mrml_io.map_points_from_parent(outcome.transformNode, points)
     # The bundle's transform is read back by Slicer's own ITK reader, which interpolates grids from
     # files cubically (ITK and the module: linearly): at most 0.07 mm apart on the sample pair with
-    # fmsam_adam_v5, 0.103 mm with fmsam_adam_v6, 0.090 mm with fmsam_adam_v7 (grid spacing about
-    # 2.4 mm; the points move by mm).
+    # fmsam_adam_v5, 0.103 mm with fmsam_adam_v6, 0.090 mm with fmsam_adam_v7, 0.112 mm with
+    # fmsam_adam_v8 (v7's weights, less output smoothing) (grid spacing about 2.4 mm; the points move by mm).
     print("cubic (file) vs linear (module) reading: %.4f mm" % np.abs(mapped_read - mapped_made).max())
     assert np.abs(mapped_read - mapped_made).max() < 0.15 and np.abs(mapped_made - points).max() > 1.0
     red = [node for node in scene.GetNodesByClass("vtkMRMLSliceCompositeNode") if node.GetLayoutName() == "Red"][0]
@@ -313,8 +313,12 @@ def test_cli_scene_output(sample_paths, tmp_path):
     cli = sitk.ReadTransform(str(tmp_path / "out" / "transform.h5"))
     points = inside_points(sitk.ReadImage(sample_paths["fixed"]), 300, seed=3)
     expected = np.array([cli.TransformPoint(point.tolist()) for point in points])
-    # Slicer's reader interpolates the grid cubically, ITK linearly: 0.07 mm apart at most here.
-    assert np.abs(mrml_io.map_points_from_parent(transforms[0], points) - expected).max() < 0.1
+    # Slicer's reader interpolates the grid cubically, ITK linearly: 0.07 mm apart at most here with
+    # fmsam_adam_v5, 0.115 mm with fmsam_adam_v8, whose less smoothed field bends more between the
+    # grid's nodes (about 2.4 mm apart); the same bound as the bundle test's.
+    apart = np.abs(mrml_io.map_points_from_parent(transforms[0], points) - expected).max()
+    print("cubic (Slicer's reader) vs linear (ITK) reading: %.4f mm" % apart)
+    assert apart < 0.15
 
 
 def test_cli_scene_refuses_a_bad_path_before_registering(sample_paths, tmp_path, capsys):
