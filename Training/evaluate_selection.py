@@ -9,7 +9,7 @@ pre-alignment, network on its grid, fast mode), with the maps as label maps: Dic
 affine, and after registration, and the folding share.
 
     python Training/evaluate_selection.py --models v8=Logic/fmsam/weights/fmsam_adam_v8.pt \\
-        adam=Training/runs/i15_adam_mix/latest.pt --grid 64,80,80 --output-smoothing 1.3 --threads 1
+        adam=Training/runs/i15_adam_mix/latest.pt --grid 64,80,80 --output-smoothing 0.8 --threads 1
 
 ``--grid``/``--output-smoothing`` override the models' own settings, so checkpoints and the bundled
 model are compared on one grid. Prints one line per pair and model, and each model's means.
