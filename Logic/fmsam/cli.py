@@ -314,7 +314,7 @@ def run_and_exit(argv=None):
     arguments = sys.argv[1:] if argv is None else list(argv)
     if arguments[:1] == ["register"]:  # one registration, then the process ends
         keep_freed_memory()
-    code = main(argv)
+    code = main(arguments)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

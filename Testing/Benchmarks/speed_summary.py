@@ -1,15 +1,44 @@
 """Summary of a `speed_versions.sh` log: per engine version, the whole command's mean, min and max
 seconds and the mean seconds of the affine and network stages and of the registration (report.json).
-Usage: python3 Testing/Benchmarks/speed_summary.py LOG"""
-import re, sys, collections, numpy as np
-w = collections.defaultdict(list); st = collections.defaultdict(list)
-for line in open(sys.argv[1]):
-    m = re.match(r"(\S+) whole ([\d.]+) s", line)
-    if m: w[m.group(1)].append(float(m.group(2)))
-    m = re.match(r"\s+(\S+) ([\d.]+) ([\d.]+) ([\d.]+)", line)
-    if m: st[m.group(1)].append([float(m.group(i)) for i in (2, 3, 4)])
-if not w:
-    sys.exit("speed_summary: no 'whole' lines in %s" % sys.argv[1])
-for k in w:
-    a = np.array(st[k]).mean(0)
-    print("%-22s n=%d whole mean %.2f (%.2f-%.2f)  affine %.2f network %.2f registration %.2f" % (k, len(w[k]), np.mean(w[k]), min(w[k]), max(w[k]), *a))
+
+    python3 Testing/Benchmarks/speed_summary.py LOG
+"""
+import collections
+import re
+import sys
+
+import numpy as np
+
+#: ``/usr/bin/time``'s line: ``VERSION whole SECONDS s peak KB KB``.
+WHOLE = re.compile(r"(\S+) whole ([\d.]+) s")
+#: report.json's stage seconds: ``  VERSION AFFINE NETWORK TOTAL``.
+STAGES = re.compile(r"\s+(\S+) ([\d.]+) ([\d.]+) ([\d.]+)")
+
+
+def read_log(lines):
+    """``(whole, stages)``: per version, the whole command's seconds and the [affine, network,
+    registration] seconds of each run, in the log's order."""
+    whole, stages = collections.defaultdict(list), collections.defaultdict(list)
+    for line in lines:
+        found = WHOLE.match(line)
+        if found:
+            whole[found.group(1)].append(float(found.group(2)))
+        found = STAGES.match(line)
+        if found:
+            stages[found.group(1)].append([float(found.group(i)) for i in (2, 3, 4)])
+    return whole, stages
+
+
+def main(path):
+    with open(path) as handle:
+        whole, stages = read_log(handle)
+    if not whole:
+        sys.exit("speed_summary: no 'whole' lines in %s" % path)
+    for version, seconds in whole.items():
+        affine, network, registration = np.array(stages[version]).mean(0)
+        print("%-22s n=%d whole mean %.2f (%.2f-%.2f)  affine %.2f network %.2f registration %.2f" % (
+            version, len(seconds), np.mean(seconds), min(seconds), max(seconds), affine, network, registration))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

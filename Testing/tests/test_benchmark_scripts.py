@@ -279,3 +279,23 @@ def test_affine_directions_of_a_stripped_moving_image(sample_paths, stripped_mov
     assert row["s_rev"] > row["s_fwd"]
     assert row["dice_fwd"] < 0.35 and row["dice_rev"] > 0.42  # 0.273 and 0.448
     assert row["fg_moving"] < 0.5 * row["fg_fixed"]
+
+
+def test_speed_summary_of_two_engine_versions(tmp_path, capsys):
+    """speed_versions.sh's log, summarised per version: whole-command and stage seconds."""
+    import speed_summary
+
+    log = tmp_path / "speed.log"
+    log.write_text("old whole 4.00 s peak 990000 KB\n  old 0.9 1.4 3.2\n"
+                   "new whole 3.50 s peak 980000 KB\n  new 0.7 1.2 2.8\n"
+                   "old whole 5.00 s peak 995000 KB\n  old 1.1 1.6 3.6\n"
+                   "new whole 3.70 s peak 985000 KB\n  new 0.9 1.2 3.0\n")
+    speed_summary.main(str(log))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        "old                    n=2 whole mean 4.50 (4.00-5.00)  affine 1.00 network 1.50 registration 3.40",
+        "new                    n=2 whole mean 3.60 (3.50-3.70)  affine 0.80 network 1.20 registration 2.90"]
+    empty = tmp_path / "empty.log"
+    empty.write_text("registered in 3.0 s\n")
+    with pytest.raises(SystemExit, match="no 'whole' lines"):
+        speed_summary.main(str(empty))
