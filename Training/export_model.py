@@ -29,6 +29,9 @@ def main(argv=None):
     parser.add_argument("--output-smoothing", type=float, default=None,
                         help="Gaussian sigma (network-grid voxels) applied to fast mode's field; 0: none "
                         "(default: the source's setting, none for a checkpoint)")
+    parser.add_argument("--network-passes", type=int, default=None,
+                        help="fast mode's network passes, each on the moving image warped by the ones "
+                        "before (default: the source's setting, 1 for a checkpoint)")
     parser.add_argument("--grid", help="network grid D,H,W whose voxel count sets the inference grid "
                         "(default: the training grid)")
     args = parser.parse_args(argv)
@@ -36,6 +39,8 @@ def main(argv=None):
     network = network_from(weights, config)
     if args.output_smoothing is not None:
         config["output_smoothing"] = args.output_smoothing
+    if args.network_passes is not None:
+        config["network_passes"] = args.network_passes
     if args.grid:
         config.setdefault("training_grid", config["grid"])  # a re-exported file keeps the real one
         config["grid"] = [int(n) for n in args.grid.split(",")]

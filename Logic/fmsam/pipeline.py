@@ -26,7 +26,8 @@ from .imageio import load_label_map_on_grid, load_scalar_volume
 from .intensity import normalised_image
 from .jacobian import jacobian_statistics, transform_jacobian
 from .metrics import dice_report
-from .prealign import affine_inputs, affine_prealign, identity_affine, moving_shows_much_less
+from .prealign import (affine_inputs, affine_prealign, foregrounds_comparable, identity_affine,
+                       moving_shows_much_less)
 from .quality import deformable_gain
 
 #: Axis layout (DICOM orientation code) of the images the bundled model was trained on (IXI).
@@ -293,11 +294,17 @@ def align(stages, inputs, prealign, contrast_matching, both_ways=False):
 def run_network(stages, network, config, inputs, affine, contrast, io_steps, device):
     """Stages 'network' and 'instance_optimisation': ``(NetworkFields, device used, grid)``.
     Instance optimisation compares the moving image in its own contrast when the contrasts differ
-    (a contrast-independent similarity), else the image the network saw."""
-    from .inference import choose_device, grid_for, network_fields
+    (a contrast-independent similarity), else the image the network saw. Fast mode makes the model's
+    ``network_passes`` only when the two images show about as much
+    (:func:`fmsam.prealign.foregrounds_comparable`), else one."""
+    from .inference import choose_device, grid_for, network_fields, secant_strides
 
+    if config.get("network_passes", 1) > 1 and not foregrounds_comparable(inputs.fixed_normalised,
+                                                                          inputs.moving_normalised):
+        config = dict(config, network_passes=1)
     fixed = inputs.fixed_normalised
     grid = grid_for(fixed, config)
+    strides = secant_strides(fixed.GetSpacing()[::-1], fields.network_grid(fixed, grid).GetSpacing()[::-1])
     similarity = IO_SIMILARITY_ACROSS_CONTRASTS if contrast.applied else "lncc"
     # Arrays, not views: a view would outlive the resampled image it shows.
     moving_on_fixed = sitk.GetArrayFromImage(fields.resample(contrast.moving_for_network, fixed, affine))
@@ -307,7 +314,8 @@ def run_network(stages, network, config, inputs, affine, contrast, io_steps, dev
     computed, used_device = network_fields(
         network, config, choose_device(device), sitk.GetArrayViewFromImage(fixed), moving_on_fixed,
         grid, io_steps, similarity, io_moving,
-        on_instance_optimisation=lambda: stages.begin("instance_optimisation"), progress=stages.update)
+        on_instance_optimisation=lambda: stages.begin("instance_optimisation"), progress=stages.update,
+        strides=strides)
     return computed, used_device, grid
 
 

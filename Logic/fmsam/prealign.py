@@ -227,6 +227,17 @@ def moving_shows_much_less(fixed, moving):
     return foreground_volume(moving) < SMALLER_MOVING_RATIO * foreground_volume(fixed)
 
 
+def foregrounds_comparable(fixed, moving):
+    """True when neither image's foreground volume is below :data:`SMALLER_MOVING_RATIO` times the
+    other's (both normalised): the images show about as much. Fast mode iterates the network only
+    then (:func:`fmsam.inference.iterated_fields`): where one image shows much more (a head with its
+    skull against a skull-stripped template), each further pass chases content the other image does
+    not have (on the stripped template selection set two passes lost 0.026 Dice; one symmetric pass
+    there, as before)."""
+    ratio = foreground_volume(moving) / max(foreground_volume(fixed), 1e-12)
+    return SMALLER_MOVING_RATIO <= ratio <= 1.0 / SMALLER_MOVING_RATIO
+
+
 def alignment_score(fixed, moving, transform):
     """Normalised mutual information (1 to 2) of ``fixed`` and ``moving`` seen through ``transform``
     (fixed LPS point -> moving LPS point), over the fixed image's foreground on :func:`score_grid`.

@@ -20,6 +20,8 @@ ARCHITECTURES = {"TwoStepNet": ("coarse_channels", "fine_channels"), "UNet": ("c
 MAX_CHANNELS, MAX_LEVELS = 1024, 8
 GRID_AXIS_RANGE, MAX_GRID_VOXELS = (8, 1024), 1 << 24
 MAX_NCC_WINDOW, MAX_OUTPUT_SMOOTHING = 15, 10.0
+#: Most network passes fast mode may make (``network_passes``; each costs one network estimate).
+MAX_NETWORK_PASSES = 4
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 MANIFEST = os.path.join(WEIGHTS_DIR, "manifest.json")
@@ -95,7 +97,8 @@ def validate_config(config, source):
     """Return ``config`` (a weights file's network options) after checking every key the network
     and pipeline read: ``architecture`` and its channel lists, ``grid`` (network voxel budget, D, H,
     W), ``training_grid``, ``ncc_window`` (odd, voxels), ``gradicon_weight``, ``output_smoothing``
-    (sigma in network voxels) and ``orientation`` (DICOM code). Other keys are ignored. Raises
+    (sigma in network voxels), ``network_passes`` (fast mode's passes, 1 to
+    :data:`MAX_NETWORK_PASSES`) and ``orientation`` (DICOM code). Other keys are ignored. Raises
     :class:`InputError` naming ``source`` (the file) on the first bad value."""
     if not isinstance(config, dict):
         raise InputError("weights %s: config is a %s, not a dict" % (source, type(config).__name__))
@@ -123,6 +126,11 @@ def validate_config(config, source):
         _number(config, "gradicon_weight", 0.0, 1e3, source)
     if config.get("output_smoothing") is not None:
         _number(config, "output_smoothing", 0.0, MAX_OUTPUT_SMOOTHING, source)
+    if "network_passes" in config:
+        passes = config["network_passes"]
+        if not _is_int(passes) or not 1 <= passes <= MAX_NETWORK_PASSES:
+            raise InputError("weights %s: config 'network_passes' is %r; it must be an integer from 1 to %d"
+                             % (source, passes, MAX_NETWORK_PASSES))
     if "orientation" in config:
         _orientation(config, source)
     return config

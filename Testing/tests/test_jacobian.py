@@ -188,3 +188,40 @@ def test_remove_folds_leaves_a_compressed_but_unfolded_field_alone():
     same, report = remove_folds(field)
     assert torch.equal(same, field)
     assert report == {"unfold_voxels": 0, "unfold_rounds": 0, "unfold_left_voxels": 0, "unfold_max_change_voxels": 0.0}
+
+
+def test_secant_strides_see_what_a_thick_slice_grid_differentiates():
+    """A field with no fold on its own grid whose determinant across 15 voxels (a 2-slice stack's
+    23 mm slice over 1.5 mm network voxels) is negative: u_x rises by 60 voxels where u_z has no
+    in-plane slope, and u_z slopes in-plane (0.3) only in the first planes, so a secant from a first
+    plane to the last pairs the two. grid_determinant with that stride finds it, fold removal with
+    the stride takes it away, and without the stride nothing is seen or changed."""
+    import torch
+
+    from fmsam.inference import remove_folds, secant_strides
+    from fmsam.jacobian import grid_determinant
+    from fmsam.layers import normalised_to_voxels, voxels_to_normalised
+
+    shape = (16, 20, 24)
+    d = torch.arange(shape[0], dtype=torch.float32).view(-1, 1, 1)
+    w = torch.arange(shape[2], dtype=torch.float32).view(1, 1, -1) - (shape[2] - 1) / 2
+    voxels = torch.zeros(1, 3, *shape)
+    voxels[0, 0] = (60.0 * torch.clamp((d - 4) / 8, 0, 1)).expand(shape)
+    voxels[0, 2] = (0.3 * torch.clamp(1 - d / 4, min=0) * w).expand(shape)
+    strides = secant_strides((23.0, 0.73, 0.73), (23.0 / 15, 2.2, 2.2))
+    assert strides == (15, 1, 1)
+    assert float(grid_determinant(voxels, "corners").min()) == pytest.approx(0.1375, abs=1e-4)
+    secant = grid_determinant(voxels, "corners", strides)
+    assert float(secant.min()) == pytest.approx(-0.43, abs=1e-3) and int((secant <= 0).sum()) == 580
+    # At the first plane, by hand: columns along W and H at that plane, the secant to plane 15 along D.
+    u = voxels[0, :, 0, 0, -1]
+    columns = torch.stack([voxels[0, :, 0, 0, -1] - voxels[0, :, 0, 0, -2], torch.zeros(3),
+                           (voxels[0, :, 15, 0, -1] - u) / 15], dim=1)
+    assert float(torch.linalg.det(torch.eye(3) + columns)) == pytest.approx(-0.43, abs=1e-3)
+    field = voxels_to_normalised(voxels)
+    same, report = remove_folds(field)
+    assert torch.equal(same, field) and report["unfold_voxels"] == 0
+    repaired, report = remove_folds(field, strides=strides)
+    assert report["unfold_voxels"] == 580 and report["unfold_left_voxels"] == 0 and report["unfold_rounds"] >= 1
+    assert float(grid_determinant(normalised_to_voxels(repaired), "corners", strides).min()) > 0.1
+    assert secant_strides((2.0, 1.0, 0.9), (2.2, 2.5, 2.5)) == (1, 1, 1)  # a brain: nothing changes

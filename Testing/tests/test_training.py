@@ -253,7 +253,16 @@ def test_export_and_sharpness_read_checkpoints_and_weights_files(cache, tmp_path
     assert done.returncode == 0, done.stderr
     third_config = load_model(third)[1]
     assert third_config["training_grid"] == [16, 24, 24] and third_config["grid"] == [32, 40, 40]
-    assert third_config["output_smoothing"] == 0
+    assert third_config["output_smoothing"] == 0 and "network_passes" not in third_config
+    # Fast mode's network passes: stored with the model, kept when the file is exported again.
+    iterated = str(tmp_path / "iterated.pt")
+    done = _run("export_model.py", "--checkpoint", third, "--out", iterated, "--no-manifest", "--network-passes", "2")
+    assert done.returncode == 0, done.stderr
+    assert load_model(iterated)[1]["network_passes"] == 2
+    kept = str(tmp_path / "kept.pt")
+    done = _run("export_model.py", "--checkpoint", iterated, "--out", kept, "--no-manifest", "--output-smoothing", "0.8")
+    assert done.returncode == 0, done.stderr
+    assert load_model(kept)[1]["network_passes"] == 2 and load_model(kept)[1]["output_smoothing"] == 0.8
     tuned = str(tmp_path / "tuned")
     done = _run("train.py", "--cache", cache, "--run", tuned, "--steps", "1", "--init", exported, *TINY)
     assert done.returncode == 0, done.stderr
