@@ -17,7 +17,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "Logic"))
 
 from checkpoints import network_from  # noqa: E402
-from fmsam.weights import MANIFEST, read_state, save_weights  # noqa: E402
+from fmsam.errors import InputError  # noqa: E402
+from fmsam.weights import MANIFEST, read_state, save_weights, validate_config  # noqa: E402
 
 
 def main(argv=None):
@@ -44,6 +45,11 @@ def main(argv=None):
     if args.grid:
         config.setdefault("training_grid", config["grid"])  # a re-exported file keeps the real one
         config["grid"] = [int(n) for n in args.grid.split(",")]
+    try:  # a bad setting is refused here, not when the file is loaded
+        validate_config(config, args.out)
+    except InputError as error:
+        print("export_model: error: %s" % error, file=sys.stderr)
+        return 2
     checksum = save_weights(args.out, network, config)
     # A weights file (exported before) records no step or validation Dice; a checkpoint does.
     step, dice = saved.get("step"), saved.get("best_dice")

@@ -127,8 +127,9 @@ def round_trip_error(forward, inverse):
 #: down to -0.48 on 33 voxels, and 0.00018 % of the fixed voxels folded. All 8 corners, not only
 #: the forward one: a fold at another corner of a cell is otherwise not seen (found by a review).
 UNFOLD_MIN_DETERMINANT = 0.1
-#: At most this many rounds of local smoothing (each: mask of the low voxels dilated by 2 voxels and
-#: softened with sigma 1, blended with the field smoothed at sigma 1.5); 4 rounds removed the folds of
+#: At most this many rounds of local smoothing (each: mask of the low voxels dilated by 2 voxels, more
+#: along a thick stack's axis (:func:`remove_folds`), softened with sigma 1, blended with the field
+#: smoothed at sigma 1.5); 4 rounds removed the folds of
 #: that pair. Rounds run only when the field folds (det J <= 0) somewhere, and stop when one does not
 #: reduce the low voxels: smoothing leaves a linear field as it is, so a wide region compressed below
 #: the margin but not folded would otherwise be smoothed at its edges round after round for nothing.
@@ -148,7 +149,9 @@ def remove_folds(displacement, min_determinant=UNFOLD_MIN_DETERMINANT, max_round
     about 0.1 s on the 80 x 100 x 100 grid, one thread). Inside a cell a trilinear map can fold while all
     its corners are positive (rare); the 0.1 margin is what covers that.
 
-    ``strides`` (D, H, W; :func:`secant_strides`): where the fixed image's voxels are coarser than the
+    ``strides`` (D, H, W; :func:`secant_strides`; the voxel counts above then count secant cells, and
+    every network plane starts one, not only those a fixed voxel falls on: conservative): where the
+    fixed image's voxels are coarser than the
     network's along an axis, its determinant differentiates across that many network voxels (a
     cardiac stack's 10-23 mm slices), and a field without a fold on the network grid can fold there.
     The determinants are then secants over the strides (:func:`fmsam.jacobian.grid_determinant`) and
@@ -160,7 +163,8 @@ def remove_folds(displacement, min_determinant=UNFOLD_MIN_DETERMINANT, max_round
 
 
 def secant_strides(fixed_spacing_kji, grid_spacing_kji):
-    """Network voxels (D, H, W) one fixed voxel spans along each axis, rounded, at least 1: the strides
+    """Network voxels (D, H, W) one fixed voxel spans along each axis: the fixed image's spacing over
+    the network grid's, both in mm in (k, j, i) order, rounded (half to even), at least 1: the strides
     over which the fixed grid's determinant differentiates the network's field."""
     ratio = np.asarray(fixed_spacing_kji, dtype=np.float64) / np.asarray(grid_spacing_kji, dtype=np.float64)
     return tuple(max(1, int(round(value))) for value in ratio)
@@ -170,7 +174,9 @@ def _remove_folds(displacement, min_determinant, max_rounds, strides):
     def corner_determinant(field):  # never above the central det J: see grid_determinant
         return grid_determinant(normalised_to_voxels(field), "corners", strides)
 
-    reach = tuple(1 + stride for stride in strides)  # dilation radius per axis: 2 + stride - 1
+    sizes = displacement.shape[2:]
+    # dilation radius per axis: 2 + stride - 1, the stride capped as grid_determinant caps it
+    reach = tuple(1 + max(1, min(stride, size - 1)) for stride, size in zip(strides, sizes))
 
     original, rounds = displacement, 0
     determinant = corner_determinant(displacement)
@@ -236,7 +242,9 @@ def fast_fields(network, config, fixed_net, moving_net):
 #: pair with two passes of the bundled model's weights, however many iterations). At 0.5 it
 #: converges; round trip max / 99th percentile in network voxels there, each iteration about 0.04 s
 #: on two cores: 6 iterations 0.55 / 0.032, 8 0.46 / 0.014, 10 0.37 / 0.006, 12 0.27 / 0.003. Ten
-#: keep the largest error under a millimetre.
+#: keep the largest error under a millimetre. (Measured with :func:`iterated_fields` as it is; the
+#: withdrawn design of two plain forward passes gave 13 mm at 0.7 and 0.31 voxels with ten at 0.5:
+#: docs/training-log.md, "Session of 2026-12-03 (night)".)
 ITERATED_INVERSE_ITERATIONS, ITERATED_INVERSE_STEP = 10, 0.5
 
 
@@ -244,7 +252,7 @@ def iterated_fields(network, fixed_net, moving_net, passes, smoothing=None):
     """``(forward, inverse estimate)``, (1, 3, D, H, W) normalised displacements of ``passes`` network
     passes: first one symmetric batch (the network both ways, averaged as in
     :func:`symmetric_displacement`), then ``passes - 1`` forward passes, each given the moving image
-    warped by the composition so far, less the network's own bias, each smoothed by ``smoothing``
+    warped by the composition so far, each pass's field less the network's own bias, smoothed by ``smoothing``
     (sigma, network voxels) and composed (the last pass's map runs first). The inverse estimate
     starts from the network's backward field less the bias and composes the later passes' negated
     fields in the opposite order.
@@ -322,7 +330,7 @@ def network_fields(network, config, device, fixed, moving, grid, io_steps=0, sim
         forward, unfolded = remove_folds(computed.forward, strides=strides)
         inverse = computed.inverse
         if unfolded["unfold_rounds"]:  # as the mode refined it: iterated passes bend faster
-            iterated = not io_steps and config.get("network_passes", 1) > 1
+            iterated = computed.report.get("network_passes", 1) > 1
             inverse = refine_inverse(forward, inverse, *((ITERATED_INVERSE_ITERATIONS, ITERATED_INVERSE_STEP)
                                                          if iterated else ()))
         return NetworkFields(forward.cpu(), inverse.cpu(), dict(computed.report, **unfolded))

@@ -64,6 +64,8 @@ def grid_determinant(displacement_voxels, differences="central", strides=(1, 1, 
 
     if differences not in ("central", "forward", "corners"):
         raise ValueError("differences must be 'central', 'forward' or 'corners', not %r" % (differences,))
+    if differences == "central" and tuple(strides) != (1, 1, 1):
+        raise ValueError("strides apply to one-sided differences ('forward', 'corners'), not 'central'")
     field = displacement_voxels[0]
     dims = {0: 2, 1: 1, 2: 0}  # channel x differentiates along W (dim 2 of a (D, H, W) volume), ...
 

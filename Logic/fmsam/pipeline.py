@@ -299,8 +299,8 @@ def run_network(stages, network, config, inputs, affine, contrast, io_steps, dev
     (:func:`fmsam.prealign.foregrounds_comparable`), else one."""
     from .inference import choose_device, grid_for, network_fields, secant_strides
 
-    if config.get("network_passes", 1) > 1 and not foregrounds_comparable(inputs.fixed_normalised,
-                                                                          inputs.moving_normalised):
+    if not io_steps and config.get("network_passes", 1) > 1 and not foregrounds_comparable(
+            inputs.fixed_normalised, inputs.moving_normalised):
         config = dict(config, network_passes=1)
     fixed = inputs.fixed_normalised
     grid = grid_for(fixed, config)

@@ -225,3 +225,5 @@ def test_secant_strides_see_what_a_thick_slice_grid_differentiates():
     assert report["unfold_voxels"] == 580 and report["unfold_left_voxels"] == 0 and report["unfold_rounds"] >= 1
     assert float(grid_determinant(normalised_to_voxels(repaired), "corners", strides).min()) > 0.1
     assert secant_strides((2.0, 1.0, 0.9), (2.2, 2.5, 2.5)) == (1, 1, 1)  # a brain: nothing changes
+    with pytest.raises(ValueError):
+        grid_determinant(voxels, "central", strides)  # central differences take no stride

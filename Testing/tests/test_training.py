@@ -263,6 +263,9 @@ def test_export_and_sharpness_read_checkpoints_and_weights_files(cache, tmp_path
     done = _run("export_model.py", "--checkpoint", iterated, "--out", kept, "--no-manifest", "--output-smoothing", "0.8")
     assert done.returncode == 0, done.stderr
     assert load_model(kept)[1]["network_passes"] == 2 and load_model(kept)[1]["output_smoothing"] == 0.8
+    refused = str(tmp_path / "refused.pt")
+    done = _run("export_model.py", "--checkpoint", iterated, "--out", refused, "--no-manifest", "--network-passes", "7")
+    assert done.returncode == 2 and "'network_passes' is 7" in done.stderr and not os.path.exists(refused)
     tuned = str(tmp_path / "tuned")
     done = _run("train.py", "--cache", cache, "--run", tuned, "--steps", "1", "--init", exported, *TINY)
     assert done.returncode == 0, done.stderr
