@@ -149,15 +149,14 @@ def remove_folds(displacement, min_determinant=UNFOLD_MIN_DETERMINANT, max_round
     about 0.1 s on the 80 x 100 x 100 grid, one thread). Inside a cell a trilinear map can fold while all
     its corners are positive (rare); the 0.1 margin is what covers that.
 
-    ``strides`` (D, H, W; :func:`secant_strides`; the voxel counts above then count secant cells, and
-    every network plane starts one, not only those a fixed voxel falls on: conservative): where the
-    fixed image's voxels are coarser than the
+    ``strides`` (D, H, W; :func:`secant_strides`): where the fixed image's voxels are coarser than the
     network's along an axis, its determinant differentiates across that many network voxels (a
     cardiac stack's 10-23 mm slices), and a field without a fold on the network grid can fold there.
     The determinants are then secants over the strides (:func:`fmsam.jacobian.grid_determinant`) and
     the mask reaches as far along those axes (dilation by 2 + stride - 1 voxels; the smoothing stays
     sigma 1.5: a sigma of 1.5 strides left the removal stuck on 2 of 3 cardiac selection pairs that
-    fold this way)."""
+    fold this way). The voxel counts of the report then count secant cells, and every network plane
+    starts one, not only those a fixed voxel falls on: conservative."""
     with torch.no_grad():
         return _remove_folds(displacement, min_determinant, max_rounds, tuple(int(n) for n in strides))
 
@@ -262,7 +261,8 @@ def iterated_fields(network, fixed_net, moving_net, passes, smoothing=None):
     half the difference of the first batch's two estimates; the symmetric first pass cancels it, and
     a forward pass alone keeps it: two forward passes moved the sample image registered to itself by
     0.375 mm on average (99th percentile 1.0 mm) against 0.003 mm for one symmetric batch, so it is
-    subtracted from the later passes (docs/benchmarks.md, "Iterated passes")."""
+    subtracted from the later passes (docs/benchmarks.md, "Iterated passes and secant fold
+    removal")."""
     with torch.no_grad():
         first, backward = both_directions(network, fixed_net, moving_net)
         inverted = invert(backward)

@@ -232,8 +232,8 @@ def foregrounds_comparable(fixed, moving):
     other's (both normalised): the images show about as much. Fast mode iterates the network only
     then (:func:`fmsam.inference.iterated_fields`): where one image shows much more (a head with its
     skull against a skull-stripped template), each further pass chases content the other image does
-    not have (on the stripped template selection set two passes lost 0.026 Dice; one symmetric pass
-    there, as before)."""
+    not have (on the stripped template selection set two plain forward passes lost 0.026 Dice on
+    every pair; one symmetric pass there, as before)."""
     ratio = foreground_volume(moving) / max(foreground_volume(fixed), 1e-12)
     return SMALLER_MOVING_RATIO <= ratio <= 1.0 / SMALLER_MOVING_RATIO
 
