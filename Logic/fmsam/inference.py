@@ -267,8 +267,8 @@ def iterated_fields(network, fixed_net, moving_net, passes, smoothing=None):
     removal")."""
     with torch.no_grad():
         first, backward = both_directions(network, fixed_net, moving_net)
-        inverted = invert(backward)
-        forward, bias = 0.5 * (first + inverted), 0.5 * (first - inverted)
+        forward = symmetric_displacement(first, backward)
+        bias = first - forward  # = half the difference of the two estimates
         if smoothing:
             forward = gaussian_smooth(forward, smoothing)
         inverse = backward - bias  # the backward estimate carries the same bias
