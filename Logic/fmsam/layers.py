@@ -9,6 +9,8 @@ field can be resized to another grid over the same extent without rescaling its 
 A displacement ``u`` maps a point ``x`` of the fixed image to ``x + u(x)`` in the moving image; the
 moving image warped into the fixed frame is ``moving(x + u(x))``.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -22,14 +24,55 @@ def identity_grid(shape, device=None, dtype=torch.float32):
 
 def sample_at(volume, points, mode="bilinear", padding_mode="zeros"):
     """Sample ``volume`` (N, C, D', H', W') at normalised points (N, D, H, W, 3), ordered (x, y, z);
-    returns (N, C, D, H, W). ``mode='nearest'`` for label maps."""
-    return F.grid_sample(volume, points, mode=mode, padding_mode=padding_mode, align_corners=True)
+    returns (N, C, D, H, W). ``mode='nearest'`` for label maps.
+
+    PyTorch's 3-D sampler on a CPU runs one thread per batch item, so a single volume (N = 1) is
+    sampled on one core however many there are. Without gradients its points are therefore split
+    into one batch item per thread, over the same volume (a view, not a copy): the same numbers,
+    bit for bit, in about 0.6 times the time on two cores (an 80 x 100 x 100 field, 3 channels: 0.063
+    s -> 0.038 s). With gradients the plain call runs, so training and instance optimisation sum
+    their gradients exactly as before."""
+    chunks = _cpu_chunks(volume, points)
+    if chunks == 1:
+        return F.grid_sample(volume, points, mode=mode, padding_mode=padding_mode, align_corners=True)
+    shape, count = points.shape[1:4], points[0, ..., 0].numel()
+    per_chunk = -(-count // chunks)
+    flat = points.reshape(count, 3)
+    if per_chunk * chunks != count:
+        flat = F.pad(flat, (0, 0, 0, per_chunk * chunks - count))
+    sampled = F.grid_sample(volume.expand(chunks, -1, -1, -1, -1), flat.view(chunks, per_chunk, 1, 1, 3),
+                            mode=mode, padding_mode=padding_mode, align_corners=True)  # (chunks, C, per_chunk, 1, 1)
+    channels = volume.shape[1]
+    return sampled.view(chunks, channels, per_chunk).transpose(0, 1).reshape(channels, -1)[:, :count] \
+        .reshape(1, channels, *shape)
+
+
+#: Fewest points per thread worth a split of :func:`sample_at` (below, starting threads costs more).
+MIN_POINTS_PER_THREAD = 32768
+
+
+def _cpu_chunks(volume, points):
+    """Batch items :func:`sample_at` splits a single volume's points into: one unless on a CPU, one
+    volume, no gradient asked for, more than one thread and enough points."""
+    if volume.device.type != "cpu" or volume.shape[0] != 1 or points.shape[0] != 1:
+        return 1
+    if torch.is_grad_enabled() and (volume.requires_grad or points.requires_grad):
+        return 1
+    count = points[0, ..., 0].numel()
+    return max(1, min(torch.get_num_threads(), count // MIN_POINTS_PER_THREAD))
+
+
+@functools.lru_cache(maxsize=4)
+def _identity_grid_of(shape, device, dtype):
+    """:func:`identity_grid`, kept for the next :func:`warp` on the same grid (inference warps one
+    grid some 30 times, about 1 ms each to build); never modified in place."""
+    return identity_grid(shape, device, dtype)
 
 
 def warp(volume, displacement, mode="bilinear", padding_mode="zeros"):
     """Sample ``volume`` (N, C, D', H', W') at ``x + displacement(x)`` for every point x of the
     displacement's grid; returns (N, C, D, H, W). ``mode='nearest'`` for label maps."""
-    grid = identity_grid(displacement.shape[2:], displacement.device, displacement.dtype)
+    grid = _identity_grid_of(tuple(displacement.shape[2:]), displacement.device, displacement.dtype)
     return sample_at(volume, grid + displacement.permute(0, 2, 3, 4, 1), mode, padding_mode)
 
 

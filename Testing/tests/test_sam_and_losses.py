@@ -121,6 +121,37 @@ def test_warp_and_compose_follow_the_documented_convention():
     torch.testing.assert_close(compose(shift, shift)[:, 0, :, :, :4], torch.full((1, 6, 7, 4), 0.5))
 
 
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
+def test_sampling_split_over_threads_equals_one_call_bit_for_bit(mode, padding_mode):
+    """sample_at splits one volume's points over the CPU threads when no gradient is asked for;
+    the numbers must be PyTorch's single call's exactly, also when the point count does not divide
+    (padding), for a volume of another size than the points' grid, and the split must happen."""
+    import torch.nn.functional as F
+    from fmsam.layers import _cpu_chunks, sample_at
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        torch.manual_seed(0)
+        volume = torch.randn(1, 3, 20, 25, 30)
+        points = torch.rand(1, 41, 43, 47, 3) * 2.4 - 1.2  # 82861 points, some outside the volume
+        assert _cpu_chunks(volume, points) == 2  # 82861 // 32768: two items of at least 32768 points
+        many = torch.rand(1, 50, 50, 50, 3) * 2 - 1
+        assert _cpu_chunks(volume, many) == 3
+        for grid in (points, many):
+            plain = F.grid_sample(volume, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+            split = sample_at(volume, grid, mode, padding_mode)
+            assert split.shape == plain.shape
+            assert torch.equal(split, plain)
+        volume.requires_grad_(True)
+        assert _cpu_chunks(volume, many) == 1  # gradients: PyTorch's own call, summed as before
+        with torch.no_grad():
+            assert _cpu_chunks(volume, many) == 3
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_jittered_similarity_has_no_translation_bias_at_zero_displacement():
     """Against itself, an image's similarity is best at zero displacement, so the mean gradient
     with respect to a translation must vanish. Trilinear sampling at voxel centres gives a biased
