@@ -262,9 +262,10 @@ def test_gaussian_smoothing_keeps_linear_fields_and_spreads_a_spike_within_its_c
     assert float(spread[0, 0].abs().max()) == 0.0 and float(spread[0, 2].abs().max()) == 0.0
 
 
-def test_output_smoothing_of_a_model_makes_fast_mode_smoother(sample_paths, tmp_path):
+@pytest.mark.parametrize("passes", [1, 2])
+def test_output_smoothing_of_a_model_makes_fast_mode_smoother(sample_paths, tmp_path, passes):
     """A weights file whose config asks for output smoothing gives a smoother field from the same
-    network (the bundled model exported with and without it)."""
+    network (the bundled model's weights exported with and without it), in one pass or two."""
     import fmsam
     from fmsam.weights import load_model, save_weights
 
@@ -272,11 +273,18 @@ def test_output_smoothing_of_a_model_makes_fast_mode_smoother(sample_paths, tmp_
     paths = {}
     for sigma in (0.0, 1.5):
         paths[sigma] = str(tmp_path / ("smoothing_%s.pt" % sigma))
-        save_weights(paths[sigma], network, dict(config, output_smoothing=sigma))
+        save_weights(paths[sigma], network, dict(config, output_smoothing=sigma, network_passes=passes))
     reports = {sigma: fmsam.register(sample_paths["fixed"], sample_paths["moving"], device="cpu",
                                      weights=path).report for sigma, path in paths.items()}
-    assert reports[1.5]["log_jacobian_std"] < 0.9 * reports[0.0]["log_jacobian_std"]  # measured 0.106 vs 0.134
-    assert reports[1.5]["jacobian_min"] > reports[0.0]["jacobian_min"]
+    print({sigma: (report["log_jacobian_std"], report["jacobian_min"]) for sigma, report in reports.items()})
+    assert {report["network_passes"] for report in reports.values()} == {passes}
+    # log det J spread measured with v8's weights (= v9b's): one pass 0.130 vs 0.163, two 0.168 vs 0.205
+    assert reports[1.5]["log_jacobian_std"] < 0.9 * reports[0.0]["log_jacobian_std"]
+    if passes == 1:
+        # Two passes compose two smoothed fields, and the composition's trilinear resampling bends
+        # the result between nodes: its smallest det J was 0.193 with smoothing, 0.201 without, so
+        # only the spread is asserted there.
+        assert reports[1.5]["jacobian_min"] > reports[0.0]["jacobian_min"]
 
 
 class _ScriptedNetwork:

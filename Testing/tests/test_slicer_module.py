@@ -149,7 +149,11 @@ def test_inverse_transform_node_undoes_the_forward_one_like_the_cli_inverse(gui_
     back = mrml_io.map_points_from_parent(inverse, moved)
     error = np.linalg.norm(back - points, axis=1)
     assert np.median(np.linalg.norm(moved - points, axis=1)) > 1.0
-    assert error.mean() < 0.02 and error.max() < 1.0, (error.mean(), error.max())
+    # Between the grid's nodes both fields are read linearly, so a field that bends there leaves a
+    # round trip error that no refinement of the inverse removes: with fmsam_adam_v9b (two passes
+    # composed) mean 0.0276 mm, max 0.59 mm, the same mean whether the inverse was refined 10, 14 or 20
+    # times (the max at the nodes 0.17, 0.10, 0.05 mm); one pass (v8) stayed under 0.02 mm.
+    assert error.mean() < 0.035 and error.max() < 1.0, (error.mean(), error.max())
     cli = sitk.ReadTransform(os.path.join(registered_sample, "inverse_transform.h5"))
     expected = np.array([cli.TransformPoint(point.tolist()) for point in moved])
     assert np.abs(back - expected).max() < 0.01
@@ -286,9 +290,11 @@ def test_scene_bundle_round_trip_keeps_nodes_colours_and_window_level(gui_run, t
     # The bundle's transform is read back by Slicer's own ITK reader, which interpolates grids from
     # files cubically (ITK and the module: linearly): at most 0.07 mm apart on the sample pair with
     # fmsam_adam_v5, 0.103 mm with fmsam_adam_v6, 0.090 mm with fmsam_adam_v7, 0.112 mm with
-    # fmsam_adam_v8 (v7's weights, less output smoothing) (grid spacing about 2.4 mm; the points move by mm).
+    # fmsam_adam_v8 (v7's weights, less output smoothing), 0.173 mm with fmsam_adam_v9b (two passes
+    # composed: the composition's trilinear resampling bends the field between nodes) (grid spacing
+    # about 2.4 mm; the points move by mm).
     print("cubic (file) vs linear (module) reading: %.4f mm" % np.abs(mapped_read - mapped_made).max())
-    assert np.abs(mapped_read - mapped_made).max() < 0.15 and np.abs(mapped_made - points).max() > 1.0
+    assert np.abs(mapped_read - mapped_made).max() < 0.25 and np.abs(mapped_made - points).max() > 1.0
     red = [node for node in scene.GetNodesByClass("vtkMRMLSliceCompositeNode") if node.GetLayoutName() == "Red"][0]
     assert scene.GetNodeByID(red.GetBackgroundVolumeID()).GetName() == "fixed"
     assert scene.GetNodeByID(red.GetForegroundVolumeID()).GetName() == outcome.warpedVolumeNode.GetName()
@@ -315,10 +321,11 @@ def test_cli_scene_output(sample_paths, tmp_path):
     expected = np.array([cli.TransformPoint(point.tolist()) for point in points])
     # Slicer's reader interpolates the grid cubically, ITK linearly: 0.07 mm apart at most here with
     # fmsam_adam_v5, 0.115 mm with fmsam_adam_v8, whose less smoothed field bends more between the
-    # grid's nodes (about 2.4 mm apart); the same bound as the bundle test's.
+    # grid's nodes (about 2.4 mm apart), 0.200 mm with fmsam_adam_v9b's two composed passes; the
+    # same bound as the bundle test's.
     apart = np.abs(mrml_io.map_points_from_parent(transforms[0], points) - expected).max()
     print("cubic (Slicer's reader) vs linear (ITK) reading: %.4f mm" % apart)
-    assert apart < 0.15 and np.abs(expected - points).max() > 1.0  # and the transform moves points
+    assert apart < 0.25 and np.abs(expected - points).max() > 1.0  # and the transform moves points
 
 
 def test_cli_scene_refuses_a_bad_path_before_registering(sample_paths, tmp_path, capsys):

@@ -133,8 +133,9 @@ def test_registration_writes_small_files_and_an_inverse_that_undoes_it(registere
     error = np.linalg.norm(_mapped(inverse, moved) - points, axis=1)
     # Measured on the sample pair: mean 0.001 mm, 99th percentile 0.01 mm, max about 0.1 mm with
     # fmsam_adam_v5; 0.019 / 0.109 / 0.45 mm with fmsam_adam_v6, 0.018 / 0.100 / 0.54 mm with
-    # fmsam_adam_v7 and 0.025 / 0.142 / 0.66 mm with fmsam_adam_v8 (v7's weights, output smoothing
-    # 0.8 instead of 1.3), whose fields bend more: between the grid's nodes the round trip is limited by
+    # fmsam_adam_v7, 0.025 / 0.142 / 0.66 mm with fmsam_adam_v8 (v7's weights, output smoothing
+    # 0.8 instead of 1.3) and 0.037 / 0.212 / 0.48 mm with fmsam_adam_v9b (two passes composed), whose
+    # fields bend more: between the grid's nodes the round trip is limited by
     # linear interpolation of the two fields, not by the inverse's iterations (10 instead of 6, v6:
     # 0.0187 / 0.107 / 0.26 mm; at the nodes 0.0016 mm mean).
     print("round trip mean %.4f p99 %.4f max %.4f mm" % (error.mean(), np.percentile(error, 99), error.max()))
