@@ -50,24 +50,42 @@ def main(argv=None):
     except InputError as error:
         print("export_model: error: %s" % error, file=sys.stderr)
         return 2
-    checksum = save_weights(args.out, network, config)
     # A weights file (exported before) records no step or validation Dice; a checkpoint does.
     step, dice = saved.get("step"), saved.get("best_dice")
+    if step is None and not args.no_manifest:  # the bundled model's weights again: keep its record
+        step, dice = bundled_record_if_same_weights(weights)
+    checksum = save_weights(args.out, network, config)
     print("wrote %s (sha256 %s, %s)" % (args.out, checksum, "step %d, validation Dice %.4f" % (step, dice)
                                         if step is not None else "from a weights file: no step recorded"))
     if not args.no_manifest:
         manifest = {"file": os.path.basename(args.out), "sha256": checksum, "config": config}
-        if step is None and os.path.isfile(MANIFEST):  # the bundled file again: keep its record
-            previous = json.load(open(MANIFEST))
-            if os.path.abspath(args.checkpoint) == os.path.join(os.path.dirname(MANIFEST), previous["file"]):
-                step, dice = previous.get("training_step"), previous.get("training_validation_dice")
         if step is not None:
             manifest.update(training_step=step, training_validation_dice=dice)
         manifest["parameters"] = sum(p.numel() for p in network.parameters())
         with open(MANIFEST, "w") as handle:
             json.dump(manifest, handle, indent=1)
+            handle.write("\n")
         print("updated %s" % MANIFEST)
     return 0
+
+
+def bundled_record_if_same_weights(weights):
+    """``(training_step, training_validation_dice)`` of the manifest's bundled file when ``weights``
+    (a state dict) are its weights tensor for tensor (a bundled model exported again with other
+    inference settings, from that file or a copy of it), else ``(None, None)``."""
+    import torch
+
+    if not os.path.isfile(MANIFEST):
+        return None, None
+    previous = json.load(open(MANIFEST))
+    path = os.path.join(os.path.dirname(MANIFEST), previous["file"])
+    if not os.path.isfile(path):
+        return None, None
+    bundled = read_state(path)[0]
+    same = bundled.keys() == weights.keys() and all(torch.equal(bundled[key], weights[key]) for key in weights)
+    if not same:
+        return None, None
+    return previous.get("training_step"), previous.get("training_validation_dice")
 
 
 if __name__ == "__main__":

@@ -123,31 +123,48 @@ def test_warp_and_compose_follow_the_documented_convention():
 
 @pytest.mark.parametrize("mode", ["bilinear", "nearest"])
 @pytest.mark.parametrize("padding_mode", ["zeros", "border"])
-def test_sampling_split_over_threads_equals_one_call_bit_for_bit(mode, padding_mode):
+def test_sampling_split_over_threads_equals_one_call_bit_for_bit(mode, padding_mode, monkeypatch):
     """sample_at splits one volume's points over the CPU threads when no gradient is asked for;
-    the numbers must be PyTorch's single call's exactly, also when the point count does not divide
-    (padding), for a volume of another size than the points' grid, and the split must happen."""
+    the numbers and layout must be PyTorch's single call's exactly: point counts that divide and
+    that need padding, one and three channels, a volume of another size than the points' grid, the
+    permuted points warp makes; and the split must really happen (the batch PyTorch is given)."""
     import torch.nn.functional as F
-    from fmsam.layers import _cpu_chunks, sample_at
+    import fmsam.layers
+    from fmsam.layers import sample_at
 
+    batches = []
+    plain_call = F.grid_sample
+
+    def recording(volume, grid, *args, **kwargs):
+        batches.append(grid.shape[0])
+        return plain_call(volume, grid, *args, **kwargs)
+
+    monkeypatch.setattr(fmsam.layers.F, "grid_sample", recording)
     threads = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
         torch.manual_seed(0)
-        volume = torch.randn(1, 3, 20, 25, 30)
-        points = torch.rand(1, 41, 43, 47, 3) * 2.4 - 1.2  # 82861 points, some outside the volume
-        assert _cpu_chunks(volume, points) == 2  # 82861 // 32768: two items of at least 32768 points
-        many = torch.rand(1, 50, 50, 50, 3) * 2 - 1
-        assert _cpu_chunks(volume, many) == 3
-        for grid in (points, many):
-            plain = F.grid_sample(volume, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
-            split = sample_at(volume, grid, mode, padding_mode)
-            assert split.shape == plain.shape
+        cases = [  # (volume, points, batch items expected)
+            (torch.randn(1, 3, 20, 25, 30), torch.rand(1, 41, 43, 47, 3) * 2.4 - 1.2, 2),  # 82861: 2, padded
+            (torch.randn(1, 3, 20, 25, 30), torch.rand(1, 50, 50, 50, 3) * 2 - 1, 3),      # 125000: 3, padded
+            (torch.randn(1, 1, 20, 25, 30), torch.rand(1, 40, 40, 41, 3) * 2 - 1, 2),      # 65600: 2, divides
+            (torch.randn(1, 3, 30, 30, 30), (torch.rand(1, 3, 48, 48, 48) * 2 - 1).permute(0, 2, 3, 4, 1), 3),
+        ]
+        for volume, points, expected in cases:
+            plain = plain_call(volume, points, mode=mode, padding_mode=padding_mode, align_corners=True)
+            batches.clear()
+            split = sample_at(volume, points, mode, padding_mode)
+            assert batches == [expected]
+            assert split.shape == plain.shape and split.is_contiguous()
             assert torch.equal(split, plain)
-        volume.requires_grad_(True)
-        assert _cpu_chunks(volume, many) == 1  # gradients: PyTorch's own call, summed as before
+        volume, points = cases[1][0].requires_grad_(True), cases[1][1]
+        batches.clear()
+        sample_at(volume, points, mode, padding_mode).sum().backward()  # gradients: PyTorch's own call
+        assert batches == [1] and volume.grad is not None
         with torch.no_grad():
-            assert _cpu_chunks(volume, many) == 3
+            batches.clear()
+            sample_at(volume, points, mode, padding_mode)
+            assert batches == [3]
     finally:
         torch.set_num_threads(threads)
 
@@ -326,7 +343,7 @@ def test_iterated_passes_compose_in_order_and_remove_the_bias():
 
 def test_fast_mode_iterates_only_when_the_images_show_about_as_much(sample_paths, stripped_moving, tmp_path):
     """A model stored with network_passes 2 runs two passes on the sample pair (two heads: Dice above
-    one pass's, measured 0.588 against 0.569 with the bundled v8's weights, the inverse still a close
+    one pass's, measured 0.588 against 0.569 with v8's (= v9b's) weights, the inverse still a close
     round trip), still leaves an image registered to itself where it is (the network's bias removed:
     0.006 mm against 0.375 mm without), and runs one pass when the moving image is the brain alone
     (its skull stripped by its labels: much less foreground)."""

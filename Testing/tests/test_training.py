@@ -281,6 +281,40 @@ def test_export_and_sharpness_read_checkpoints_and_weights_files(cache, tmp_path
     assert curves["checkpoint"] == curves["weights"]  # the same weights, read from either file
 
 
+def test_export_keeps_the_bundled_record_only_for_the_bundled_weights(cache, tmp_path, monkeypatch, capsys):
+    """Exporting the bundled model's weights again (another inference setting, from a copy of the
+    file) keeps the manifest's training step and validation Dice; other weights get none. The
+    manifest ends with a newline."""
+    import export_model
+
+    run = str(tmp_path / "run")
+    assert _run("train.py", "--cache", cache, "--run", run, "--steps", "2", *TINY).returncode == 0
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    bundled = str(folder / "bundled.pt")
+    assert export_model.main(["--checkpoint", os.path.join(run, "best.pt"), "--out", bundled, "--no-manifest"]) == 0
+    manifest = folder / "manifest.json"
+    manifest.write_text(json.dumps({"file": "bundled.pt", "training_step": 1234, "training_validation_dice": 0.5}))
+    monkeypatch.setattr(export_model, "MANIFEST", str(manifest))
+    copy = str(tmp_path / "copy.pt")
+    shutil.copy(bundled, copy)
+    assert export_model.main(["--checkpoint", copy, "--out", str(folder / "two_passes.pt"), "--network-passes", "2"]) == 0
+    written = json.loads(manifest.read_text())
+    assert manifest.read_text().endswith("}\n")
+    assert written["file"] == "two_passes.pt" and written["config"]["network_passes"] == 2
+    assert (written["training_step"], written["training_validation_dice"]) == (1234, 0.5)
+    # Other weights (one more training step): no record, and the manifest says nothing of one.
+    tuned = str(tmp_path / "tuned")
+    assert _run("train.py", "--cache", cache, "--run", tuned, "--steps", "1", "--init", bundled, *TINY).returncode == 0
+    other = str(tmp_path / "other.pt")
+    assert export_model.main(["--checkpoint", os.path.join(tuned, "latest.pt"), "--out", other, "--no-manifest"]) == 0
+    capsys.readouterr()
+    assert export_model.main(["--checkpoint", other, "--out", str(folder / "other_bundled.pt")]) == 0
+    assert "no step recorded" in capsys.readouterr().out
+    written = json.loads(manifest.read_text())
+    assert written["file"] == "other_bundled.pt" and "training_step" not in written
+
+
 # -- the trainer under a Slicer-like launch --------------------------------------------------------
 #: Runs a script the way ``Slicer --no-main-window --python-script SCRIPT ARGS`` does: ``sys.argv``
 #: is the script and what followed Slicer's ``--ignore-rest``, the script's folder is put first on
