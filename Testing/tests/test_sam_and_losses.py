@@ -130,7 +130,7 @@ def test_sampling_split_over_threads_equals_one_call_bit_for_bit(mode, padding_m
     permuted points warp makes; and the split must really happen (the batch PyTorch is given)."""
     import torch.nn.functional as F
     import fmsam.layers
-    from fmsam.layers import sample_at
+    from fmsam.layers import _cpu_chunks, sample_at
 
     batches = []
     plain_call = F.grid_sample
@@ -140,6 +140,9 @@ def test_sampling_split_over_threads_equals_one_call_bit_for_bit(mode, padding_m
         return plain_call(volume, grid, *args, **kwargs)
 
     monkeypatch.setattr(fmsam.layers.F, "grid_sample", recording)
+    # small grids here, so a small threshold (the split is the same code at any size)
+    assert _cpu_chunks(torch.zeros(1, 3, 4, 4, 4), torch.zeros(1, 64, 64, 64, 3)) == 1  # 262 144: one call
+    monkeypatch.setattr(fmsam.layers, "MIN_POINTS_PER_THREAD", 32768)
     threads = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
