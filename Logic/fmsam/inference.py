@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import torch
 
-from .jacobian import grid_determinant
+from .jacobian import capped_strides, grid_determinant
 from .layers import compose, gaussian_smooth, invert, normalised_to_voxels, resize, warp
 from .networks import network_grid_shape
 from .options import DEVICES
@@ -173,9 +173,8 @@ def _remove_folds(displacement, min_determinant, max_rounds, strides):
     def corner_determinant(field):  # never above the central det J: see grid_determinant
         return grid_determinant(normalised_to_voxels(field), "corners", strides)
 
-    sizes = displacement.shape[2:]
-    # dilation radius per axis: 2 + stride - 1, the stride capped as grid_determinant caps it
-    reach = tuple(1 + max(1, min(stride, size - 1)) for stride, size in zip(strides, sizes))
+    # dilation radius per axis: 2 + stride - 1, the stride as grid_determinant uses it
+    reach = tuple(1 + stride for stride in capped_strides(strides, displacement.shape[2:]))
 
     original, rounds = displacement, 0
     determinant = corner_determinant(displacement)
@@ -206,6 +205,8 @@ class NetworkFields:
     forward: torch.Tensor          # (1, 3, D, H, W) fixed -> moving
     inverse: torch.Tensor          # (1, 3, D, H, W) moving -> fixed, refined to invert ``forward``
     report: dict                   # figures of the mode (instance optimisation's losses)
+    #: (iterations, step) of :func:`refine_inverse` for this mode's fields, used again after fold removal
+    inverse_refinement: tuple = (INVERSE_ITERATIONS, INVERSE_STEP)
 
 
 def both_directions(network, fixed_net, moving_net):
@@ -226,8 +227,8 @@ def fast_fields(network, config, fixed_net, moving_net):
     passes = config.get("network_passes", 1)
     if passes > 1:
         forward, estimate = iterated_fields(network, fixed_net, moving_net, passes, config.get("output_smoothing"))
-        return NetworkFields(forward, refine_inverse(forward, estimate, ITERATED_INVERSE_ITERATIONS,
-                                                         ITERATED_INVERSE_STEP), {"network_passes": passes})
+        return NetworkFields(forward, refine_inverse(forward, estimate, *BENDING_FIELD_REFINEMENT),
+                             {"network_passes": passes}, BENDING_FIELD_REFINEMENT)
     forward, backward = both_directions(network, fixed_net, moving_net)
     displacement = symmetric_displacement(forward, backward)
     if config.get("output_smoothing"):
@@ -235,18 +236,19 @@ def fast_fields(network, config, fixed_net, moving_net):
     return NetworkFields(displacement, refine_inverse(displacement, backward), {"network_passes": 1})
 
 
-#: The inverse of iterated passes: refined from the estimate of :func:`iterated_fields` by this many
-#: damped iterations of this step. The composed field bends faster than one pass's: at step 0.7
-#: (:data:`INVERSE_STEP`) the iteration oscillates (round trip up to 3 network voxels on the sample
-#: pair with two passes of the bundled model's weights, however many iterations). At 0.5 it
-#: converges; round trip max / 99th percentile in network voxels there, each iteration about 0.04 s
-#: on two cores: 6 iterations 0.55 / 0.032, 8 0.46 / 0.014, 10 0.37 / 0.006, 12 0.27 / 0.003. Ten
-#: keep the largest error under a millimetre. Accurate mode's field, after instance optimisation and
-#: fold removal, bends as fast: at 0.7 its round trip on the sample pair reached 11.4 mm (mean 0.002
-#: mm), with these settings 0.41 mm (mean 0.0006 mm), so it is refined with them too. (Measured with
+#: ``(iterations, step)`` of :func:`refine_inverse` for fields that bend fast: iterated passes'
+#: (from the estimate of :func:`iterated_fields`) and accurate mode's. The composed field bends
+#: faster than one pass's: at step 0.7 (:data:`INVERSE_STEP`) the iteration oscillates (round trip
+#: up to 3 network voxels on the sample pair with two passes of the bundled model's weights, however
+#: many iterations). At 0.5 it converges; round trip max / 99th percentile in network voxels there,
+#: each iteration about 0.04 s on two cores (0.02 s since :func:`fmsam.layers.sample_at` uses both):
+#: 6 iterations 0.55 / 0.032, 8 0.46 / 0.014, 10 0.37 / 0.006, 12 0.27 / 0.003. Ten keep the
+#: largest error under a millimetre. Accurate mode's field, after instance optimisation and fold
+#: removal, bends as fast: at 0.7 its round trip on the sample pair reached 11.4 mm (mean 0.002 mm),
+#: with these settings 0.41 mm (mean 0.0006 mm), so it is refined with them too. (Measured with
 #: :func:`iterated_fields` as it is; the withdrawn design of two plain forward passes gave 13 mm at
 #: 0.7 and 0.31 voxels with ten at 0.5: docs/training-log.md, "Session of 2026-12-03 (night)".)
-ITERATED_INVERSE_ITERATIONS, ITERATED_INVERSE_STEP = 10, 0.5
+BENDING_FIELD_REFINEMENT = (10, 0.5)
 
 
 def iterated_fields(network, fixed_net, moving_net, passes, smoothing=None):
@@ -297,8 +299,9 @@ def accurate_fields(network, config, fixed_net, moving_net, steps, similarity="l
     forward, backward, losses = instance_optimise(
         forward, backward, fixed_net, moving_net if io_moving is None else io_moving, steps, config,
         progress=progress, similarity=similarity)
-    return NetworkFields(forward, refine_inverse(forward, backward, ITERATED_INVERSE_ITERATIONS, ITERATED_INVERSE_STEP),
-                         {"io_loss_before": losses[0], "io_loss_after": losses[-1], "io_similarity": similarity})
+    return NetworkFields(forward, refine_inverse(forward, backward, *BENDING_FIELD_REFINEMENT),
+                         {"io_loss_before": losses[0], "io_loss_after": losses[-1], "io_similarity": similarity},
+                         BENDING_FIELD_REFINEMENT)
 
 
 def network_fields(network, config, device, fixed, moving, grid, io_steps=0, similarity="lncc",
@@ -331,10 +334,8 @@ def network_fields(network, config, device, fixed, moving, grid, io_steps=0, sim
                                        io_net, progress)
         forward, unfolded = remove_folds(computed.forward, strides=strides)
         inverse = computed.inverse
-        if unfolded["unfold_rounds"]:  # as the mode refined it: iterated passes and IO bend faster
-            bends = io_steps or computed.report.get("network_passes", 1) > 1
-            inverse = refine_inverse(forward, inverse, *((ITERATED_INVERSE_ITERATIONS, ITERATED_INVERSE_STEP)
-                                                         if bends else ()))
+        if unfolded["unfold_rounds"]:  # refined again as the mode refined it
+            inverse = refine_inverse(forward, inverse, *computed.inverse_refinement)
         return NetworkFields(forward.cpu(), inverse.cpu(), dict(computed.report, **unfolded))
 
     return run_with_cpu_fallback(run, device)

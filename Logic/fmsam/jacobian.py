@@ -35,6 +35,12 @@ def _determinant(entries):
     return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
 
 
+def capped_strides(strides, shape):
+    """The strides (D, H, W) that :func:`grid_determinant` differentiates over on a grid of ``shape``
+    (D, H, W): each at least 1 and at most its axis' length minus one."""
+    return tuple(max(1, min(int(stride), size - 1)) for stride, size in zip(strides, shape))
+
+
 def grid_determinant(displacement_voxels, differences="central", strides=(1, 1, 1)):
     """det(I + du/dindex) of the map x -> x + u(x) on u's own grid: ``displacement_voxels`` a
     (1, 3, D, H, W) tensor in voxel units of that grid, channels (x, y, z) along (W, H, D), as
@@ -67,6 +73,7 @@ def grid_determinant(displacement_voxels, differences="central", strides=(1, 1, 
     if differences == "central" and tuple(strides) != (1, 1, 1):
         raise ValueError("strides apply to one-sided differences ('forward', 'corners'), not 'central'")
     field = displacement_voxels[0]
+    strides = capped_strides(strides, field.shape[1:])
     dims = {0: 2, 1: 1, 2: 0}  # channel x differentiates along W (dim 2 of a (D, H, W) volume), ...
 
     def one_sided(volume, dim):
@@ -75,7 +82,7 @@ def grid_determinant(displacement_voxels, differences="central", strides=(1, 1, 
         size = volume.shape[dim]
         if size < 2:
             return torch.zeros_like(volume), torch.zeros_like(volume)
-        stride = max(1, min(int(strides[dim]), size - 1))
+        stride = strides[dim]
         step = (volume.narrow(dim, stride, size - stride) - volume.narrow(dim, 0, size - stride)) / stride
         last = step.narrow(dim, step.shape[dim] - 1, 1).expand_as(volume.narrow(dim, 0, stride))
         first = step.narrow(dim, 0, 1).expand_as(volume.narrow(dim, 0, stride))

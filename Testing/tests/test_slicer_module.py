@@ -291,8 +291,8 @@ def test_scene_bundle_round_trip_keeps_nodes_colours_and_window_level(gui_run, t
     # files cubically (ITK and the module: linearly): at most 0.07 mm apart on the sample pair with
     # fmsam_adam_v5, 0.103 mm with fmsam_adam_v6, 0.090 mm with fmsam_adam_v7, 0.112 mm with
     # fmsam_adam_v8 (v7's weights, less output smoothing), 0.173 mm with fmsam_adam_v9b (two passes
-    # composed: the composition's trilinear resampling bends the field between nodes) (grid spacing
-    # about 2.4 mm; the points move by mm).
+    # composed: the field moves more and bends more between nodes) (grid spacing about 2.4 mm; the
+    # points move by mm).
     print("cubic (file) vs linear (module) reading: %.4f mm" % np.abs(mapped_read - mapped_made).max())
     assert np.abs(mapped_read - mapped_made).max() < 0.25 and np.abs(mapped_made - points).max() > 1.0
     red = [node for node in scene.GetNodesByClass("vtkMRMLSliceCompositeNode") if node.GetLayoutName() == "Red"][0]
