@@ -11,7 +11,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
-from .options import CONTRAST_MATCHING, DEVICES, MAX_IO_STEPS, MODALITIES
+from .options import CONTRAST_MATCHING, DEVICES, MAX_IO_STEPS, MODALITIES, SLICE_REFINEMENT
 
 
 def _given(value):
@@ -107,7 +107,8 @@ def check_progress(progress):
 
 
 def check_register_arguments(fixed, moving, fixed_labels, moving_labels, prealign, io_steps, device,
-                             weights, modality, progress, model, contrast_matching, allow_unverified):
+                             weights, modality, progress, model, contrast_matching, allow_unverified,
+                             slice_refinement="off"):
     """Check every argument of :func:`fmsam.pipeline.register` (see there) before any work."""
     check_image(fixed, "fixed")
     check_image(moving, "moving")
@@ -117,6 +118,7 @@ def check_register_arguments(fixed, moving, fixed_labels, moving_labels, prealig
     check_io_steps(io_steps)
     check_modality(modality)
     check_choice(contrast_matching, "contrast_matching", CONTRAST_MATCHING)
+    check_choice(slice_refinement, "slice_refinement", SLICE_REFINEMENT)
     check_progress(progress)
     check_flag(allow_unverified, "allow_unverified")
     check_weights(weights, model)

@@ -9,7 +9,7 @@ import os
 import sys
 
 from .errors import InputError, RegistrationError
-from .options import CONTRAST_MATCHING, DEVICES, MAX_IO_STEPS, MODALITIES, MODES
+from .options import CONTRAST_MATCHING, DEVICES, MAX_IO_STEPS, MODALITIES, MODES, SLICE_REFINEMENT
 
 
 def _add_register(commands):
@@ -25,6 +25,10 @@ def _add_register(commands):
     parser.add_argument("--modality", choices=MODALITIES, default="auto",
                         help="intensity normalisation (default: detected per image)")
     _add_contrast_matching(parser)
+    parser.add_argument("--slice-refinement", choices=SLICE_REFINEMENT, default="off",
+                        help="auto: give each slice of a thick-slice stack (cardiac short axis) its own "
+                        "in-plane correction after the network, when the fixed image is such a stack "
+                        "(better similarity on cardiac pairs, up to about 13 s more); default off")
     parser.add_argument("--quiet", action="store_true", help="print only the summary line")
     parser.add_argument("--scene", metavar="OUT.mrb",
                         help="also write a Slicer scene bundle (inputs, transform, warped volume, "
@@ -205,7 +209,7 @@ def _register(args):
                       weights=args.weights, modality=args.modality,
                       contrast_matching=args.contrast_matching,
                       allow_unverified=args.allow_unverified_weights,
-                      progress=_progress_printer(args.quiet))
+                      progress=_progress_printer(args.quiet), slice_refinement=args.slice_refinement)
     scene = _SceneWriter(args, result) if args.scene else None
     try:
         write_outputs(result, args.out, moving=read_image(args.moving),
@@ -223,6 +227,8 @@ def _register(args):
         line += "; Dice affine %.3f -> %.3f" % (report["dice_affine"], report["dice_after"])
     if report["contrast_matching"]["applied"]:
         line += "; contrast matched"
+    if report["slice_refinement"]["applied"]:
+        line += "; slices refined"
     print(line + "; outputs in %s" % args.out)
     for warning in report.get("warnings", []):
         print("fmsam: warning: %s" % warning, file=sys.stderr)

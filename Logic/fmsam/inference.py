@@ -304,18 +304,40 @@ def accurate_fields(network, config, fixed_net, moving_net, steps, similarity="l
                          BENDING_FIELD_REFINEMENT)
 
 
+def refine_stack_slices(computed, fixed, moving, axis, planes, similarity, device):
+    """:class:`NetworkFields` with each slice of a thick-slice stack corrected in plane
+    (:func:`fmsam.slice_refinement.refine_slices`): the forward field becomes ``forward o (x + c)``,
+    the inverse is started from ``(x - c) o inverse`` and refined as bending fields are.
+    ``fixed``/``moving``: (k, j, i) arrays on the fixed grid (the moving one through the affine, in
+    the contrast ``similarity`` compares)."""
+    from .slice_refinement import refine_slices
+
+    def on_fixed_grid(voxels):
+        return torch.from_numpy(np.array(voxels, dtype=np.float32))[None, None].to(device)  # a copy: views are read-only
+
+    correction, report = refine_slices(computed.forward, on_fixed_grid(fixed), on_fixed_grid(moving),
+                                       planes, axis, similarity)
+    with torch.no_grad():
+        forward = compose(computed.forward, correction)
+        inverse = refine_inverse(forward, compose(-correction, computed.inverse), *BENDING_FIELD_REFINEMENT)
+    return NetworkFields(forward, inverse, dict(computed.report, **report), BENDING_FIELD_REFINEMENT)
+
+
 def network_fields(network, config, device, fixed, moving, grid, io_steps=0, similarity="lncc",
-                   io_moving=None, on_instance_optimisation=None, progress=None, strides=(1, 1, 1)):
+                   io_moving=None, on_instance_optimisation=None, progress=None, strides=(1, 1, 1),
+                   slice_planes=None):
     """Run a mode on a pre-aligned pair: ``(NetworkFields on the CPU, device used)``.
 
     ``fixed``/``moving``: (k, j, i) arrays, normalised, the moving one resampled onto the fixed grid
     through the affine; ``grid``: the network grid (D, H, W) (:func:`grid_for`). ``io_steps`` 0 is
     fast mode (:func:`fast_fields`), more is accurate mode (:func:`accurate_fields`, which calls
     ``on_instance_optimisation()`` first, then ``progress(fraction)`` after each step; ``io_moving``
-    is the (k, j, i) moving image its similarity compares, default ``moving``). Either mode's
-    forward field then goes through :func:`remove_folds` with ``strides`` (:func:`secant_strides`;
-    its figures join the report; the inverse is refined again when it changed). A CUDA run out of
-    memory is repeated on the CPU."""
+    is the (k, j, i) moving image its similarity compares, default ``moving``). ``slice_planes``,
+    ``(axis, planes)`` of a stack of thick slices (:func:`fmsam.slice_refinement.stack_axis`,
+    ``plane_shape``): every fixed slice then gets its own in-plane correction
+    (:func:`refine_stack_slices`). The forward field then goes through :func:`remove_folds` with
+    ``strides`` (:func:`secant_strides`; its figures join the report; the inverse is refined again
+    when it changed). A CUDA run out of memory is repeated on the CPU."""
     def run(run_device):
         network.to(run_device)
         if run_device.type == "cpu":
@@ -332,6 +354,9 @@ def network_fields(network, config, device, fixed, moving, grid, io_steps=0, sim
             io_net = None if io_moving is None else to_network_grid(io_moving, grid, run_device)
             computed = accurate_fields(network, config, fixed_net, moving_net, io_steps, similarity,
                                        io_net, progress)
+        if slice_planes is not None:
+            compared = io_moving if io_moving is not None else moving
+            computed = refine_stack_slices(computed, fixed, compared, *slice_planes, similarity, run_device)
         forward, unfolded = remove_folds(computed.forward, strides=strides)
         inverse = computed.inverse
         if unfolded["unfold_rounds"]:  # refined again as the mode refined it

@@ -22,6 +22,22 @@ DEFAULT_LEARNING_RATE = 5e-3
 GRADICON_WEIGHT = 1.5
 
 
+def adam_steps(loss_of_step, optimiser, steps, progress=None):
+    """Run ``steps`` steps of ``optimiser`` on the scalar ``loss_of_step()``; return the loss before
+    each step. ``progress(fraction)`` after every step (it may raise to stop)."""
+    losses = []
+    with torch.enable_grad():
+        for step in range(steps):
+            loss = loss_of_step()
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            losses.append(float(loss.detach()))
+            if progress is not None:
+                progress((step + 1) / steps)
+    return losses
+
+
 def instance_optimise(forward, backward, fixed, moving, steps, config,
                       learning_rate=DEFAULT_LEARNING_RATE, progress=None, similarity="lncc"):
     """Return ``(refined forward, refined backward displacement, losses)``, each (1, 3, D, H, W).
@@ -49,16 +65,7 @@ def instance_optimise(forward, backward, fixed, moving, steps, config,
                                            similarity)[0]
         return loss, both
 
-    losses = []
-    with torch.enable_grad():
-        for step in range(steps):
-            loss, _ = loss_now(random_subvoxel_offset(shape, generator))
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            losses.append(float(loss.detach()))
-            if progress is not None:
-                progress((step + 1) / steps)
+    losses = adam_steps(lambda: loss_now(random_subvoxel_offset(shape, generator))[0], optimiser, steps, progress)
     with torch.no_grad():
         loss, both = loss_now()
     losses.append(float(loss))

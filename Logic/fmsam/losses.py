@@ -14,7 +14,8 @@ SIMILARITIES = ("lncc", "squared_lncc")
 
 def local_ncc_loss(fixed, warped, window=5, eps=1e-7, squared=False):
     """1 - mean local normalised cross-correlation over ``window``^3 boxes (0 = identical images,
-    2 = locally inverted contrast). Inputs: (N, 1, D, H, W) in [0, 1]. ``squared``: 1 - mean of the
+    2 = locally inverted contrast). Inputs: (N, 1, D, H, W) in [0, 1]. ``window``: odd voxels per
+    axis, one int for a cube or (D, H, W), e.g. (1, 9, 9) for boxes within each plane. ``squared``: 1 - mean of the
     squared local correlation instead (0 for identical and for locally inverted images, 1 for
     unrelated ones), for instance optimisation of pairs whose contrasts differ.
 
@@ -27,8 +28,24 @@ def local_ncc_loss(fixed, warped, window=5, eps=1e-7, squared=False):
     about 1e-5 or less, products 1e-10) is damped towards zero. A larger eps (1e-5, right for
     voxelmorph's window *sums*) flattened the loss over tissue and stalled training.
     """
-    def box_mean(volume):
-        return F.avg_pool3d(volume, window, stride=1, padding=window // 2, count_include_pad=False)
+    if isinstance(window, int):
+        def box_mean(volume):
+            return F.avg_pool3d(volume, window, stride=1, padding=window // 2, count_include_pad=False)
+    else:
+        # One axis at a time: the mean over a box cut by the border is the product of the per-axis
+        # means, so this equals the 3-D pooling (to rounding) at a fraction of its cost.
+        axes = [tuple(n if axis == index else 1 for index in range(3)) for axis, n in enumerate(window) if n > 1]
+        # Within planes (window[0] == 1) the planes go to the channels: PyTorch pools channels in
+        # parallel, one volume on one core (a 6 x 233 x 235 stack: about half the time on two).
+        within_planes = window[0] == 1
+
+        def box_mean(volume):
+            if within_planes:
+                volume = volume.transpose(1, 2)
+            for box in axes:
+                volume = F.avg_pool3d(volume, box, stride=1, padding=tuple(n // 2 for n in box),
+                                      count_include_pad=False)
+            return volume.transpose(1, 2) if within_planes else volume
 
     mean_f, mean_w = box_mean(fixed), box_mean(warped)
     cross = box_mean(fixed * warped) - mean_f * mean_w

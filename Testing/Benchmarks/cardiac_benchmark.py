@@ -39,7 +39,8 @@ SimpleITK)::
     python3 Testing/Benchmarks/cardiac_benchmark.py report --out out/cardiac/report --also out/cardiac/report_ants
 
 Rows already in ``OUT/results.csv`` are skipped (resumable). ``--threads`` (default 1) for ITK and torch.
-``run --weights FILE --label NAME`` runs the fmsam methods with another model (``fmsam register
+``run --slice-refinement auto --label slices`` runs them with each slice refined in plane
+(``fmsam.slice_refinement``). ``run --weights FILE --label NAME`` runs the fmsam methods with another model (``fmsam register
 --weights``, with ``--allow-unverified-weights`` when FILE has no FILE.sha256 beside it); their rows
 read e.g. ``fmsam-fast[NAME]`` and ``report`` lists them after the bundled model's.
 """
@@ -123,11 +124,13 @@ def run_identity(pair, threads):
     return 0, 0.0, warped, np.zeros(sitk.GetArrayViewFromImage(fixed).shape + (3,))
 
 
-def fmsam_command(pair, out, io_steps, weights=None):
+def fmsam_command(pair, out, io_steps, weights=None, slice_refinement="off"):
     """The ``fmsam register`` command line of a pair (outputs into folder ``out``); ``weights``: a
-    weights file instead of the bundled model, allowed unverified when it has no ``.sha256``."""
+    weights file instead of the bundled model, allowed unverified when it has no ``.sha256``;
+    ``slice_refinement``: ``fmsam register --slice-refinement``."""
     command = [sys.executable, "-m", "fmsam.cli", "register", pair["fixed"], pair["moving"],
-               "--out", out, "--device", "cpu", "--quiet", "--io-steps", str(io_steps)]
+               "--out", out, "--device", "cpu", "--quiet", "--io-steps", str(io_steps),
+               "--slice-refinement", slice_refinement]
     if weights:
         command += ["--weights", weights]
         if not os.path.isfile(weights + ".sha256"):
@@ -135,7 +138,7 @@ def fmsam_command(pair, out, io_steps, weights=None):
     return command
 
 
-def run_fmsam(pair, threads, io_steps, weights=None):
+def run_fmsam(pair, threads, io_steps, weights=None, slice_refinement="off"):
     import SimpleITK as sitk
 
     from fmsam.fields import dense_field
@@ -144,7 +147,7 @@ def run_fmsam(pair, threads, io_steps, weights=None):
         out = os.path.join(folder, "out")
         environment = dict(os.environ, PYTHONPATH=LOGIC, OMP_NUM_THREADS=str(threads),
                            ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=str(threads))
-        command = fmsam_command(pair, out, io_steps, weights)
+        command = fmsam_command(pair, out, io_steps, weights, slice_refinement)
         finished = subprocess.run(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   universal_newlines=True)
         if finished.returncode != 0:
@@ -206,8 +209,9 @@ def run_demons(pair, threads):
 
 RUNNERS = {
     "identity": run_identity,
-    "fmsam-fast": lambda pair, threads, weights=None: run_fmsam(pair, threads, 0, weights),
-    "fmsam-accurate": lambda pair, threads, weights=None: run_fmsam(pair, threads, MODES["accurate"], weights),
+    "fmsam-fast": lambda pair, threads, weights=None, slices="off": run_fmsam(pair, threads, 0, weights, slices),
+    "fmsam-accurate": lambda pair, threads, weights=None, slices="off": run_fmsam(
+        pair, threads, MODES["accurate"], weights, slices),
     "ants-affine": lambda pair, threads: run_ants(pair, threads, "Affine"),
     "ants-syn": lambda pair, threads: run_ants(pair, threads, "SyN"),
     "demons": run_demons,
@@ -261,7 +265,8 @@ def run_command(args):
                 if (name, key) in finished or (only is not None and number not in only):
                     continue
                 if method.startswith("fmsam"):
-                    code, seconds, warped, field = RUNNERS[method](pair, args.threads, args.weights)
+                    code, seconds, warped, field = RUNNERS[method](pair, args.threads, args.weights,
+                                                                   args.slice_refinement)
                 else:
                     code, seconds, warped, field = RUNNERS[method](pair, args.threads)
                 fixed = sitk.ReadImage(pair["fixed"], sitk.sitkFloat32)
@@ -346,6 +351,8 @@ def main():
     run_parser.add_argument("--only", default="", help="comma-separated pair numbers (0-based) to run")
     run_parser.add_argument("--weights", help="fmsam weights file (default: the bundled model)")
     run_parser.add_argument("--label", help="suffix for the fmsam methods' name, e.g. adam -> fmsam-fast[adam]")
+    run_parser.add_argument("--slice-refinement", choices=("off", "auto"), default="off",
+                            help="fmsam register --slice-refinement (give --label too, e.g. slices)")
     report_parser = sub.add_parser("report", help="summary table of a results folder")
     report_parser.add_argument("--out", required=True)
     report_parser.add_argument("--also", nargs="*", help="more results folders to merge in")

@@ -32,6 +32,7 @@ BAD_ARGUMENTS = [
     ({"device": "gpu"}, "device must be one of 'auto', 'cpu', 'cuda', not 'gpu'"),
     ({"contrast_matching": "sometimes"}, "contrast_matching must be one of 'auto', 'on', 'off', not "
                                          "'sometimes'"),
+    ({"slice_refinement": "on"}, "slice_refinement must be one of 'off', 'auto', not 'on'"),
     ({"prealign": "no"}, "prealign must be True or False, not 'no'"),
     ({"allow_unverified": 1}, "allow_unverified must be True or False, not 1"),
     ({"progress": "print"}, "progress must be a callable progress(stage, fraction) or None, not 'print'"),

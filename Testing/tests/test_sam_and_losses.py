@@ -65,6 +65,21 @@ def test_local_ncc_is_zero_for_identical_and_signed():
     assert 0.8 < local_ncc_loss(image, torch.rand(1, 1, 12, 12, 12)).item() < 1.2
 
 
+def test_local_ncc_per_axis_window_stays_within_each_plane():
+    """A (1, w, w) window compares plane by plane: planes that match only up to each plane's own
+    linear rescaling score as identical, where a cube window mixes the planes and does not."""
+    torch.manual_seed(0)
+    image = torch.rand(1, 1, 5, 16, 16)
+    scales, offsets = torch.tensor([1.0, 0.3, 2.0, 0.6, 1.5]), torch.tensor([0.0, 0.5, -0.4, 0.1, -0.2])
+    rescaled = image * scales.view(1, 1, 5, 1, 1) + offsets.view(1, 1, 5, 1, 1)
+    assert local_ncc_loss(image, rescaled, window=(1, 5, 5)).item() < 5e-3
+    assert local_ncc_loss(image, rescaled, window=5).item() > 0.05
+    # a per-axis window of equal sides is the cube, pooled one axis at a time
+    assert abs(local_ncc_loss(image, rescaled, window=(5, 5, 5)).item() - local_ncc_loss(image, rescaled, window=5).item()) < 1e-5
+    # one plane alone: a (1, 9, 9) window runs on a single plane (PyTorch refuses a cube of 9 there)
+    assert local_ncc_loss(image[:, :, :1], 1.0 - image[:, :, :1], window=(1, 9, 9)).item() > 1.99
+
+
 def test_gradicon_zero_for_exact_inverses_and_positive_otherwise():
     shape = (10, 12, 14)
     shift = torch.zeros(1, 3, *shape)

@@ -1,0 +1,144 @@
+"""Slice refinement: each slice of a thick-slice stack gets its own in-plane correction.
+
+Short-axis cardiac MR (and other 2-D multi-slice stacks) is acquired slice by slice, each slice in
+its own breath-hold, so neighbouring slices can be shifted in plane independently of each other.
+The network sees the stack on its grid of cubic voxels with the slices interpolated between them,
+and its field is smooth across slices: it cannot follow one slice left and the next right. On
+cardiac selection pairs this was most of the gap to SimpleITK demons, whose field is smoothed by
+about 1 mm physical along every axis and so leaves the slices nearly independent: coupling demons'
+slices (10 mm across them) took its cross-sequence NMI from 1.0681 to 1.0452, below the network's
+1.0516 (``Testing/Benchmarks/cardiac_diagnostics.py``; docs/training-log.md, "Session of
+2026-12-04").
+
+After the network (and instance optimisation), every fixed slice gets an in-plane displacement
+``u_s`` (a coarse grid of nodes every :data:`NODE_STRIDE` refinement voxels, upsampled linearly;
+the refinement voxels are :data:`SPACING_MM` in plane), optimised with Adam so that the moving image
+sampled at ``x + u_s(x) + forward(x + u_s(x))`` matches the fixed slice in local NCC within the slice
+(:data:`WINDOW` voxels square), plus :data:`REGULARISATION` times the mean squared difference of
+neighbouring nodes. All slices are refined together, as one (K, h, w) stack of planes. No
+displacement across slices is added. The corrections then join the network's field on its own grid,
+each network plane taking the correction of the nearest fixed slice (the field between slices is
+never sampled by a fixed voxel).
+
+Off by default (``fmsam register --slice-refinement auto`` asks for it): on the 16 cardiac selection
+pairs it raised fast mode's NMI on every pair, but added 7-13 s on a 5-6-slice stack, more than
+the 10 s its decision rule allowed.
+"""
+import math
+
+import torch
+
+from .layers import identity_grid, resize, sample_at
+from .instance_optimisation import adam_steps
+from .losses import local_ncc_loss
+
+#: A fixed image is a stack of thick slices, and is refined slice by slice, when its slice spacing
+#: (the array's first axis, k) is at least this many times its in-plane spacing. MyoPS stacks: 16 to
+#: 32; the thick-slice brains of ``make_unfamiliar.py`` (2 x 2 x 6 mm): 3, not refined.
+STACK_RATIO = 4.0
+#: In-plane spacing of the refinement's planes, mm (350 mm field of view: about 233 x 233 voxels).
+SPACING_MM = 1.5
+#: Refinement voxels between the correction's nodes along each in-plane axis (6 mm at 1.5 mm).
+NODE_STRIDE = 4
+#: Local NCC window within a slice, refinement voxels (13.5 mm).
+WINDOW = 9
+#: Adam steps and step size (normalised coordinates, as the network's fields).
+STEPS = 100
+LEARNING_RATE = 0.01
+#: Weight of the nodes' smoothness term (mean squared difference of neighbouring nodes, normalised).
+REGULARISATION = 1000.0
+
+
+def stack_axis(spacing_kji):
+    """The slice axis (0, 1 or 2 of (k, j, i)) of a stack of thick slices with this spacing (mm),
+    or None: the axis whose spacing is at least :data:`STACK_RATIO` times both others'. (The
+    pipeline reorients images to the training layout first, so the slices need not lie along k.)"""
+    spacing = [float(s) for s in spacing_kji]
+    axis = max(range(3), key=lambda n: spacing[n])
+    others = [spacing[n] for n in range(3) if n != axis]
+    return axis if spacing[axis] >= STACK_RATIO * max(others) else None
+
+
+def plane_shape(size_kji, spacing_kji, axis):
+    """(K, h, w): the stack's ``K`` slices along ``axis``, each resampled in plane to
+    :data:`SPACING_MM` (the two other axes, in (k, j, i) order)."""
+    in_plane = [max(2 * NODE_STRIDE, int(math.ceil((size_kji[n] - 1) * spacing_kji[n] / SPACING_MM)) + 1)
+                for n in range(3) if n != axis]
+    return (int(size_kji[axis]),) + tuple(in_plane)
+
+
+def to_stack_layout(volume, axis, displacement=False):
+    """(N, C, D, H, W) -> the same with the slice axis ``axis`` (of D, H, W) first and the other two
+    in order; a displacement's channels (x, y, z along W, H, D) are reordered to match."""
+    order = [axis] + [n for n in range(3) if n != axis]
+    moved = volume.permute(0, 1, *[2 + n for n in order])
+    if displacement:
+        moved = moved[:, [2 - order[2], 2 - order[1], 2 - order[0]]]
+    return moved.contiguous()  # the grid sampler is many times slower on permuted strides
+
+
+def from_stack_layout(volume, axis, displacement=False):
+    """The inverse of :func:`to_stack_layout`."""
+    order = [axis] + [n for n in range(3) if n != axis]
+    back = [order.index(n) for n in range(3)]
+    if displacement:  # channel c of the stack layout lies along its axis 2 - c, i.e. original axis order[2 - c]
+        volume = volume[:, [2 - order.index(2 - c) for c in range(3)]]
+    return volume.permute(0, 1, *[2 + n for n in back]).contiguous()
+
+
+def refine_slices(forward, fixed, moving, planes, axis=0, similarity="lncc", steps=STEPS, progress=None):
+    """In-plane corrections of every fixed slice: ``(correction on the network grid, report)``.
+
+    ``forward``: (1, 3, D, H, W) normalised fixed-to-moving displacement on the network grid;
+    ``fixed``, ``moving``: (1, 1, K, J, I) tensors on the fixed image's grid, normalised, the moving
+    image resampled there through the affine (in the contrast ``similarity`` compares: 'lncc' or
+    'squared_lncc', :data:`fmsam.losses.SIMILARITIES`); ``axis``: the slice axis (0, 1, 2 of
+    (k, j, i), :func:`stack_axis`); ``planes``: :func:`plane_shape`. The
+    network grid and the fixed grid span the same extent (first and last voxel centres at -1 and 1).
+
+    The correction is a (1, 3, D, H, W) normalised displacement ``c`` with no component along the
+    slice axis; the
+    refined field is ``compose(forward, c)``. ``report``: the loss before the first step and after
+    the last, the steps and the planes' shape. ``progress(fraction)`` after every step.
+    """
+    count, height, width = planes
+    if fixed.shape[2 + axis] != count or count < 2:
+        raise ValueError("refine_slices needs the fixed stack's %d slices (at least 2), not %d"
+                         % (count, fixed.shape[2 + axis]))
+    forward = to_stack_layout(forward, axis, displacement=True)
+    fixed, moving = to_stack_layout(fixed, axis), to_stack_layout(moving, axis)
+    fixed_planes = resize(fixed, planes)
+    moving_planes = resize(moving, planes)
+    points = identity_grid(planes, device=forward.device)            # (1, K, h, w, 3), z at each slice
+    nodes = (count, max(2, (height - 1) // NODE_STRIDE + 1), max(2, (width - 1) // NODE_STRIDE + 1))
+    in_plane = torch.zeros((1, 2) + nodes, device=forward.device, requires_grad=True)
+    optimiser = torch.optim.Adam([in_plane], lr=LEARNING_RATE)
+    squared = similarity == "squared_lncc"
+    window = (1, WINDOW, WINDOW)
+
+    def with_z(correction):
+        return torch.cat([correction, torch.zeros_like(correction[:, :1])], dim=1)
+
+    with torch.no_grad():  # each slice of the moving image as the network's field maps it
+        on_planes = points + sample_at(forward, points, padding_mode="border").permute(0, 2, 3, 4, 1)
+        warped_planes = sample_at(moving_planes, on_planes)
+
+    def loss_now():
+        # The corrections move points within their slice, where warped_planes already holds
+        # moving(q + forward(q)): sampling it at p + u(p) is moving(p + u + forward(p + u)).
+        correction = resize(with_z(in_plane), planes)
+        warped = sample_at(warped_planes, points + correction.permute(0, 2, 3, 4, 1), padding_mode="border")
+        smoothness = sum((in_plane.narrow(dim, 1, in_plane.shape[dim] - 1)
+                          - in_plane.narrow(dim, 0, in_plane.shape[dim] - 1)).pow(2).mean() for dim in (3, 4))
+        return local_ncc_loss(fixed_planes, warped, window, squared=squared) + REGULARISATION * smoothness
+
+    losses = adam_steps(loss_now, optimiser, steps, progress)
+    with torch.no_grad():
+        losses.append(float(loss_now()))
+        depth = forward.shape[2]
+        nearest = torch.round(torch.linspace(0.0, count - 1.0, depth, device=forward.device)).long()
+        correction = resize(with_z(in_plane.detach())[:, :, nearest], forward.shape[2:])
+        correction = from_stack_layout(correction, axis, displacement=True)
+    report = {"slice_refinement": {"applied": True, "steps": int(steps), "planes": list(planes), "axis": int(axis),
+                                   "loss_before": round(losses[0], 5), "loss_after": round(losses[-1], 5)}}
+    return correction, report
