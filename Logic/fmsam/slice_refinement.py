@@ -28,13 +28,13 @@ import math
 
 import torch
 
-from .layers import identity_grid, resize, sample_at
 from .instance_optimisation import adam_steps
+from .layers import identity_grid, resize, sample_at
 from .losses import local_ncc_loss
 
-#: A fixed image is a stack of thick slices, and is refined slice by slice, when its slice spacing
-#: (the array's first axis, k) is at least this many times its in-plane spacing. MyoPS stacks: 16 to
-#: 32; the thick-slice brains of ``make_unfamiliar.py`` (2 x 2 x 6 mm): 3, not refined.
+#: A fixed image is a stack of thick slices, and is refined slice by slice, when the spacing along
+#: one axis (the slices') is at least this many times the other two (:func:`stack_axis`). MyoPS
+#: stacks: 16 to 32; the thick-slice brains of ``make_unfamiliar.py`` (2 x 2 x 6 mm): 3, not refined.
 STACK_RATIO = 4.0
 #: In-plane spacing of the refinement's planes, mm (350 mm field of view: about 233 x 233 voxels).
 SPACING_MM = 1.5
@@ -93,13 +93,13 @@ def refine_slices(forward, fixed, moving, planes, axis=0, similarity="lncc", ste
     ``fixed``, ``moving``: (1, 1, K, J, I) tensors on the fixed image's grid, normalised, the moving
     image resampled there through the affine (in the contrast ``similarity`` compares: 'lncc' or
     'squared_lncc', :data:`fmsam.losses.SIMILARITIES`); ``axis``: the slice axis (0, 1, 2 of
-    (k, j, i), :func:`stack_axis`); ``planes``: :func:`plane_shape`. The
-    network grid and the fixed grid span the same extent (first and last voxel centres at -1 and 1).
+    (k, j, i), :func:`stack_axis`); ``planes``: :func:`plane_shape`. The network grid and the fixed
+    grid span the same extent (first and last voxel centres at -1 and 1).
 
     The correction is a (1, 3, D, H, W) normalised displacement ``c`` with no component along the
-    slice axis; the
-    refined field is ``compose(forward, c)``. ``report``: the loss before the first step and after
-    the last, the steps and the planes' shape. ``progress(fraction)`` after every step.
+    slice axis; the refined field is ``compose(forward, c)``. ``report``: the loss before the first
+    step and after the last, the steps, the planes' shape and the axis. ``progress(fraction)`` after
+    every step.
     """
     count, height, width = planes
     if fixed.shape[2 + axis] != count or count < 2:
