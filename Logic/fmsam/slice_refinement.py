@@ -86,6 +86,19 @@ def from_stack_layout(volume, axis, displacement=False):
     return volume.permute(0, 1, *[2 + n for n in back]).contiguous()
 
 
+def without_slice_displacement(in_plane, shape):
+    """(1, 2, K, h', w') in-plane displacement (x, y of the stack layout) -> (1, 3, *shape) with a
+    zero z (across the slices), resized linearly to ``shape``."""
+    return resize(torch.cat([in_plane, torch.zeros_like(in_plane[:, :1])], dim=1), shape)
+
+
+def node_roughness(in_plane):
+    """Mean squared difference of neighbouring nodes of (1, C, K, h', w'), along the two in-plane
+    axes (normalised units): the smoothness term of the refinement."""
+    return sum((in_plane.narrow(dim, 1, in_plane.shape[dim] - 1)
+                - in_plane.narrow(dim, 0, in_plane.shape[dim] - 1)).pow(2).mean() for dim in (3, 4))
+
+
 def refine_slices(forward, fixed, moving, planes, axis=0, similarity="lncc", steps=STEPS, progress=None):
     """In-plane corrections of every fixed slice: ``(correction on the network grid, report)``.
 
@@ -116,9 +129,6 @@ def refine_slices(forward, fixed, moving, planes, axis=0, similarity="lncc", ste
     squared = similarity == "squared_lncc"
     window = (1, WINDOW, WINDOW)
 
-    def with_z(correction):
-        return torch.cat([correction, torch.zeros_like(correction[:, :1])], dim=1)
-
     with torch.no_grad():  # each slice of the moving image as the network's field maps it
         on_planes = points + sample_at(forward, points, padding_mode="border").permute(0, 2, 3, 4, 1)
         warped_planes = sample_at(moving_planes, on_planes)
@@ -126,18 +136,16 @@ def refine_slices(forward, fixed, moving, planes, axis=0, similarity="lncc", ste
     def loss_now():
         # The corrections move points within their slice, where warped_planes already holds
         # moving(q + forward(q)): sampling it at p + u(p) is moving(p + u + forward(p + u)).
-        correction = resize(with_z(in_plane), planes)
+        correction = without_slice_displacement(in_plane, planes)
         warped = sample_at(warped_planes, points + correction.permute(0, 2, 3, 4, 1), padding_mode="border")
-        smoothness = sum((in_plane.narrow(dim, 1, in_plane.shape[dim] - 1)
-                          - in_plane.narrow(dim, 0, in_plane.shape[dim] - 1)).pow(2).mean() for dim in (3, 4))
-        return local_ncc_loss(fixed_planes, warped, window, squared=squared) + REGULARISATION * smoothness
+        return local_ncc_loss(fixed_planes, warped, window, squared=squared) + REGULARISATION * node_roughness(in_plane)
 
     losses = adam_steps(loss_now, optimiser, steps, progress)
     with torch.no_grad():
         losses.append(float(loss_now()))
         depth = forward.shape[2]
         nearest = torch.round(torch.linspace(0.0, count - 1.0, depth, device=forward.device)).long()
-        correction = resize(with_z(in_plane.detach())[:, :, nearest], forward.shape[2:])
+        correction = without_slice_displacement(in_plane.detach()[:, :, nearest], forward.shape[2:])
         correction = from_stack_layout(correction, axis, displacement=True)
     report = {"slice_refinement": {"applied": True, "steps": int(steps), "planes": list(planes), "axis": int(axis),
                                    "loss_before": round(losses[0], 5), "loss_after": round(losses[-1], 5)}}

@@ -60,7 +60,7 @@ LOGIC = os.path.join(ROOT, "Logic")
 sys.path.insert(0, LOGIC)
 
 from benchmark import appending_results  # noqa: E402  (this folder is on sys.path: the script's own)
-from fmsam.options import MODES  # noqa: E402
+from fmsam.options import MODES, SLICE_REFINEMENT  # noqa: E402
 
 DATA = os.path.join(ROOT, "..", "shared", "data", "cardiac_myops")
 SPLIT = os.path.join(HERE, "cardiac_split.json")
@@ -351,7 +351,7 @@ def main():
     run_parser.add_argument("--only", default="", help="comma-separated pair numbers (0-based) to run")
     run_parser.add_argument("--weights", help="fmsam weights file (default: the bundled model)")
     run_parser.add_argument("--label", help="suffix for the fmsam methods' name, e.g. adam -> fmsam-fast[adam]")
-    run_parser.add_argument("--slice-refinement", choices=("off", "auto"), default="off",
+    run_parser.add_argument("--slice-refinement", choices=SLICE_REFINEMENT, default="off",
                             help="fmsam register --slice-refinement (give --label too, e.g. slices)")
     report_parser = sub.add_parser("report", help="summary table of a results folder")
     report_parser.add_argument("--out", required=True)

@@ -70,9 +70,11 @@ def refine_slice(fixed, moving, raw, args, squared):
     fmsam wrote it, which the refinement resamples."""
     import torch
 
+    from fmsam.instance_optimisation import adam_steps
     from fmsam.jacobian import grid_determinant
     from fmsam.layers import normalised_to_voxels, resize, warp
     from fmsam.losses import local_ncc_loss
+    from fmsam.slice_refinement import node_roughness, without_slice_displacement
 
     def as_volume(array):  # (H, W) -> (1, 1, 1, H, W): one plane, so every 3-D operation acts in plane
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None, None]
@@ -84,19 +86,14 @@ def refine_slice(fixed, moving, raw, args, squared):
     in_plane = torch.zeros((1, 2) + coarse, requires_grad=True)   # x, y; no displacement across slices
     optimiser = torch.optim.Adam([in_plane], lr=args.learning_rate)
 
-    def displacement(shape):
-        return resize(torch.cat([in_plane, torch.zeros_like(in_plane[:, :1])], dim=1), shape)
+    def loss_now():
+        warped = warp(moving_half, without_slice_displacement(in_plane, half), padding_mode="border")
+        return (local_ncc_loss(fixed_half, warped, (1, args.window, args.window), squared=squared)
+                + args.regularisation * node_roughness(in_plane))
 
-    for _ in range(args.steps):
-        warped = warp(moving_half, displacement(half), padding_mode="border")
-        smoothness = sum((in_plane.narrow(axis, 1, in_plane.shape[axis] - 1)
-                          - in_plane.narrow(axis, 0, in_plane.shape[axis] - 1)).pow(2).mean() for axis in (3, 4))
-        loss = local_ncc_loss(fixed_half, warped, (1, args.window, args.window), squared=squared) + args.regularisation * smoothness
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
+    adam_steps(loss_now, optimiser, args.steps)
     with torch.no_grad():
-        field = displacement((1,) + full)
+        field = without_slice_displacement(in_plane, (1,) + full)
         refined = warp(as_volume(raw), field)[0, 0, 0].numpy()
         least = float(grid_determinant(normalised_to_voxels(field), "corners").min())
     return refined, least
