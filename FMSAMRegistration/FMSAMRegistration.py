@@ -45,7 +45,9 @@ class FMSAMRegistration(ScriptedLoadableModule):
             "better, and the README says where). "
             "Pick the fixed and moving volumes and click Register: the "
             "result is a grid transform (fixed to moving, as ITK writes it), the moving volume warped "
-            "onto the fixed grid, and a Jacobian-determinant map (green = folding). The registration "
+            "onto the fixed grid, and a Jacobian-determinant map (green = folding). A fixed volume "
+            "made of 2 to 32 thick slices (a cardiac short-axis stack) has each slice corrected in plane "
+            "after the network. The registration "
             "runs in a separate process; Cancel stops it at once. "
             "Documentation: <a href='%s'>README</a>.") % DOCUMENTATION_URL
         self.parent.acknowledgementText = _(

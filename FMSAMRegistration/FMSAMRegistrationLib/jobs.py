@@ -14,7 +14,7 @@ import typing
 import SimpleITK as sitk
 
 from fmsam.errors import Cancelled, InputError, RegistrationError
-from fmsam.options import STAGE_TITLES
+from fmsam.options import DEFAULT_SLICE_REFINEMENT, STAGE_TITLES
 
 #: After Cancel, how long the engine process may take to end before the call returns (seconds).
 CANCEL_SECONDS = 2.0
@@ -39,6 +39,7 @@ class RegistrationRequest:
     io_steps: int = 0
     modality: str = "auto"
     contrast_matching: str = "auto"
+    slice_refinement: str = DEFAULT_SLICE_REFINEMENT
     weights: typing.Optional[str] = None        # weights file, None: the bundled model
     allow_unverified: bool = False              # accept a weights file without a checksum to verify
     progress: typing.Optional[typing.Callable[[str, float], None]] = None
@@ -135,7 +136,8 @@ class RegistrationJob(_Progress):
                 request.fixed_image, request.moving_image, request.fixed_labels, request.moving_labels,
                 prealign=request.prealign, io_steps=request.io_steps, device=request.device,
                 modality=request.modality, contrast_matching=request.contrast_matching,
-                progress=self._progress, model=self._logic.loadModel(request.weights, request.allow_unverified))
+                slice_refinement=request.slice_refinement, progress=self._progress,
+                model=self._logic.loadModel(request.weights, request.allow_unverified))
         finally:
             if self._logic._job is self:
                 self._logic._job = None
@@ -183,6 +185,7 @@ class BackgroundRegistrationJob(_Progress):
                 "fixed_labels": files.get("fixed_labels"), "moving_labels": files.get("moving_labels"),
                 "prealign": request.prealign, "io_steps": request.io_steps, "device": request.device,
                 "modality": request.modality, "contrast_matching": request.contrast_matching,
+                "slice_refinement": request.slice_refinement,
                 "weights": os.path.abspath(request.weights) if request.weights else None,
                 "allow_unverified": request.allow_unverified, "out": "result", "owner_pid": os.getpid()}
             request_path = os.path.join(folder, "request.json")

@@ -24,7 +24,7 @@ import os
 import slicer
 
 from fmsam.errors import InputError
-from fmsam.options import CONTRAST_MATCHING, DEVICES, MODES
+from fmsam.options import CONTRAST_MATCHING, DEFAULT_SLICE_REFINEMENT, DEVICES, MODES, SLICE_REFINEMENT
 
 from . import display, mrml_io
 from .jobs import BackgroundRegistrationJob, RegistrationJob, RegistrationRequest
@@ -85,6 +85,8 @@ class RegistrationOutcome:
                 self.report["dice_labels"], *self.dice)
         if self.report.get("contrast_matching", {}).get("applied"):
             line += " Contrast matched: the moving volume was given the fixed volume's contrast."
+        if self.report.get("slice_refinement", {}).get("applied"):
+            line += " Slices refined: each fixed slice got its own in-plane correction."
         for warning in self.report.get("warnings", []):
             line += " Warning: %s." % warning
         return line
@@ -151,6 +153,9 @@ class RegistrationLogic:
         * ``showResults`` (True): put the results into the slice views.
         * ``contrastMatching`` ('auto'): give the moving volume the fixed volume's contrast before
           the network: 'auto' (when their contrasts differ), 'on' or 'off'.
+        * ``sliceRefinement`` (the engine's default, ``fmsam.options.DEFAULT_SLICE_REFINEMENT``):
+          'auto' gives each slice of a fixed volume made of 2 to 32 thick slices (a cardiac short-axis
+          stack) its own in-plane correction after the network; 'off' never.
         * ``modality`` ('auto'), ``weights`` (bundled model; a file of your own needs its
           ``.sha256`` beside it, or ``allowUnverifiedWeights=True``), ``progress(stage, fraction)``.
         """
@@ -184,7 +189,7 @@ class RegistrationLogic:
                 createWarpedVolume=True, warpedVolumeNode=None,
                 createJacobian=True, jacobianVolumeNode=None, showResults=True, modality="auto",
                 weights=None, progress=None, contrastMatching="auto", movingVolumeAction="keep",
-                allowUnverifiedWeights=False, checkTorch=False):
+                allowUnverifiedWeights=False, checkTorch=False, sliceRefinement=DEFAULT_SLICE_REFINEMENT):
         """Check the inputs and read them into memory; returns a :class:`RegistrationRequest`.
         ``checkTorch``: refuse at once when PyTorch is not usable in this process (imports it)."""
         if self._job is not None:
@@ -196,6 +201,9 @@ class RegistrationLogic:
         if contrastMatching not in CONTRAST_MATCHING:
             raise InputError("contrastMatching must be one of %s, not %r"
                              % (", ".join(CONTRAST_MATCHING), contrastMatching))
+        if sliceRefinement not in SLICE_REFINEMENT:
+            raise InputError("sliceRefinement must be one of %s, not %r"
+                             % (", ".join(SLICE_REFINEMENT), sliceRefinement))
         if movingVolumeAction not in MOVING_VOLUME_ACTIONS:
             raise InputError("movingVolumeAction must be one of %s, not %r"
                              % (", ".join(MOVING_VOLUME_ACTIONS), movingVolumeAction))
@@ -238,7 +246,7 @@ class RegistrationLogic:
             fixed_node=fixedVolumeNode, moving_node=movingVolumeNode, fixed_image=fixed_image,
             moving_image=moving_image, fixed_labels=fixed_labels, moving_labels=moving_labels,
             prealign=bool(prealign), device=device, io_steps=int(ioSteps), modality=modality,
-            contrast_matching=contrastMatching, weights=weights,
+            contrast_matching=contrastMatching, slice_refinement=sliceRefinement, weights=weights,
             allow_unverified=bool(allowUnverifiedWeights), progress=progress,
             transform_node=outputTransformNode,
             create_inverse=bool(createInverseTransform) or inverseTransformNode is not None,

@@ -11,7 +11,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
-from .options import CONTRAST_MATCHING, DEVICES, MAX_IO_STEPS, MODALITIES, SLICE_REFINEMENT
+from .options import CONTRAST_MATCHING, DEFAULT_SLICE_REFINEMENT, DEVICES, MAX_IO_STEPS, MODALITIES, SLICE_REFINEMENT
 
 
 def _given(value):
@@ -108,7 +108,7 @@ def check_progress(progress):
 
 def check_register_arguments(fixed, moving, fixed_labels, moving_labels, prealign, io_steps, device,
                              weights, modality, progress, model, contrast_matching, allow_unverified,
-                             slice_refinement="off"):
+                             slice_refinement=DEFAULT_SLICE_REFINEMENT):
     """Check every argument of :func:`fmsam.pipeline.register` (see there) before any work."""
     check_image(fixed, "fixed")
     check_image(moving, "moving")

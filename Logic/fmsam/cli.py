@@ -9,7 +9,8 @@ import os
 import sys
 
 from .errors import InputError, RegistrationError
-from .options import CONTRAST_MATCHING, DEVICES, MAX_IO_STEPS, MODALITIES, MODES, SLICE_REFINEMENT
+from .options import (CONTRAST_MATCHING, DEFAULT_SLICE_REFINEMENT, DEVICES, MAX_IO_STEPS, MODALITIES, MODES,
+                      SLICE_REFINEMENT)
 
 
 def _add_register(commands):
@@ -25,10 +26,10 @@ def _add_register(commands):
     parser.add_argument("--modality", choices=MODALITIES, default="auto",
                         help="intensity normalisation (default: detected per image)")
     _add_contrast_matching(parser)
-    parser.add_argument("--slice-refinement", choices=SLICE_REFINEMENT, default="off",
-                        help="auto: give each slice of a thick-slice stack (cardiac short axis) its own "
-                        "in-plane correction after the network, when the fixed image is such a stack "
-                        "(better similarity on cardiac pairs, up to about 13 s more); default off")
+    parser.add_argument("--slice-refinement", choices=SLICE_REFINEMENT, default=DEFAULT_SLICE_REFINEMENT,
+                        help="auto: give each slice of a thick-slice stack (cardiac short axis, 2 to 32 "
+                        "slices) its own in-plane correction after the network, when the fixed image is "
+                        "such a stack; default %s" % DEFAULT_SLICE_REFINEMENT)
     parser.add_argument("--quiet", action="store_true", help="print only the summary line")
     parser.add_argument("--scene", metavar="OUT.mrb",
                         help="also write a Slicer scene bundle (inputs, transform, warped volume, "

@@ -333,8 +333,8 @@ def network_fields(network, config, device, fixed, moving, grid, io_steps=0, sim
     fast mode (:func:`fast_fields`), more is accurate mode (:func:`accurate_fields`, which calls
     ``on_instance_optimisation()`` first, then ``progress(fraction)`` after each step; ``io_moving``
     is the (k, j, i) moving image its similarity compares, default ``moving``). ``slice_planes``,
-    ``(axis, planes)`` of a stack of thick slices (:func:`fmsam.slice_refinement.stack_axis`,
-    ``plane_shape``): every fixed slice then gets its own in-plane correction
+    ``(axis, planes)`` of a stack of thick slices (:func:`fmsam.slice_refinement.slice_planes`):
+    every fixed slice then gets its own in-plane correction
     (:func:`refine_stack_slices`). The forward field then goes through :func:`remove_folds` with
     ``strides`` (:func:`secant_strides`; its figures join the report; the inverse is refined again
     when it changed). A CUDA run out of memory is repeated on the CPU."""

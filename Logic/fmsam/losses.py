@@ -34,18 +34,11 @@ def local_ncc_loss(fixed, warped, window=5, eps=1e-7, squared=False):
     else:
         # One axis at a time: the mean over a box cut by the border is the product of the per-axis
         # means, so this equals the 3-D pooling (to rounding) at a fraction of its cost.
-        axes = [tuple(n if axis == index else 1 for index in range(3)) for axis, n in enumerate(window) if n > 1]
-        # Within planes (window[0] == 1) the planes go to the channels: PyTorch pools channels in
-        # parallel, one volume on one core (a 6 x 233 x 235 stack: about half the time on two).
-        within_planes = window[0] == 1
-
         def box_mean(volume):
-            if within_planes:
-                volume = volume.transpose(1, 2)
-            for box in axes:
-                volume = F.avg_pool3d(volume, box, stride=1, padding=tuple(n // 2 for n in box),
-                                      count_include_pad=False)
-            return volume.transpose(1, 2) if within_planes else volume
+            for axis, width in enumerate(window):
+                if width > 1:
+                    volume = box_mean_along(volume, 2 + axis, width)
+            return volume
 
     mean_f, mean_w = box_mean(fixed), box_mean(warped)
     cross = box_mean(fixed * warped) - mean_f * mean_w
@@ -53,6 +46,28 @@ def local_ncc_loss(fixed, warped, window=5, eps=1e-7, squared=False):
     var_w = (box_mean(warped * warped) - mean_w * mean_w).clamp_min(0.0)
     correlation = cross / torch.sqrt(var_f * var_w + eps)
     return 1.0 - (correlation * correlation if squared else correlation).mean()
+
+
+def box_mean_along(volume, dim, width):
+    """Mean of ``volume`` over ``width`` (odd) neighbours along ``dim``, the box cut by the border
+    (as average pooling with ``count_include_pad=False``), by cumulative sums: the cost does not grow
+    with ``width``, nor does its gradient's (a cumulative sum the other way). In float32 the means differ from
+    pooling's by rounding (about 1e-6 for images in [0, 1] and 250 voxels along ``dim``)."""
+    count, radius = volume.shape[dim], width // 2
+    sums = torch.cumsum(volume, dim)
+    before = list(sums.shape)
+    before[dim] = radius + 1
+    after = list(sums.shape)
+    after[dim] = radius
+    last = sums.narrow(dim, count - 1, 1)
+    # padded[n] = sum of volume[0 .. n - radius - 2] (0 before the start, the total past the end)
+    padded = torch.cat([sums.new_zeros(before), sums, last.expand(after)], dim)
+    totals = padded.narrow(dim, 2 * radius + 1, count) - padded.narrow(dim, 0, count)
+    index = torch.arange(count, device=volume.device)
+    members = (index + radius + 1).clamp(max=count) - (index - radius).clamp(min=0)
+    shape = [1] * volume.dim()
+    shape[dim] = count
+    return totals / members.to(volume.dtype).view(shape)
 
 
 def gradient_inverse_consistency(forward, backward):

@@ -12,9 +12,11 @@ MODALITIES = ("auto", "mr", "ct")
 #: ('auto': when their contrasts differ; see :mod:`fmsam.contrast`).
 CONTRAST_MATCHING = ("auto", "on", "off")
 #: ``slice_refinement``: give each slice of a thick-slice stack its own in-plane correction after the
-#: network ('auto': when the fixed image is such a stack; see :mod:`fmsam.slice_refinement`); 'off',
-#: the default: better on every cardiac selection pair, but up to 13 s more on a 6-slice stack.
+#: network ('auto': when the fixed image is such a stack of 2 to 32 slices; see
+#: :mod:`fmsam.slice_refinement`) or 'off'.
 SLICE_REFINEMENT = ("off", "auto")
+#: The default of ``slice_refinement`` (the command line's, the API's, the Slicer module's).
+DEFAULT_SLICE_REFINEMENT = "auto"
 #: The modes and their instance-optimisation steps: 'fast' is the network alone (symmetric
 #: inference, smoothed), 'accurate' refines the network's fields on the pair for 18 steps (Adam at
 #: fmsam.instance_optimisation.DEFAULT_LEARNING_RATE, 5e-3). On the first 10 pairs of

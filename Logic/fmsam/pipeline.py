@@ -26,6 +26,7 @@ from .imageio import load_label_map_on_grid, load_scalar_volume
 from .intensity import normalised_image
 from .jacobian import jacobian_statistics, transform_jacobian
 from .metrics import dice_report
+from .options import DEFAULT_SLICE_REFINEMENT
 from .prealign import (affine_inputs, affine_prealign, foregrounds_comparable, identity_affine,
                        moving_shows_much_less)
 from .quality import deformable_gain
@@ -291,16 +292,17 @@ def align(stages, inputs, prealign, contrast_matching, both_ways=False):
     return affine, contrast
 
 
-def run_network(stages, network, config, inputs, affine, contrast, io_steps, device, slice_refinement="off"):
+def run_network(stages, network, config, inputs, affine, contrast, io_steps, device,
+                slice_refinement=DEFAULT_SLICE_REFINEMENT):
     """Stages 'network' and 'instance_optimisation': ``(NetworkFields, device used, grid)``.
     Instance optimisation compares the moving image in its own contrast when the contrasts differ
     (a contrast-independent similarity), else the image the network saw. Fast mode makes the model's
     ``network_passes`` only when the two images show about as much
     (:func:`fmsam.prealign.foregrounds_comparable`), else one. A fixed image that is a stack of
-    thick slices (:func:`fmsam.slice_refinement.stack_axis`) then has its slices refined in plane one
-    by one, with the same similarity, when ``slice_refinement`` is 'auto'."""
+    thick slices (:func:`fmsam.slice_refinement.slice_planes`) then has its slices refined in plane
+    one by one, with the same similarity, when ``slice_refinement`` is 'auto'."""
     from .inference import choose_device, grid_for, network_fields, secant_strides
-    from .slice_refinement import plane_shape, stack_axis
+    from .slice_refinement import slice_planes
 
     if not io_steps and config.get("network_passes", 1) > 1 and not foregrounds_comparable(
             inputs.fixed_normalised, inputs.moving_normalised):
@@ -314,15 +316,13 @@ def run_network(stages, network, config, inputs, affine, contrast, io_steps, dev
     io_moving = None
     if similarity == "squared_lncc":
         io_moving = sitk.GetArrayFromImage(fields.resample(inputs.moving_normalised, fixed, affine))
-    spacing_kji, size_kji = fixed.GetSpacing()[::-1], fixed.GetSize()[::-1]
-    axis = stack_axis(spacing_kji) if slice_refinement == "auto" else None
-    slice_planes = None if axis is None or size_kji[axis] < 2 else (axis, plane_shape(size_kji, spacing_kji, axis))
+    stack = slice_planes(fixed.GetSize()[::-1], fixed.GetSpacing()[::-1]) if slice_refinement == "auto" else None
     computed, used_device = network_fields(
         network, config, choose_device(device), sitk.GetArrayViewFromImage(fixed), moving_on_fixed,
         grid, io_steps, similarity, io_moving,
         on_instance_optimisation=lambda: stages.begin("instance_optimisation"), progress=stages.update,
-        strides=strides, slice_planes=slice_planes)
-    if slice_planes is None:
+        strides=strides, slice_planes=stack)
+    if stack is None:
         computed.report["slice_refinement"] = {"applied": False}
     return computed, used_device, grid
 
@@ -374,7 +374,8 @@ def jacobian_map(transform, fixed, network):
 
 def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True, io_steps=0,
              device="auto", weights=None, modality="auto", progress=None, model=None,
-             contrast_matching="auto", allow_unverified=False, slice_refinement="off"):
+             contrast_matching="auto", allow_unverified=False,
+             slice_refinement=DEFAULT_SLICE_REFINEMENT):
     """Register ``moving`` to ``fixed`` and return a :class:`RegistrationResult`.
 
     ``fixed``/``moving``: paths (NIfTI, NRRD, MHA) or SimpleITK images, any size, spacing,
@@ -388,8 +389,8 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
     moving) pair. ``contrast_matching``: give the moving image the fixed image's contrast before the
     network ('auto': when the contrasts differ; 'on'; 'off'), see :mod:`fmsam.contrast`.
     ``slice_refinement``: 'auto' gives each slice of a fixed image made of thick slices (cardiac
-    short-axis stacks) its own in-plane correction after the network; 'off' (default) never
-    (:mod:`fmsam.slice_refinement`).
+    short-axis stacks of 2 to 32 slices) its own in-plane correction after the network; 'off' never
+    (default :data:`fmsam.options.DEFAULT_SLICE_REFINEMENT`; :mod:`fmsam.slice_refinement`).
     ``progress(stage, fraction)``: called often; it may raise :class:`fmsam.errors.Cancelled` to
     stop, and any exception it raises reaches the caller as itself. ``model``: an already loaded
     ``(network, config)`` to reuse across calls (instead of ``weights``).

@@ -20,13 +20,15 @@ displacement across slices is added. The corrections then join the network's fie
 each network plane taking the correction of the nearest fixed slice (the field between slices is
 never sampled by a fixed voxel).
 
-Off by default (``fmsam register --slice-refinement auto`` asks for it): on the 16 cardiac selection
-pairs it raised fast mode's NMI on every pair, but added 7-13 s on a 5-6-slice stack, more than
-the 10 s its decision rule allowed.
+On by default (``fmsam register --slice-refinement off`` turns it off) for stacks of 2 to
+:data:`MAX_SLICES` slices: on the 16 cardiac selection pairs it raised fast mode's NMI on every pair
+for 3-5 s more on a 5-6-slice stack, within the 10 s its decision rule allowed (each slice a batch
+item of PyTorch's 2-D sampler, box means by cumulative sums; docs/training-log.md).
 """
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .instance_optimisation import adam_steps
 from .layers import identity_grid, resize, sample_at
@@ -36,6 +38,10 @@ from .losses import local_ncc_loss
 #: one axis (the slices') is at least this many times the other two (:func:`stack_axis`). MyoPS
 #: stacks: 16 to 32; the thick-slice brains of ``make_unfamiliar.py`` (2 x 2 x 6 mm): 3, not refined.
 STACK_RATIO = 4.0
+#: At most this many slices: a thick-slice volume with more (5 mm CT of a trunk: 60 or more) is a
+#: volumetric acquisition, not slices taken one by one, and would take many times longer. MyoPS: 2 to
+#: 6 slices; a clinical cardiac short-axis stack: 8 to 16.
+MAX_SLICES = 32
 #: In-plane spacing of the refinement's planes, mm (350 mm field of view: about 233 x 233 voxels).
 SPACING_MM = 1.5
 #: Refinement voxels between the correction's nodes along each in-plane axis (6 mm at 1.5 mm).
@@ -57,6 +63,16 @@ def stack_axis(spacing_kji):
     axis = max(range(3), key=lambda n: spacing[n])
     others = [spacing[n] for n in range(3) if n != axis]
     return axis if spacing[axis] >= STACK_RATIO * max(others) else None
+
+
+def slice_planes(size_kji, spacing_kji):
+    """``(axis, planes)`` of a fixed image to refine slice by slice (:func:`stack_axis`,
+    :func:`plane_shape`), or None: not a stack, or fewer than 2 or more than :data:`MAX_SLICES`
+    slices."""
+    axis = stack_axis(spacing_kji)
+    if axis is None or not 2 <= size_kji[axis] <= MAX_SLICES:
+        return None
+    return axis, plane_shape(size_kji, spacing_kji, axis)
 
 
 def plane_shape(size_kji, spacing_kji, axis):
@@ -131,14 +147,20 @@ def refine_slices(forward, fixed, moving, planes, axis=0, similarity="lncc", ste
 
     with torch.no_grad():  # each slice of the moving image as the network's field maps it
         on_planes = points + sample_at(forward, points, padding_mode="border").permute(0, 2, 3, 4, 1)
-        warped_planes = sample_at(moving_planes, on_planes)
+        warped_planes = sample_at(moving_planes, on_planes)[0].transpose(0, 1).contiguous()  # (K, 1, h, w)
+    in_slice = identity_grid((1, height, width), device=forward.device)[0, ..., :2]  # (1, h, w, 2): x, y
 
     def loss_now():
         # The corrections move points within their slice, where warped_planes already holds
-        # moving(q + forward(q)): sampling it at p + u(p) is moving(p + u + forward(p + u)).
-        correction = without_slice_displacement(in_plane, planes)
-        warped = sample_at(warped_planes, points + correction.permute(0, 2, 3, 4, 1), padding_mode="border")
-        return local_ncc_loss(fixed_planes, warped, window, squared=squared) + REGULARISATION * node_roughness(in_plane)
+        # moving(q + forward(q)): sampling it at p + u(p) is moving(p + u + forward(p + u)). Each
+        # slice is one item of the 2-D sampler (bilinear, in parallel over slices): the same as
+        # the 3-D sampler at the slice's own z, at a fraction of its cost.
+        correction = F.interpolate(in_plane[0].transpose(0, 1), size=(height, width), mode="bilinear",
+                                   align_corners=True)                                     # (K, 2, h, w)
+        warped = F.grid_sample(warped_planes, in_slice + correction.permute(0, 2, 3, 1), mode="bilinear",
+                               padding_mode="border", align_corners=True)                  # (K, 1, h, w)
+        return (local_ncc_loss(fixed_planes, warped.transpose(0, 1)[None], window, squared=squared)
+                + REGULARISATION * node_roughness(in_plane))
 
     losses = adam_steps(loss_now, optimiser, steps, progress)
     with torch.no_grad():

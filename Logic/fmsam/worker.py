@@ -11,8 +11,8 @@ the run at once. Any program can do the same::
 
     {"fixed": "fixed.mha", "moving": "moving.mha", "fixed_labels": null, "moving_labels": null,
      "prealign": true, "io_steps": 0, "device": "auto", "modality": "auto",
-     "contrast_matching": "auto", "weights": null, "allow_unverified": false, "out": "result",
-     "owner_pid": 1234}
+     "contrast_matching": "auto", "slice_refinement": "off", "weights": null,
+     "allow_unverified": false, "out": "result", "owner_pid": 1234}
 
 Relative paths are relative to the request file's folder. ``owner_pid`` (optional): the process
 the run is for; should it end (a crashed or killed Slicer), the worker removes the request's folder
@@ -40,7 +40,8 @@ PROGRESS, ERROR, DONE = "FMSAM-PROGRESS", "FMSAM-ERROR", "FMSAM-DONE"
 RESULT_FILES = {"affine": "affine.tfm", "deformation": "deformation.mha",
                 "inverse_deformation": "inverse_deformation.mha", "warped": "warped.mha",
                 "jacobian": "jacobian.mha", "report": "report.json"}
-OPTIONS = ("prealign", "io_steps", "device", "modality", "contrast_matching", "weights", "allow_unverified")
+OPTIONS = ("prealign", "io_steps", "device", "modality", "contrast_matching", "slice_refinement", "weights",
+           "allow_unverified")
 #: Exit codes besides 0 (done).
 BAD_INPUT, NO_RESULT, FAILED = 2, 3, 1
 

@@ -60,7 +60,7 @@ LOGIC = os.path.join(ROOT, "Logic")
 sys.path.insert(0, LOGIC)
 
 from benchmark import appending_results  # noqa: E402  (this folder is on sys.path: the script's own)
-from fmsam.options import MODES, SLICE_REFINEMENT  # noqa: E402
+from fmsam.options import DEFAULT_SLICE_REFINEMENT, MODES, SLICE_REFINEMENT  # noqa: E402
 
 DATA = os.path.join(ROOT, "..", "shared", "data", "cardiac_myops")
 SPLIT = os.path.join(HERE, "cardiac_split.json")
@@ -124,7 +124,7 @@ def run_identity(pair, threads):
     return 0, 0.0, warped, np.zeros(sitk.GetArrayViewFromImage(fixed).shape + (3,))
 
 
-def fmsam_command(pair, out, io_steps, weights=None, slice_refinement="off"):
+def fmsam_command(pair, out, io_steps, weights=None, slice_refinement=DEFAULT_SLICE_REFINEMENT):
     """The ``fmsam register`` command line of a pair (outputs into folder ``out``); ``weights``: a
     weights file instead of the bundled model, allowed unverified when it has no ``.sha256``;
     ``slice_refinement``: ``fmsam register --slice-refinement``."""
@@ -138,7 +138,7 @@ def fmsam_command(pair, out, io_steps, weights=None, slice_refinement="off"):
     return command
 
 
-def run_fmsam(pair, threads, io_steps, weights=None, slice_refinement="off"):
+def run_fmsam(pair, threads, io_steps, weights=None, slice_refinement=DEFAULT_SLICE_REFINEMENT):
     import SimpleITK as sitk
 
     from fmsam.fields import dense_field
@@ -209,8 +209,9 @@ def run_demons(pair, threads):
 
 RUNNERS = {
     "identity": run_identity,
-    "fmsam-fast": lambda pair, threads, weights=None, slices="off": run_fmsam(pair, threads, 0, weights, slices),
-    "fmsam-accurate": lambda pair, threads, weights=None, slices="off": run_fmsam(
+    "fmsam-fast": lambda pair, threads, weights=None, slices=DEFAULT_SLICE_REFINEMENT: run_fmsam(
+        pair, threads, 0, weights, slices),
+    "fmsam-accurate": lambda pair, threads, weights=None, slices=DEFAULT_SLICE_REFINEMENT: run_fmsam(
         pair, threads, MODES["accurate"], weights, slices),
     "ants-affine": lambda pair, threads: run_ants(pair, threads, "Affine"),
     "ants-syn": lambda pair, threads: run_ants(pair, threads, "SyN"),
@@ -351,7 +352,7 @@ def main():
     run_parser.add_argument("--only", default="", help="comma-separated pair numbers (0-based) to run")
     run_parser.add_argument("--weights", help="fmsam weights file (default: the bundled model)")
     run_parser.add_argument("--label", help="suffix for the fmsam methods' name, e.g. adam -> fmsam-fast[adam]")
-    run_parser.add_argument("--slice-refinement", choices=SLICE_REFINEMENT, default="off",
+    run_parser.add_argument("--slice-refinement", choices=SLICE_REFINEMENT, default=DEFAULT_SLICE_REFINEMENT,
                             help="fmsam register --slice-refinement (give --label too, e.g. slices)")
     report_parser = sub.add_parser("report", help="summary table of a results folder")
     report_parser.add_argument("--out", required=True)

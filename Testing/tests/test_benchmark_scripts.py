@@ -13,6 +13,8 @@ import sys
 import numpy as np
 import pytest
 
+from fmsam.options import DEFAULT_SLICE_REFINEMENT
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BENCHMARKS = os.path.join(ROOT, "Testing", "Benchmarks")
 SCRIPT = os.path.join(BENCHMARKS, "cardiac_benchmark.py")
@@ -85,10 +87,11 @@ def test_weights_and_labels_of_fmsam_rows(tmp_path):
     assert command[command.index("--weights") + 1] == weights and "--allow-unverified-weights" in command
     open(weights + ".sha256", "w").close()
     assert "--allow-unverified-weights" not in fmsam_command(pair, "out", 0, weights)
-    command = fmsam_command(pair, "out", 0)  # the engine's default
-    assert command[command.index("--slice-refinement") + 1] == "off"
-    command = fmsam_command(pair, "out", 0, slice_refinement="auto")
-    assert command[command.index("--slice-refinement") + 1] == "auto"
+    command = fmsam_command(pair, "out", 0)  # the engine's default, said explicitly
+    assert command[command.index("--slice-refinement") + 1] == DEFAULT_SLICE_REFINEMENT
+    for setting in ("off", "auto"):
+        command = fmsam_command(pair, "out", 0, slice_refinement=setting)
+        assert command[command.index("--slice-refinement") + 1] == setting
     assert method_name("fmsam-fast", "adam") == "fmsam-fast[adam]"
     assert method_name("fmsam-fast", None) == "fmsam-fast" and method_name("identity", "adam") == "identity"
     assert ordered_methods({"ants-syn", "fmsam-fast[b]", "identity", "fmsam-fast", "fmsam-fast[a]"}) == [

@@ -90,7 +90,7 @@ def test_a_same_contrast_pair_is_not_matched(registered_sample):
     report = json.load(open(registered_sample + "/report.json"))
     assert report["contrast_matching"]["applied"] is False
     assert report["contrast_matching"]["correlation_gain"] < MIN_CORRELATION_GAIN
-    assert report["slice_refinement"] == {"applied": False}  # off by default
+    assert report["slice_refinement"] == {"applied": False}  # a head is not a stack of thick slices
 
 
 def test_unknown_setting_is_refused(sample_paths):

@@ -4,10 +4,11 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import ROOT
 from fmsam.layers import compose, identity_grid, warp
-from fmsam.losses import gradient_inverse_consistency, label_overlap_loss, local_ncc_loss
+from fmsam.losses import box_mean_along, gradient_inverse_consistency, label_overlap_loss, local_ncc_loss
 from fmsam.networks import UNet
 
 sys.path.insert(0, os.path.join(ROOT, "Training"))  # the trainer's modules are scripts, not a package
@@ -78,6 +79,28 @@ def test_local_ncc_per_axis_window_stays_within_each_plane():
     assert abs(local_ncc_loss(image, rescaled, window=(5, 5, 5)).item() - local_ncc_loss(image, rescaled, window=5).item()) < 1e-5
     # one plane alone: a (1, 9, 9) window runs on a single plane (PyTorch refuses a cube of 9 there)
     assert local_ncc_loss(image[:, :, :1], 1.0 - image[:, :, :1], window=(1, 9, 9)).item() > 1.99
+
+
+@pytest.mark.parametrize("width", [1, 3, 9])
+def test_box_mean_by_cumulative_sums_is_average_pooling_cut_by_the_border(width):
+    """box_mean_along equals PyTorch's average pooling without the padding counted, along any axis,
+    and so does its gradient; a box wider than twice the volume holds the whole line everywhere (where
+    PyTorch refuses to pool)."""
+    torch.manual_seed(width)
+    volume = torch.rand(2, 1, 9, 12, 30, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(2, 1, 9, 12, 30, dtype=torch.float64)
+    for dim in (2, 3, 4):
+        box = [1, 1, 1]
+        box[dim - 2] = width
+        pooled = F.avg_pool3d(volume, box, stride=1, padding=[n // 2 for n in box], count_include_pad=False)
+        mean = box_mean_along(volume, dim, width)
+        assert mean.shape == volume.shape
+        assert torch.allclose(mean, pooled, atol=1e-12)
+        gradient, = torch.autograd.grad((mean * weights).sum(), volume)
+        expected, = torch.autograd.grad((pooled * weights).sum(), volume)
+        assert torch.allclose(gradient, expected, atol=1e-12)
+    wide = box_mean_along(volume, 2, 19 + 2 * width)
+    assert torch.allclose(wide, volume.mean(2, keepdim=True).expand_as(volume), atol=1e-12)
 
 
 def test_gradicon_zero_for_exact_inverses_and_positive_otherwise():

@@ -491,6 +491,8 @@ def test_refusals_say_what_is_wrong_and_change_nothing(pair_scene):
         logic.register(nodes["fixed"], nodes["moving"], mode="slow")
     with pytest.raises(InputError, match="contrastMatching"):
         logic.register(nodes["fixed"], nodes["moving"], contrastMatching="sometimes")
+    with pytest.raises(InputError, match="sliceRefinement must be one of off, auto"):
+        logic.register(nodes["fixed"], nodes["moving"], sliceRefinement="on")
     assert scene.GetNumberOfNodes() == count + 1  # only the grid transform made here
     assert logic.state == ProcessingState.IDLE
 

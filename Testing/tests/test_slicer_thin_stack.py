@@ -2,6 +2,8 @@
 a synthetic 3-slice short-axis-like stack, slices 15 mm thick and 1 mm in plane, oblique, registered
 in-process (``RegistrationLogic.register``, CPU) as a console call in Slicer does it.
 """
+import time
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -12,6 +14,7 @@ import vtk  # noqa: E402  (slicer-core's VTK)
 
 from FMSAMRegistrationLib import RegistrationLogic, mrml_io  # noqa: E402
 from FMSAMRegistrationLib.scene import new_scene  # noqa: E402
+from fmsam.options import DEFAULT_SLICE_REFINEMENT  # noqa: E402
 from test_thin_stacks import MAX_FOLDING_PERCENT, phantom  # noqa: E402
 
 #: An oblique short-axis orientation (LPS direction columns), as cardiac stacks are stored.
@@ -100,3 +103,23 @@ def test_values_are_finite_the_jacobian_positive_and_the_stack_aligned(thin_run)
         sitk.ReadImage(thin_run["paths"]["moving"], sitk.sitkFloat64),
         sitk.ReadImage(thin_run["paths"]["fixed"], sitk.sitkFloat64)))
     assert np.abs(warped - fixed).mean() < 0.5 * np.abs(unregistered - fixed).mean()
+
+
+def test_a_background_run_passes_slice_refinement_to_the_engine(thin_run):
+    """The Register button's path (an engine process and its request file) with
+    ``sliceRefinement='auto'``: the engine refines the stack's 3 slices, the summary says so, and
+    nothing folds; the in-process run above used the engine's default."""
+    assert thin_run["outcome"].report["slice_refinement"]["applied"] is (DEFAULT_SLICE_REFINEMENT == "auto")
+    headless = new_scene()
+    fixed = headless.load_volume(thin_run["paths"]["fixed"], "fixed")
+    moving = headless.load_volume(thin_run["paths"]["moving"], "moving")
+    job = RegistrationLogic(headless.scene, headless.color_logic).start(fixed, moving, device="cpu",
+                                                                        sliceRefinement="auto")
+    while job.running:
+        time.sleep(0.2)
+    outcome = job.finish()
+    refined = outcome.report["slice_refinement"]
+    assert refined["applied"] and refined["planes"][0] == 3
+    assert refined["loss_after"] < refined["loss_before"]
+    assert "Slices refined" in outcome.summary()
+    assert outcome.foldingPercent < MAX_FOLDING_PERCENT

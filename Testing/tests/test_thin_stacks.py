@@ -121,7 +121,7 @@ def test_synthetic_thin_stack_registers(synthetic_pair, tmp_path):
     report = json.load(open(os.path.join(out, "report.json")))
     assert report["folding_percent"] < MAX_FOLDING_PERCENT
     assert min(report["network_grid"]) >= 16
-    assert report["slice_refinement"] == {"applied": False}  # off unless asked for
+    assert report["slice_refinement"]["applied"] and report["slice_refinement"]["planes"][0] == 3  # by default
     jacobian = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(out, "jacobian.nii.gz")))
     assert jacobian.shape == (3, 96, 96) and np.all(np.isfinite(jacobian))
     fixed = sitk.ReadImage(synthetic_pair["fixed"], sitk.sitkFloat32)
