@@ -11,7 +11,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
-from .options import CONTRAST_MATCHING, DEFAULT_SLICE_REFINEMENT, DEVICES, MAX_IO_STEPS, MODALITIES, SLICE_REFINEMENT
+from .options import (CONTRAST_MATCHING, DEFAULT_SLICE_REFINEMENT, DEVICES, MAX_IO_STEPS, MODALITIES,
+                      SLICE_REFINEMENT)
 
 
 def _given(value):

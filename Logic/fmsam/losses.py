@@ -32,8 +32,9 @@ def local_ncc_loss(fixed, warped, window=5, eps=1e-7, squared=False):
         def box_mean(volume):
             return F.avg_pool3d(volume, window, stride=1, padding=window // 2, count_include_pad=False)
     else:
-        # One axis at a time: the mean over a box cut by the border is the product of the per-axis
-        # means, so this equals the 3-D pooling (to rounding) at a fraction of its cost.
+        # One axis at a time, by cumulative sums: the mean over a box cut by the border is the
+        # product of the per-axis means, so this equals 3-D average pooling (to rounding) at a
+        # fraction of its cost.
         def box_mean(volume):
             for axis, width in enumerate(window):
                 if width > 1:
@@ -50,9 +51,10 @@ def local_ncc_loss(fixed, warped, window=5, eps=1e-7, squared=False):
 
 def box_mean_along(volume, dim, width):
     """Mean of ``volume`` over ``width`` (odd) neighbours along ``dim``, the box cut by the border
-    (as average pooling with ``count_include_pad=False``), by cumulative sums: the cost does not grow
-    with ``width``, nor does its gradient's (a cumulative sum the other way). In float32 the means differ from
-    pooling's by rounding (about 1e-6 for images in [0, 1] and 250 voxels along ``dim``)."""
+    (as average pooling with ``count_include_pad=False``), by cumulative sums: the cost does not
+    grow with ``width``, nor does its gradient's (a cumulative sum the other way). In float32 the
+    means differ from pooling's by rounding (about 1e-6 for images in [0, 1] and 250 voxels along
+    ``dim``)."""
     count, radius = volume.shape[dim], width // 2
     sums = torch.cumsum(volume, dim)
     before = list(sums.shape)
@@ -60,7 +62,7 @@ def box_mean_along(volume, dim, width):
     after = list(sums.shape)
     after[dim] = radius
     last = sums.narrow(dim, count - 1, 1)
-    # padded[n] = sum of volume[0 .. n - radius - 2] (0 before the start, the total past the end)
+    # padded[n] = sum of volume[0 .. n - radius - 1] (0 before the start, the total past the end)
     padded = torch.cat([sums.new_zeros(before), sums, last.expand(after)], dim)
     totals = padded.narrow(dim, 2 * radius + 1, count) - padded.narrow(dim, 0, count)
     index = torch.arange(count, device=volume.device)

@@ -25,9 +25,10 @@ def test_stacks_are_told_by_the_ratio_of_slice_to_in_plane_spacing():
 
 def test_only_stacks_of_2_to_32_slices_are_refined():
     assert slice_planes((6, 478, 481), (23.0, 0.73, 0.73)) == (0, (6, 234, 235))   # a MyoPS stack
-    assert slice_planes((478, 481, 14), (0.73, 0.73, 8.0)) == (2, (14, 234, 235))   # a clinical short axis, slices along i
+    # a clinical short-axis stack, its slices along i
+    assert slice_planes((478, 481, 14), (0.73, 0.73, 8.0)) == (2, (14, 234, 235))
     assert slice_planes((32, 100, 100), (10.0, 1.5, 1.5))[1] == (32, 100, 100)
-    assert slice_planes((33, 100, 100), (10.0, 1.5, 1.5)) is None   # 5 mm CT of a trunk: a volume, not a stack
+    assert slice_planes((33, 100, 100), (10.0, 1.5, 1.5)) is None   # more than 32: a volume, not a stack
     assert slice_planes((1, 100, 100), (10.0, 1.5, 1.5)) is None
     assert slice_planes((6, 100, 100), (3.0, 1.5, 1.5)) is None     # not thick enough
 
