@@ -20,13 +20,19 @@ independent, at 0.7 mm in plane. The two subcommands measure NMI exactly as
   squared difference of neighbouring coarse nodes (normalised units). The refined slice is the
   fmsam-warped slice resampled once more (an approximation of resampling the moving image through
   the composed map), so this is a measure of what per-slice freedom is worth, not an output fmsam
-  writes. ``min det`` is the least 2-D determinant of the refinement (corners of every cell)::
+  writes. ``min det`` is the least 2-D determinant of the refinement (corners of every cell).
+* ``engine-settings --set NAME=VALUE ...``: the engine's own slice refinement (on by default since
+  2026-12-04 afternoon) with constants of :mod:`fmsam.slice_refinement` changed in this process
+  (``WINDOW``, ``REGULARISATION``, ``SPACING_MM``, ``STEPS``, ...), fast mode, ``fmsam.register``
+  in-process; NMI as the benchmark measures it, folding from the report::
 
     python3 Testing/Benchmarks/cardiac_benchmark.py pairs --splits Testing/Benchmarks/data_splits.json \\
         --role selection --out out/i15/cardiac_selection_pairs.csv
     python3 Testing/Benchmarks/cardiac_diagnostics.py demons --pairs out/i15/cardiac_selection_pairs.csv \\
         --only 8,9,10,11,12,13,14,15 --variant slices-mixed
     python3 Testing/Benchmarks/cardiac_diagnostics.py slice-refinement --pairs out/i15/cardiac_selection_pairs.csv
+    python3 Testing/Benchmarks/cardiac_diagnostics.py engine-settings --pairs out/i15/cardiac_selection_pairs.csv \
+        --only 8,9,10,11,12,13,14,15 --set WINDOW=13
 
 Results: ``docs/training-log.md``, "Session of 2026-12-04".
 """
@@ -148,6 +154,46 @@ def demons(args):
     print("demons %s: %d pairs, mean NMI %.4f" % (args.variant, len(values), np.mean(values)))
 
 
+def engine_settings(settings):
+    """Set constants of :mod:`fmsam.slice_refinement` from ``NAME=VALUE`` strings (each value of its
+    constant's type), in this process; returns them as a dict."""
+    import fmsam.slice_refinement as refinement
+
+    changed = {}
+    for setting in settings:
+        name, _, value = setting.partition("=")
+        current = getattr(refinement, name, None)
+        if not name.isupper() or not isinstance(current, (int, float)) or not value:
+            raise SystemExit("--set takes NAME=VALUE with NAME a number of fmsam.slice_refinement, "
+                             "not %r" % setting)
+        changed[name] = type(current)(float(value)) if isinstance(current, float) else int(value)
+        setattr(refinement, name, changed[name])
+    return changed
+
+
+def engine(args):
+    import SimpleITK as sitk
+    import torch
+
+    from fmsam.pipeline import register
+
+    torch.set_num_threads(args.threads)
+    changed = engine_settings(args.set)
+    values = {"inter": [], "cross": []}
+    for number in selected(args):
+        pair = cardiac_benchmark.read_csv(args.pairs)[number]
+        result = register(pair["fixed"], pair["moving"], device="cpu")
+        fixed = sitk.ReadImage(pair["fixed"], sitk.sitkFloat32)
+        warped = sitk.Cast(result.warped, sitk.sitkFloat32)
+        values[pair["kind"]].append(cardiac_benchmark.nmi_on_fixed(fixed, warped))
+        print("%03d %-5s %s NMI %.5f folding %.4f %% refined %s" % (
+            number, pair["kind"], changed, values[pair["kind"]][-1], result.report["folding_percent"],
+            result.report["slice_refinement"]["applied"]), flush=True)
+    for kind, found in values.items():
+        if found:
+            print("%s: %d pairs, mean NMI %.4f with %s" % (kind, len(found), np.mean(found), changed))
+
+
 def selected(args):
     count = len(cardiac_benchmark.read_csv(args.pairs))
     return [int(n) for n in args.only.split(",")] if args.only else list(range(count))
@@ -156,7 +202,7 @@ def selected(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("demons", "slice-refinement"):
+    for name in ("demons", "slice-refinement", "engine-settings"):
         command = sub.add_parser(name)
         command.add_argument("--pairs", required=True, help="cardiac_benchmark.py pairs output (selection)")
         command.add_argument("--only", default="", help="comma-separated pair numbers (0-based)")
@@ -164,6 +210,9 @@ def main():
         if name == "demons":
             command.add_argument("--variant", default="as-benchmarked",
                                  choices=("as-benchmarked", "no-full-resolution", "slices-mixed"))
+        elif name == "engine-settings":
+            command.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                                 help="a constant of fmsam.slice_refinement, e.g. WINDOW=13 (repeatable)")
         else:
             command.add_argument("--coarse", type=int, default=4)
             command.add_argument("--window", type=int, default=9)
@@ -171,7 +220,7 @@ def main():
             command.add_argument("--regularisation", type=float, default=1000.0)
             command.add_argument("--learning-rate", type=float, default=0.01)
     args = parser.parse_args()
-    {"demons": demons, "slice-refinement": slice_refinement}[args.command](args)
+    {"demons": demons, "slice-refinement": slice_refinement, "engine-settings": engine}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -306,3 +306,17 @@ def test_speed_summary_of_two_engine_versions(tmp_path, capsys):
     empty.write_text("registered in 3.0 s\n")
     with pytest.raises(SystemExit, match="no 'whole' lines"):
         speed_summary.main(str(empty))
+
+
+def test_engine_settings_change_slice_refinement_constants_and_refuse_others(monkeypatch):
+    import fmsam.slice_refinement as refinement
+    from cardiac_diagnostics import engine_settings
+
+    for name in ("WINDOW", "REGULARISATION"):
+        monkeypatch.setattr(refinement, name, getattr(refinement, name))  # restored after the test
+    assert engine_settings(["WINDOW=13", "REGULARISATION=300"]) == {"WINDOW": 13, "REGULARISATION": 300.0}
+    assert refinement.WINDOW == 13 and isinstance(refinement.REGULARISATION, float)
+    for bad in ("FOO=1", "WINDOW", "stack_axis=1"):
+        with pytest.raises(SystemExit, match="NAME=VALUE"):
+            engine_settings([bad])
+
