@@ -304,19 +304,20 @@ def accurate_fields(network, config, fixed_net, moving_net, steps, similarity="l
                          BENDING_FIELD_REFINEMENT)
 
 
-def refine_stack_slices(computed, fixed, moving, axis, planes, similarity, device):
+def refine_stack_slices(computed, fixed, moving, axis, planes, similarity, device, progress=None):
     """:class:`NetworkFields` with each slice of a thick-slice stack corrected in plane
     (:func:`fmsam.slice_refinement.refine_slices`): the forward field becomes ``forward o (x + c)``,
     the inverse is started from ``(x - c) o inverse`` and refined as bending fields are.
     ``fixed``/``moving``: (k, j, i) arrays on the fixed grid (the moving one through the affine, in
-    the contrast ``similarity`` compares)."""
+    the contrast ``similarity`` compares). ``progress(fraction)`` after every step (it may raise to
+    stop)."""
     from .slice_refinement import refine_slices
 
     def on_fixed_grid(voxels):
         return torch.from_numpy(np.array(voxels, dtype=np.float32))[None, None].to(device)  # a copy: views are read-only
 
     correction, report = refine_slices(computed.forward, on_fixed_grid(fixed), on_fixed_grid(moving),
-                                       planes, axis, similarity)
+                                       planes, axis, similarity, progress=progress)
     with torch.no_grad():
         forward = compose(computed.forward, correction)
         inverse = refine_inverse(forward, compose(-correction, computed.inverse), *BENDING_FIELD_REFINEMENT)
@@ -334,10 +335,11 @@ def network_fields(network, config, device, fixed, moving, grid, io_steps=0, sim
     ``on_instance_optimisation()`` first, then ``progress(fraction)`` after each step; ``io_moving``
     is the (k, j, i) moving image its similarity compares, default ``moving``). ``slice_planes``,
     ``(axis, planes)`` of a stack of thick slices (:func:`fmsam.slice_refinement.slice_planes`):
-    every fixed slice then gets its own in-plane correction
-    (:func:`refine_stack_slices`). The forward field then goes through :func:`remove_folds` with
-    ``strides`` (:func:`secant_strides`; its figures join the report; the inverse is refined again
-    when it changed). A CUDA run out of memory is repeated on the CPU."""
+    every fixed slice then gets its own in-plane correction (:func:`refine_stack_slices`, which
+    calls ``progress(fraction)`` after each of its steps too, so that a caller can stop it). The
+    forward field then goes through :func:`remove_folds` with ``strides`` (:func:`secant_strides`;
+    its figures join the report; the inverse is refined again when it changed). A CUDA run out of
+    memory is repeated on the CPU."""
     def run(run_device):
         network.to(run_device)
         if run_device.type == "cpu":
@@ -356,7 +358,8 @@ def network_fields(network, config, device, fixed, moving, grid, io_steps=0, sim
                                        io_net, progress)
         if slice_planes is not None:
             compared = io_moving if io_moving is not None else moving
-            computed = refine_stack_slices(computed, fixed, compared, *slice_planes, similarity, run_device)
+            computed = refine_stack_slices(computed, fixed, compared, *slice_planes, similarity, run_device,
+                                           progress)
         forward, unfolded = remove_folds(computed.forward, strides=strides)
         inverse = computed.inverse
         if unfolded["unfold_rounds"]:  # refined again as the mode refined it

@@ -113,3 +113,26 @@ def test_a_stack_is_refined_by_default_and_not_when_off(tmp_path):
     unregistered = np.abs(sitk.GetArrayFromImage(moving) - sitk.GetArrayFromImage(fixed)).mean(axis=(1, 2))
     assert np.all(errors["off"][:2] < 0.3 * unregistered[:2]), errors
     assert np.all(errors["default"] < errors["off"] + 1.0), errors
+
+
+def test_progress_is_called_during_the_refinement_and_can_stop_it():
+    """Each refinement step calls ``progress`` (within the 'network' stage in fast mode), so a
+    console run can be cancelled during it, as during instance optimisation."""
+    import fmsam
+    from fmsam.slice_refinement import STEPS
+    from test_thin_stacks import phantom
+
+    fixed, moving = phantom(), phantom(shift_mm=(3.0, -2.0))
+    calls = []
+    result = fmsam.register(fixed, moving, device="cpu",
+                            progress=lambda stage, fraction: calls.append((stage, fraction)))
+    assert result.report["slice_refinement"]["applied"]
+    network = [fraction for stage, fraction in calls if stage == "network"]
+    assert len(network) >= STEPS and network == sorted(network) and network[-1] == 1.0
+
+    def stop_half_way(stage, fraction):
+        if stage == "network" and 0.5 <= fraction < 1.0:
+            raise fmsam.Cancelled()
+
+    with pytest.raises(fmsam.Cancelled):
+        fmsam.register(fixed, moving, device="cpu", progress=stop_half_way)
