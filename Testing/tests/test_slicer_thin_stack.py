@@ -105,21 +105,23 @@ def test_values_are_finite_the_jacobian_positive_and_the_stack_aligned(thin_run)
     assert np.abs(warped - fixed).mean() < 0.5 * np.abs(unregistered - fixed).mean()
 
 
-def test_a_background_run_passes_slice_refinement_to_the_engine(thin_run):
-    """The Register button's path (an engine process and its request file) with
-    ``sliceRefinement='auto'``: the engine refines the stack's 3 slices, the summary says so, and
-    nothing folds; the in-process run above used the engine's default."""
-    assert thin_run["outcome"].report["slice_refinement"]["applied"] is (DEFAULT_SLICE_REFINEMENT == "auto")
+def test_slice_refinement_by_default_and_off_through_the_engine_process(thin_run):
+    """The in-process run above used the default: the stack's 3 slices refined, and the results
+    line says so. The Register button's path (an engine process and its request file) with
+    ``sliceRefinement='off'`` carries that to the engine: nothing refined, nothing said."""
+    assert DEFAULT_SLICE_REFINEMENT == "auto"
+    refined = thin_run["outcome"].report["slice_refinement"]
+    assert refined["applied"] and refined["planes"][0] == 3
+    assert refined["loss_after"] < refined["loss_before"]
+    assert "Slices refined" in thin_run["outcome"].summary()
     headless = new_scene()
     fixed = headless.load_volume(thin_run["paths"]["fixed"], "fixed")
     moving = headless.load_volume(thin_run["paths"]["moving"], "moving")
     job = RegistrationLogic(headless.scene, headless.color_logic).start(fixed, moving, device="cpu",
-                                                                        sliceRefinement="auto")
+                                                                        sliceRefinement="off")
     while job.running:
         time.sleep(0.2)
     outcome = job.finish()
-    refined = outcome.report["slice_refinement"]
-    assert refined["applied"] and refined["planes"][0] == 3
-    assert refined["loss_after"] < refined["loss_before"]
-    assert "Slices refined" in outcome.summary()
+    assert outcome.report["slice_refinement"] == {"applied": False}
+    assert "Slices refined" not in outcome.summary()
     assert outcome.foldingPercent < MAX_FOLDING_PERCENT
