@@ -1,11 +1,11 @@
-"""Why does demons reach a higher NMI than fmsam on cardiac stacks? Two diagnostics, selection pairs only.
+"""Why does demons reach a higher NMI than fmsam on cardiac stacks? Diagnostics, selection pairs only.
 
 MyoPS short-axis stacks (2-6 slices 12-23 mm thick, 0.7 mm in plane) are acquired slice by slice,
 each slice in its own breath-hold, so neighbouring slices can be shifted in plane independently.
 fmsam's network runs on a grid of cubic voxels (about 2 mm) with the slices interpolated between,
 and its field is smooth across slices; ``benchmark.py``'s demons smooths its field by 1.1 mm
 physical on every axis (:func:`benchmark.demons_level_settings`), which leaves slices almost
-independent, at 0.7 mm in plane. The two subcommands measure NMI exactly as
+independent, at 0.7 mm in plane. The subcommands measure NMI exactly as
 ``cardiac_benchmark.py`` does (:func:`cardiac_benchmark.nmi_on_fixed`, fixed grid, fixed foreground):
 
 * ``demons --variant``: ``as-benchmarked`` (the benchmark's demons), ``no-full-resolution`` (its
@@ -31,7 +31,7 @@ independent, at 0.7 mm in plane. The two subcommands measure NMI exactly as
     python3 Testing/Benchmarks/cardiac_diagnostics.py demons --pairs out/i15/cardiac_selection_pairs.csv \\
         --only 8,9,10,11,12,13,14,15 --variant slices-mixed
     python3 Testing/Benchmarks/cardiac_diagnostics.py slice-refinement --pairs out/i15/cardiac_selection_pairs.csv
-    python3 Testing/Benchmarks/cardiac_diagnostics.py engine-settings --pairs out/i15/cardiac_selection_pairs.csv \
+    python3 Testing/Benchmarks/cardiac_diagnostics.py engine-settings --pairs out/i15/cardiac_selection_pairs.csv \\
         --only 8,9,10,11,12,13,14,15 --set WINDOW=13
 
 Results: ``docs/training-log.md``, "Session of 2026-12-04".
@@ -163,10 +163,13 @@ def engine_settings(settings):
     for setting in settings:
         name, _, value = setting.partition("=")
         current = getattr(refinement, name, None)
-        if not name.isupper() or not isinstance(current, (int, float)) or not value:
-            raise SystemExit("--set takes NAME=VALUE with NAME a number of fmsam.slice_refinement, "
-                             "not %r" % setting)
-        changed[name] = type(current)(float(value)) if isinstance(current, float) else int(value)
+        try:
+            if not name.isupper() or not isinstance(current, (int, float)):
+                raise ValueError(name)
+            changed[name] = float(value) if isinstance(current, float) else int(value)
+        except ValueError:
+            raise SystemExit("--set takes NAME=VALUE with NAME a number of fmsam.slice_refinement (and "
+                             "VALUE one of its type), not %r" % setting) from None
         setattr(refinement, name, changed[name])
     return changed
 
