@@ -16,8 +16,9 @@ def local_ncc_loss(fixed, warped, window=5, eps=1e-7, squared=False):
     """1 - mean local normalised cross-correlation over ``window``^3 boxes (0 = identical images,
     2 = locally inverted contrast). Inputs: (N, 1, D, H, W) in [0, 1]. ``window``: odd voxels per
     axis, one int for a cube or (D, H, W), e.g. (1, 9, 9) for boxes within each plane (slice
-    refinement). ``squared``: 1 - mean of the squared local correlation instead (0 for identical and for locally inverted images, 1 for
-    unrelated ones), for instance optimisation of pairs whose contrasts differ.
+    refinement). ``squared``: 1 - mean of the squared local correlation instead (0 for identical
+    and for locally inverted images, 1 for unrelated ones), for instance optimisation of pairs whose
+    contrasts differ.
 
     The correlation is signed on purpose: the squared version (1 - LNCC^2) also rewards
     anti-correlation, so in misaligned regions it pulled bright edges onto dark ones; trained with

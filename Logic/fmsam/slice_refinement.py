@@ -148,7 +148,7 @@ def refine_slices(forward, fixed, moving, planes, axis=0, similarity="lncc", ste
     with torch.no_grad():  # each slice of the moving image as the network's field maps it
         on_planes = points + sample_at(forward, points, padding_mode="border").permute(0, 2, 3, 4, 1)
         warped_planes = sample_at(moving_planes, on_planes)[0].transpose(0, 1).contiguous()  # (K, 1, h, w)
-    in_slice = identity_grid((1, height, width), device=forward.device)[0, ..., :2]  # (1, h, w, 2): x, y
+    in_slice = points[:, 0, ..., :2]                                  # (1, h, w, 2): x, y of every slice
 
     def loss_now():
         # The corrections move points within their slice, where warped_planes already holds
