@@ -47,7 +47,7 @@ class FMSAMRegistration(ScriptedLoadableModule):
             "result is a grid transform (fixed to moving, as ITK writes it), the moving volume warped "
             "onto the fixed grid, and a Jacobian-determinant map (green = folding). A fixed volume "
             "made of 2 to 32 thick slices (a cardiac short-axis stack) has each slice corrected in plane "
-            "after the network. The registration "
+            "after the network (in accurate mode instead of its instance optimisation). The registration "
             "runs in a separate process; Cancel stops it at once. "
             "Documentation: <a href='%s'>README</a>.") % DOCUMENTATION_URL
         self.parent.acknowledgementText = _(

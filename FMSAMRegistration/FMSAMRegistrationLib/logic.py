@@ -86,7 +86,10 @@ class RegistrationOutcome:
         if self.report.get("contrast_matching", {}).get("applied"):
             line += " Contrast matched: the moving volume was given the fixed volume's contrast."
         if self.report.get("slice_refinement", {}).get("applied"):
-            line += " Slices refined: each fixed slice got its own in-plane correction."
+            line += " Slices refined: each fixed slice got its own in-plane correction"
+            if self.report.get("io_steps") and not self.report.get("io_steps_run"):
+                line += " (in place of instance optimisation)"
+            line += "."
         for warning in self.report.get("warnings", []):
             line += " Warning: %s." % warning
         return line

@@ -301,13 +301,16 @@ def run_network(stages, network, config, inputs, affine, contrast, io_steps, dev
     (:func:`fmsam.prealign.foregrounds_comparable`), else one. A fixed image that is a stack of
     thick slices (:func:`fmsam.slice_refinement.slice_planes`) then has its slices refined in plane
     one by one, with the same similarity, when ``slice_refinement`` is 'auto'."""
+    from . import slice_refinement as refinement
     from .inference import choose_device, grid_for, network_fields, secant_strides
-    from .slice_refinement import slice_planes
 
+    fixed = inputs.fixed_normalised
+    stack = refinement.slice_planes(fixed.GetSize()[::-1], fixed.GetSpacing()[::-1]) if slice_refinement == "auto" else None
+    if stack is not None and not refinement.INSTANCE_OPTIMISATION_ON_STACKS:
+        io_steps = 0  # the refinement replaces it: fast mode's fields, then the slices
     if not io_steps and config.get("network_passes", 1) > 1 and not foregrounds_comparable(
             inputs.fixed_normalised, inputs.moving_normalised):
         config = dict(config, network_passes=1)
-    fixed = inputs.fixed_normalised
     grid = grid_for(fixed, config)
     strides = secant_strides(fixed.GetSpacing()[::-1], fields.network_grid(fixed, grid).GetSpacing()[::-1])
     similarity = IO_SIMILARITY_ACROSS_CONTRASTS if contrast.applied else "lncc"
@@ -316,7 +319,6 @@ def run_network(stages, network, config, inputs, affine, contrast, io_steps, dev
     io_moving = None
     if similarity == "squared_lncc":
         io_moving = sitk.GetArrayFromImage(fields.resample(inputs.moving_normalised, fixed, affine))
-    stack = slice_planes(fixed.GetSize()[::-1], fixed.GetSpacing()[::-1]) if slice_refinement == "auto" else None
     computed, used_device = network_fields(
         network, config, choose_device(device), sitk.GetArrayViewFromImage(fixed), moving_on_fixed,
         grid, io_steps, similarity, io_moving,
@@ -324,6 +326,7 @@ def run_network(stages, network, config, inputs, affine, contrast, io_steps, dev
         strides=strides, slice_planes=stack)
     if stack is None:
         computed.report["slice_refinement"] = {"applied": False}
+    computed.report["io_steps_run"] = int(io_steps)
     return computed, used_device, grid
 
 

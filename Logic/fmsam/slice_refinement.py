@@ -23,7 +23,9 @@ never sampled by a fixed voxel).
 On by default (``fmsam register --slice-refinement off`` turns it off) for stacks of 2 to
 :data:`MAX_SLICES` slices: on the 16 cardiac selection pairs it raised fast mode's NMI on every pair
 for 3-5 s more on a 5-6-slice stack, within the 10 s its decision rule allowed (each slice a batch
-item of PyTorch's 2-D sampler, box means by cumulative sums; docs/training-log.md).
+item of PyTorch's 2-D sampler, box means by cumulative sums; docs/training-log.md). In accurate
+mode it replaces the 3-D instance optimisation on the stacks it refines
+(:data:`INSTANCE_OPTIMISATION_ON_STACKS`).
 """
 import math
 
@@ -46,13 +48,21 @@ MAX_SLICES = 32
 SPACING_MM = 1.5
 #: Refinement voxels between the correction's nodes along each in-plane axis (6 mm at 1.5 mm).
 NODE_STRIDE = 4
-#: Local NCC window within a slice, refinement voxels (13.5 mm).
-WINDOW = 9
+#: Local NCC window within a slice, refinement voxels (25.5 mm). 9 (with REGULARISATION 1000) until
+#: 2026-12-04 evening: 17 with 300 was the best of four settings on the cardiac selection pairs
+#: (fast mode NMI 1.0332 / 1.0583 -> 1.0356 / 1.0629, inter / cross; docs/training-log.md).
+WINDOW = 17
 #: Adam steps and step size (normalised coordinates, as the network's fields).
 STEPS = 100
 LEARNING_RATE = 0.01
 #: Weight of the nodes' smoothness term (mean squared difference of neighbouring nodes, normalised).
-REGULARISATION = 1000.0
+REGULARISATION = 300.0
+#: Whether accurate mode's 3-D instance optimisation runs before the refinement on a stack it
+#: refines. False since 2026-12-04 evening: accurate mode computes fast mode's fields there (with its
+#: own two-way affine), then the refinement. The 18 steps, regularised across slices the stack's
+#: acquisition does not couple, lowered NMI on the cardiac selection pairs (1.0357 / 1.0633 without
+#: them, 1.0338 / 1.0614 with, inter / cross) and took 30 s more (docs/training-log.md).
+INSTANCE_OPTIMISATION_ON_STACKS = False
 
 
 def stack_axis(spacing_kji):

@@ -136,3 +136,22 @@ def test_progress_is_called_during_the_refinement_and_can_stop_it():
 
     with pytest.raises(fmsam.Cancelled):
         fmsam.register(fixed, moving, device="cpu", progress=stop_half_way)
+
+
+def test_accurate_mode_on_a_stack_refines_the_slices_instead_of_the_volume():
+    """On a stack the refinement replaces accurate mode's 3-D instance optimisation
+    (:data:`fmsam.slice_refinement.INSTANCE_OPTIMISATION_ON_STACKS`): the report says 0 steps ran of
+    the 2 asked for, and the result is fast mode's fields refined, with accurate mode's two-way
+    affine. With the refinement off, or on a volume, the steps run."""
+    import fmsam
+    from test_thin_stacks import phantom
+
+    fixed, moving = phantom(), phantom(shift_mm=(3.0, -2.0))
+    stack = fmsam.register(fixed, moving, device="cpu", io_steps=2)
+    assert stack.report["io_steps"] == 2 and stack.report["io_steps_run"] == 0
+    assert stack.report["slice_refinement"]["applied"] and "io_loss_before" not in stack.report
+    assert stack.report["affine_both_ways"]
+    off = fmsam.register(fixed, moving, device="cpu", io_steps=2, slice_refinement="off")
+    assert off.report["io_steps_run"] == 2 and "io_loss_after" in off.report
+    fast = fmsam.register(fixed, moving, device="cpu")
+    assert fast.report["io_steps_run"] == 0 and fast.report["slice_refinement"]["applied"]

@@ -125,3 +125,18 @@ def test_slice_refinement_by_default_and_off_through_the_engine_process(thin_run
     assert outcome.report["slice_refinement"] == {"applied": False}
     assert "Slices refined" not in outcome.summary()
     assert outcome.foldingPercent < MAX_FOLDING_PERCENT
+
+
+def test_the_results_line_says_when_the_refinement_replaced_instance_optimisation(thin_run):
+    """Accurate mode on a stack runs the slice refinement in place of its instance optimisation
+    (the engine's report: ``io_steps`` asked, ``io_steps_run`` 0); the results line says so, and
+    only then."""
+    from FMSAMRegistrationLib.logic import RegistrationOutcome
+
+    replaced = " (in place of instance optimisation)."
+    assert replaced not in thin_run["outcome"].summary()  # fast mode: nothing was replaced
+    report = dict(thin_run["outcome"].report, io_steps=18, io_steps_run=0)
+    assert "Slices refined: each fixed slice got its own in-plane correction" + replaced in \
+        RegistrationOutcome(None, None, None, report).summary()
+    report.update(io_steps_run=18)
+    assert replaced not in RegistrationOutcome(None, None, None, report).summary()
