@@ -336,8 +336,8 @@ def network_fields(network, config, device, fixed, moving, grid, io_steps=0, sim
     is the (k, j, i) moving image its similarity compares, default ``moving``). ``slice_planes``,
     ``(axis, planes)`` of a stack of thick slices (:func:`fmsam.slice_refinement.slice_planes`):
     every fixed slice then gets its own in-plane correction (:func:`refine_stack_slices`, which
-    calls ``progress(fraction)`` after each of its steps too, so that a caller can stop it). The
-    forward field then goes through :func:`remove_folds` with ``strides`` (:func:`secant_strides`;
+    calls ``progress(fraction)`` after each of its steps too, so that a caller can stop it); without
+    it the report's ``slice_refinement`` is ``{"applied": False}``. The forward field then goes through :func:`remove_folds` with ``strides`` (:func:`secant_strides`;
     its figures join the report; the inverse is refined again when it changed). A CUDA run out of
     memory is repeated on the CPU."""
     def run(run_device):
@@ -360,6 +360,8 @@ def network_fields(network, config, device, fixed, moving, grid, io_steps=0, sim
             compared = io_moving if io_moving is not None else moving
             computed = refine_stack_slices(computed, fixed, compared, *slice_planes, similarity, run_device,
                                            progress)
+        else:
+            computed.report["slice_refinement"] = {"applied": False}
         forward, unfolded = remove_folds(computed.forward, strides=strides)
         inverse = computed.inverse
         if unfolded["unfold_rounds"]:  # refined again as the mode refined it

@@ -300,7 +300,10 @@ def run_network(stages, network, config, inputs, affine, contrast, io_steps, dev
     ``network_passes`` only when the two images show about as much
     (:func:`fmsam.prealign.foregrounds_comparable`), else one. A fixed image that is a stack of
     thick slices (:func:`fmsam.slice_refinement.slice_planes`) then has its slices refined in plane
-    one by one, with the same similarity, when ``slice_refinement`` is 'auto'."""
+    one by one, with the same similarity, when ``slice_refinement`` is 'auto'; accurate mode runs
+    fast mode's fields there instead of instance optimisation
+    (:data:`fmsam.slice_refinement.INSTANCE_OPTIMISATION_ON_STACKS`). The report's ``io_steps_run``
+    says how many steps ran."""
     from . import slice_refinement as refinement
     from .inference import choose_device, grid_for, network_fields, secant_strides
 
@@ -309,7 +312,7 @@ def run_network(stages, network, config, inputs, affine, contrast, io_steps, dev
     if stack is not None and not refinement.INSTANCE_OPTIMISATION_ON_STACKS:
         io_steps = 0  # the refinement replaces it: fast mode's fields, then the slices
     if not io_steps and config.get("network_passes", 1) > 1 and not foregrounds_comparable(
-            inputs.fixed_normalised, inputs.moving_normalised):
+            fixed, inputs.moving_normalised):
         config = dict(config, network_passes=1)
     grid = grid_for(fixed, config)
     strides = secant_strides(fixed.GetSpacing()[::-1], fields.network_grid(fixed, grid).GetSpacing()[::-1])
@@ -324,8 +327,6 @@ def run_network(stages, network, config, inputs, affine, contrast, io_steps, dev
         grid, io_steps, similarity, io_moving,
         on_instance_optimisation=lambda: stages.begin("instance_optimisation"), progress=stages.update,
         strides=strides, slice_planes=stack)
-    if stack is None:
-        computed.report["slice_refinement"] = {"applied": False}
     computed.report["io_steps_run"] = int(io_steps)
     return computed, used_device, grid
 
@@ -392,8 +393,9 @@ def register(fixed, moving, fixed_labels=None, moving_labels=None, prealign=True
     moving) pair. ``contrast_matching``: give the moving image the fixed image's contrast before the
     network ('auto': when the contrasts differ; 'on'; 'off'), see :mod:`fmsam.contrast`.
     ``slice_refinement``: 'auto' gives each slice of a fixed image made of thick slices (cardiac
-    short-axis stacks of 2 to 32 slices) its own in-plane correction after the network; 'off' never
-    (default :data:`fmsam.options.DEFAULT_SLICE_REFINEMENT`; :mod:`fmsam.slice_refinement`).
+    short-axis stacks of 2 to 32 slices) its own in-plane correction after the network, in accurate
+    mode in place of its instance optimisation; 'off' never (default
+    :data:`fmsam.options.DEFAULT_SLICE_REFINEMENT`; :mod:`fmsam.slice_refinement`).
     ``progress(stage, fraction)``: called often; it may raise :class:`fmsam.errors.Cancelled` to
     stop, and any exception it raises reaches the caller as itself. ``model``: an already loaded
     ``(network, config)`` to reuse across calls (instead of ``weights``).
