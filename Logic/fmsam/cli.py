@@ -29,7 +29,8 @@ def _add_register(commands):
     parser.add_argument("--slice-refinement", choices=SLICE_REFINEMENT, default=DEFAULT_SLICE_REFINEMENT,
                         help="auto: give each slice of a thick-slice stack (cardiac short axis, 2 to 32 "
                         "slices) its own in-plane correction after the network, when the fixed image is "
-                        "such a stack; default %s" % DEFAULT_SLICE_REFINEMENT)
+                        "such a stack (in accurate mode in place of instance optimisation); default %s"
+                        % DEFAULT_SLICE_REFINEMENT)
     parser.add_argument("--quiet", action="store_true", help="print only the summary line")
     parser.add_argument("--scene", metavar="OUT.mrb",
                         help="also write a Slicer scene bundle (inputs, transform, warped volume, "
@@ -230,6 +231,8 @@ def _register(args):
         line += "; contrast matched"
     if report["slice_refinement"]["applied"]:
         line += "; slices refined"
+        if report["io_steps"] and not report["io_steps_run"]:
+            line += " in place of instance optimisation"
     print(line + "; outputs in %s" % args.out)
     for warning in report.get("warnings", []):
         print("fmsam: warning: %s" % warning, file=sys.stderr)

@@ -156,3 +156,17 @@ def test_accurate_mode_on_a_stack_refines_the_slices_instead_of_the_volume():
     assert off.report["io_steps_run"] == 2 and "io_loss_after" in off.report
     fast = fmsam.register(fixed, moving, device="cpu")
     assert fast.report["io_steps_run"] == 0 and fast.report["slice_refinement"]["applied"]
+
+
+def test_the_command_line_says_when_the_refinement_replaced_instance_optimisation(tmp_path, capsys):
+    from fmsam.cli import main
+    from test_thin_stacks import phantom
+
+    paths = [str(tmp_path / "fixed.nii.gz"), str(tmp_path / "moving.nii.gz")]
+    sitk.WriteImage(phantom(), paths[0])
+    sitk.WriteImage(phantom(shift_mm=(3.0, -2.0)), paths[1])
+    assert main(["register", *paths, "--out", str(tmp_path / "accurate"), "--quiet", "--mode", "accurate"]) == 0
+    assert "; slices refined in place of instance optimisation; outputs in" in capsys.readouterr().out
+    assert main(["register", *paths, "--out", str(tmp_path / "fast"), "--quiet"]) == 0
+    line = capsys.readouterr().out
+    assert "; slices refined; outputs in" in line and "in place of" not in line
