@@ -337,9 +337,10 @@ def network_fields(network, config, device, fixed, moving, grid, io_steps=0, sim
     ``(axis, planes)`` of a stack of thick slices (:func:`fmsam.slice_refinement.slice_planes`):
     every fixed slice then gets its own in-plane correction (:func:`refine_stack_slices`, which
     calls ``progress(fraction)`` after each of its steps too, so that a caller can stop it); without
-    it the report's ``slice_refinement`` is ``{"applied": False}``. The forward field then goes through :func:`remove_folds` with ``strides`` (:func:`secant_strides`;
-    its figures join the report; the inverse is refined again when it changed). A CUDA run out of
-    memory is repeated on the CPU."""
+    it the report's ``slice_refinement`` is ``{"applied": False}``. The forward field then goes
+    through :func:`remove_folds` with ``strides`` (:func:`secant_strides`; its figures join the
+    report; the inverse is refined again when it changed). A CUDA run out of memory is repeated on
+    the CPU."""
     def run(run_device):
         network.to(run_device)
         if run_device.type == "cpu":
