@@ -87,7 +87,7 @@ class RegistrationOutcome:
             line += " Contrast matched: the moving volume was given the fixed volume's contrast."
         if self.report.get("slice_refinement", {}).get("applied"):
             line += " Slices refined: each fixed slice got its own in-plane correction"
-            if self.report.get("io_steps") and not self.report.get("io_steps_run"):
+            if self.report.get("io_steps") and self.report.get("io_steps_run") == 0:
                 line += " (in place of instance optimisation)"
             line += "."
         for warning in self.report.get("warnings", []):
@@ -139,7 +139,8 @@ class RegistrationLogic:
           name) or label map volumes, for Dice before/after.
         * ``prealign`` (True): affine pre-alignment.
         * ``device`` ('auto'): 'auto', 'cuda' or 'cpu'.
-        * ``mode`` ('fast'): 'fast' or 'accurate' (instance optimisation); ``ioSteps`` overrides it.
+        * ``mode`` ('fast'): 'fast' or 'accurate' (instance optimisation; on a stack that slice
+          refinement refines, the refinement instead); ``ioSteps`` overrides it.
         * ``outputTransformNode``: grid transform to fill (default: a new one). Its FromParent is the
           fixed-to-moving mapping (the network grid's displacements, then the affine): volumes and
           segmentations' label maps placed under it are resampled without inverting anything.
@@ -158,7 +159,8 @@ class RegistrationLogic:
           the network: 'auto' (when their contrasts differ), 'on' or 'off'.
         * ``sliceRefinement`` (the engine's default, ``fmsam.options.DEFAULT_SLICE_REFINEMENT``):
           'auto' gives each slice of a fixed volume made of 2 to 32 thick slices (a cardiac short-axis
-          stack) its own in-plane correction after the network; 'off' never.
+          stack) its own in-plane correction after the network (in accurate mode in place of
+          instance optimisation); 'off' never.
         * ``modality`` ('auto'), ``weights`` (bundled model; a file of your own needs its
           ``.sha256`` beside it, or ``allowUnverifiedWeights=True``), ``progress(stage, fraction)``.
         """

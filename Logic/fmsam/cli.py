@@ -40,10 +40,12 @@ def _add_register(commands):
 def _add_device_and_mode(parser):
     parser.add_argument("--device", choices=DEVICES, default="auto")
     parser.add_argument("--mode", choices=tuple(MODES), default="fast",
-                        help="fast: the network alone; accurate: + %d instance-optimisation steps"
+                        help="fast: the network alone; accurate: + %d instance-optimisation steps (on a "
+                        "thick-slice stack that slice refinement refines: the refinement instead)"
                         % MODES["accurate"])
     parser.add_argument("--io-steps", type=int, default=None,
-                        help="instance-optimisation steps, 0 (off) to %d; overrides --mode" % MAX_IO_STEPS)
+                        help="instance-optimisation steps, 0 (off) to %d; overrides --mode (none run on a "
+                        "stack that slice refinement refines)" % MAX_IO_STEPS)
 
 
 def io_steps(args):
@@ -231,7 +233,7 @@ def _register(args):
         line += "; contrast matched"
     if report["slice_refinement"]["applied"]:
         line += "; slices refined"
-        if report["io_steps"] and not report["io_steps_run"]:
+        if report["io_steps"] and report["io_steps_run"] == 0:
             line += " in place of instance optimisation"
     print(line + "; outputs in %s" % args.out)
     for warning in report.get("warnings", []):

@@ -296,9 +296,9 @@ def run_network(stages, network, config, inputs, affine, contrast, io_steps, dev
                 slice_refinement=DEFAULT_SLICE_REFINEMENT):
     """Stages 'network' and 'instance_optimisation': ``(NetworkFields, device used, grid)``.
     Instance optimisation compares the moving image in its own contrast when the contrasts differ
-    (a contrast-independent similarity), else the image the network saw. Fast mode makes the model's
-    ``network_passes`` only when the two images show about as much
-    (:func:`fmsam.prealign.foregrounds_comparable`), else one. A fixed image that is a stack of
+    (a contrast-independent similarity), else the image the network saw. Fast mode (and accurate
+    mode on a refined stack) makes the model's ``network_passes`` only when the two images show
+    about as much (:func:`fmsam.prealign.foregrounds_comparable`), else one. A fixed image that is a stack of
     thick slices (:func:`fmsam.slice_refinement.slice_planes`) then has its slices refined in plane
     one by one, with the same similarity, when ``slice_refinement`` is 'auto'; accurate mode runs
     fast mode's fields there instead of instance optimisation

@@ -10,15 +10,15 @@ slices (10 mm across them) took its cross-sequence NMI from 1.0681 to 1.0452, be
 1.0516 (``Testing/Benchmarks/cardiac_diagnostics.py``; docs/training-log.md, "Session of
 2026-12-04").
 
-After the network (and instance optimisation), every fixed slice gets an in-plane displacement
-``u_s`` (a coarse grid of nodes every :data:`NODE_STRIDE` refinement voxels, upsampled linearly;
-the refinement voxels are :data:`SPACING_MM` in plane), optimised with Adam so that the moving image
-sampled at ``x + u_s(x) + forward(x + u_s(x))`` matches the fixed slice in local NCC within the slice
-(:data:`WINDOW` voxels square), plus :data:`REGULARISATION` times the mean squared difference of
-neighbouring nodes. All slices are refined together, as one (K, h, w) stack of planes. No
-displacement across slices is added. The corrections then join the network's field on its own grid,
-each network plane taking the correction of the nearest fixed slice (the field between slices is
-never sampled by a fixed voxel).
+After the network (and instance optimisation, when :data:`INSTANCE_OPTIMISATION_ON_STACKS`), every
+fixed slice gets an in-plane displacement ``u_s`` (a coarse grid of nodes every :data:`NODE_STRIDE`
+refinement voxels, upsampled linearly; the refinement voxels are :data:`SPACING_MM` in plane),
+optimised with Adam so that the moving image sampled at ``x + u_s(x) + forward(x + u_s(x))`` matches
+the fixed slice in local NCC within the slice (:data:`WINDOW` voxels square), plus
+:data:`REGULARISATION` times the mean squared difference of neighbouring nodes. All slices are
+refined together, as one (K, h, w) stack of planes. No displacement across slices is added. The
+corrections then join the network's field on its own grid, each network plane taking the correction
+of the nearest fixed slice (the field between slices is never sampled by a fixed voxel).
 
 On by default (``fmsam register --slice-refinement off`` turns it off) for stacks of 2 to
 :data:`MAX_SLICES` slices: on the 16 cardiac selection pairs it raised fast mode's NMI on every pair

@@ -164,7 +164,7 @@ def engine_settings(settings):
         name, _, value = setting.partition("=")
         current = getattr(refinement, name, None)
         try:
-            if not name.isupper() or not isinstance(current, (int, float)):
+            if not name.isupper() or isinstance(current, bool) or not isinstance(current, (int, float)):
                 raise ValueError(name)
             changed[name] = float(value) if isinstance(current, float) else int(value)
         except ValueError:
@@ -216,7 +216,7 @@ def main():
         elif name == "engine-settings":
             command.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                                  help="a constant of fmsam.slice_refinement, e.g. WINDOW=13 (repeatable)")
-        else:
+        else:  # the prototype's own settings (2026-12-04 morning), not the engine's of today
             command.add_argument("--coarse", type=int, default=4)
             command.add_argument("--window", type=int, default=9)
             command.add_argument("--steps", type=int, default=100)

@@ -316,7 +316,7 @@ def test_engine_settings_change_slice_refinement_constants_and_refuse_others(mon
         monkeypatch.setattr(refinement, name, getattr(refinement, name))  # restored after the test
     assert engine_settings(["WINDOW=13", "REGULARISATION=300"]) == {"WINDOW": 13, "REGULARISATION": 300.0}
     assert refinement.WINDOW == 13 and isinstance(refinement.REGULARISATION, float)
-    for bad in ("FOO=1", "WINDOW", "stack_axis=1", "WINDOW=x", "WINDOW=1.5"):
+    for bad in ("FOO=1", "WINDOW", "stack_axis=1", "WINDOW=x", "WINDOW=1.5", "INSTANCE_OPTIMISATION_ON_STACKS=1"):
         with pytest.raises(SystemExit, match="NAME=VALUE"):
             engine_settings([bad])
 

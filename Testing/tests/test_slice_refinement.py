@@ -151,11 +151,14 @@ def test_accurate_mode_on_a_stack_refines_the_slices_instead_of_the_volume():
     stack = fmsam.register(fixed, moving, device="cpu", io_steps=2)
     assert stack.report["io_steps"] == 2 and stack.report["io_steps_run"] == 0
     assert stack.report["slice_refinement"]["applied"] and "io_loss_before" not in stack.report
+    assert "network_passes" in stack.report  # fast mode's fields (accurate_fields does not write it)
+    assert "instance_optimisation" not in stack.report["seconds"]
     assert stack.report["affine_both_ways"]
     off = fmsam.register(fixed, moving, device="cpu", io_steps=2, slice_refinement="off")
     assert off.report["io_steps_run"] == 2 and "io_loss_after" in off.report
     fast = fmsam.register(fixed, moving, device="cpu")
     assert fast.report["io_steps_run"] == 0 and fast.report["slice_refinement"]["applied"]
+    assert not fast.report["affine_both_ways"]  # so the check above tells the modes apart
 
 
 def test_the_command_line_says_when_the_refinement_replaced_instance_optimisation(tmp_path, capsys):
