@@ -67,6 +67,17 @@ class EngineResult:
     report: dict
 
 
+def steps_that_run(request):
+    """The instance-optimisation steps the engine will run for ``request`` (none on a stack that
+    slice refinement refines instead: :func:`fmsam.slice_refinement.instance_optimisation_steps`)."""
+    from fmsam.slice_refinement import instance_optimisation_steps, planes_to_refine
+
+    if request.fixed_image is None:
+        return request.io_steps
+    planes = planes_to_refine(request.fixed_image, request.slice_refinement)
+    return instance_optimisation_steps(request.io_steps, planes)
+
+
 class _Progress:
     """Stage, fraction and status of a run, for one overall progress bar."""
 
@@ -112,7 +123,7 @@ class RegistrationJob(_Progress):
     """One run in the calling thread (the console's blocking call): :meth:`run`."""
 
     def __init__(self, logic, request):
-        super().__init__(request.io_steps)
+        super().__init__(steps_that_run(request))
         self._logic, self._request = logic, request
 
     def _progress(self, stage, fraction):
@@ -154,7 +165,7 @@ class BackgroundRegistrationJob(_Progress):
     """
 
     def __init__(self, logic, request):
-        super().__init__(request.io_steps)
+        super().__init__(steps_that_run(request))
         self._logic, self._request = logic, request
         self._engine = None
         self._callback_error = None

@@ -308,9 +308,8 @@ def run_network(stages, network, config, inputs, affine, contrast, io_steps, dev
     from .inference import choose_device, grid_for, network_fields, secant_strides
 
     fixed = inputs.fixed_normalised
-    stack = refinement.slice_planes(fixed.GetSize()[::-1], fixed.GetSpacing()[::-1]) if slice_refinement == "auto" else None
-    if stack is not None and not refinement.INSTANCE_OPTIMISATION_ON_STACKS:
-        io_steps = 0  # the refinement replaces it: fast mode's fields, then the slices
+    stack = refinement.planes_to_refine(fixed, slice_refinement)
+    io_steps = refinement.instance_optimisation_steps(io_steps, stack)  # 0: fast mode's fields, then the slices
     if not io_steps and config.get("network_passes", 1) > 1 and not foregrounds_comparable(
             fixed, inputs.moving_normalised):
         config = dict(config, network_passes=1)

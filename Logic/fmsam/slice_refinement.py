@@ -29,12 +29,9 @@ mode it replaces the 3-D instance optimisation on the stacks it refines
 """
 import math
 
-import torch
-import torch.nn.functional as F
-
-from .instance_optimisation import adam_steps
-from .layers import identity_grid, resize, sample_at
-from .losses import local_ncc_loss
+# PyTorch and the modules built on it are imported where they are used, so that the Slicer module
+# can ask whether a volume is a stack the refinement refines (:func:`planes_to_refine`) in its main
+# process without loading them.
 
 #: A fixed image is a stack of thick slices, and is refined slice by slice, when the spacing along
 #: one axis (the slices') is at least this many times the other two (:func:`stack_axis`). MyoPS
@@ -85,6 +82,21 @@ def slice_planes(size_kji, spacing_kji):
     return axis, plane_shape(size_kji, spacing_kji, axis)
 
 
+def planes_to_refine(image, slice_refinement):
+    """:func:`slice_planes` of a SimpleITK image (any axis layout: the result is None or not alike
+    for every permutation of its axes) when ``slice_refinement`` is 'auto', else None."""
+    if slice_refinement != "auto":
+        return None
+    return slice_planes(image.GetSize()[::-1], image.GetSpacing()[::-1])
+
+
+def instance_optimisation_steps(io_steps, planes):
+    """The instance-optimisation steps that run of ``io_steps`` asked, on a fixed image whose
+    :func:`planes_to_refine` are ``planes``: none on a stack that is refined, unless
+    :data:`INSTANCE_OPTIMISATION_ON_STACKS`."""
+    return 0 if planes is not None and not INSTANCE_OPTIMISATION_ON_STACKS else io_steps
+
+
 def plane_shape(size_kji, spacing_kji, axis):
     """(K, h, w): the stack's ``K`` slices along ``axis``, each resampled in plane to
     :data:`SPACING_MM` (the two other axes, in (k, j, i) order)."""
@@ -115,6 +127,10 @@ def from_stack_layout(volume, axis, displacement=False):
 def without_slice_displacement(in_plane, shape):
     """(1, 2, K, h', w') in-plane displacement (x, y of the stack layout) -> (1, 3, *shape) with a
     zero z (across the slices), resized linearly to ``shape``."""
+    import torch
+
+    from .layers import resize
+
     return resize(torch.cat([in_plane, torch.zeros_like(in_plane[:, :1])], dim=1), shape)
 
 
@@ -140,6 +156,13 @@ def refine_slices(forward, fixed, moving, planes, axis=0, similarity="lncc", ste
     step and after the last, the steps, the planes' shape and the axis. ``progress(fraction)`` after
     every step.
     """
+    import torch
+    import torch.nn.functional as F
+
+    from .instance_optimisation import adam_steps
+    from .layers import identity_grid, resize, sample_at
+    from .losses import local_ncc_loss
+
     count, height, width = planes
     if fixed.shape[2 + axis] != count or count < 2:
         raise ValueError("refine_slices needs the fixed stack's %d slices (at least 2), not %d"

@@ -173,3 +173,23 @@ def test_the_command_line_says_when_the_refinement_replaced_instance_optimisatio
     assert main(["register", *paths, "--out", str(tmp_path / "fast"), "--quiet"]) == 0
     line = capsys.readouterr().out
     assert "; slices refined; outputs in" in line and "in place of" not in line
+
+
+def test_whether_instance_optimisation_runs_is_known_without_loading_torch():
+    """The Slicer module's main process asks (for its progress bar) before any engine runs: a fresh
+    interpreter answers from the image's geometry with PyTorch left unloaded."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, SimpleITK as sitk\n"
+        "from fmsam.slice_refinement import instance_optimisation_steps, planes_to_refine\n"
+        "stack = sitk.Image([96, 96, 3], sitk.sitkFloat32); stack.SetSpacing([1.5, 1.5, 15.0])\n"
+        "volume = sitk.Image([64, 64, 64], sitk.sitkFloat32)\n"
+        "print(planes_to_refine(stack, 'auto'), planes_to_refine(stack, 'off'), planes_to_refine(volume, 'auto'),\n"
+        "      instance_optimisation_steps(18, planes_to_refine(stack, 'auto')),\n"
+        "      instance_optimisation_steps(18, planes_to_refine(stack, 'off')),\n"
+        "      instance_optimisation_steps(18, planes_to_refine(volume, 'auto')), 'torch' in sys.modules, sep='|')\n")
+    answer = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, check=True,
+                            universal_newlines=True).stdout.strip().split("|")
+    assert answer == ["(0, (3, 96, 96))", "None", "None", "0", "18", "18", "False"]

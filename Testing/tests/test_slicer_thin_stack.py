@@ -140,3 +140,21 @@ def test_the_results_line_says_when_the_refinement_replaced_instance_optimisatio
         RegistrationOutcome(None, None, None, report).summary()
     report.update(io_steps_run=18)
     assert replaced not in RegistrationOutcome(None, None, None, report).summary()
+
+
+def test_the_progress_bar_of_accurate_mode_on_a_stack_has_no_instance_optimisation_share(thin_run):
+    """The overall progress bar gives instance optimisation half the weight of the other stages in
+    accurate mode; on a stack the refinement replaces it (the stage never begins), so the bar must
+    not count it, or it would stall at the end of 'network' and then jump. Known in the main process
+    from the fixed volume's geometry alone; with the refinement off the steps run and count."""
+    from FMSAMRegistrationLib.jobs import RegistrationJob
+
+    logic = RegistrationLogic(thin_run["fixed"].GetScene())
+    fractions = {}
+    for refinement in ("auto", "off"):
+        request = logic.prepare(thin_run["fixed"], thin_run["moving"], mode="accurate", sliceRefinement=refinement)
+        job = RegistrationJob(logic, request)
+        job._set_progress("network", 1.0)
+        fractions[refinement] = job.fraction
+    assert fractions["auto"] == pytest.approx(0.05 + 0.45 + 0.2)
+    assert fractions["off"] == pytest.approx((0.05 + 0.45 + 0.2) / 1.5)
