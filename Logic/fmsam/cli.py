@@ -26,11 +26,7 @@ def _add_register(commands):
     parser.add_argument("--modality", choices=MODALITIES, default="auto",
                         help="intensity normalisation (default: detected per image)")
     _add_contrast_matching(parser)
-    parser.add_argument("--slice-refinement", choices=SLICE_REFINEMENT, default=DEFAULT_SLICE_REFINEMENT,
-                        help="auto: give each slice of a thick-slice stack (cardiac short axis, 2 to 32 "
-                        "slices) its own in-plane correction after the network, when the fixed image is "
-                        "such a stack (in accurate mode in place of instance optimisation); default %s"
-                        % DEFAULT_SLICE_REFINEMENT)
+    _add_slice_refinement(parser)
     parser.add_argument("--quiet", action="store_true", help="print only the summary line")
     parser.add_argument("--scene", metavar="OUT.mrb",
                         help="also write a Slicer scene bundle (inputs, transform, warped volume, "
@@ -59,6 +55,14 @@ def _add_weights(parser):
     parser.add_argument("--allow-unverified-weights", action="store_true",
                         help="use a weights file that has no FILE.sha256 (its checksum cannot be "
                         "verified); refused without this option")
+
+
+def _add_slice_refinement(parser):
+    parser.add_argument("--slice-refinement", choices=SLICE_REFINEMENT, default=DEFAULT_SLICE_REFINEMENT,
+                        help="auto: give each slice of a thick-slice stack (cardiac short axis, 2 to 32 "
+                        "slices) its own in-plane correction after the network, when the fixed image is "
+                        "such a stack (in accurate mode in place of instance optimisation); default %s"
+                        % DEFAULT_SLICE_REFINEMENT)
 
 
 def _add_contrast_matching(parser):
@@ -95,6 +99,7 @@ def _add_evaluate(commands):
     _add_weights(parser)
     parser.add_argument("--no-affine", action="store_true")
     _add_contrast_matching(parser)
+    _add_slice_refinement(parser)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -290,7 +295,7 @@ def _evaluate(args):
 
     evaluate_pairs(args.pairs, args.out, device=args.device, io_steps=io_steps(args),
                    weights=args.weights, prealign=not args.no_affine,
-                   contrast_matching=args.contrast_matching,
+                   contrast_matching=args.contrast_matching, slice_refinement=args.slice_refinement,
                    allow_unverified=args.allow_unverified_weights)
 
 

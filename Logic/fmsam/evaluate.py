@@ -13,10 +13,11 @@ import sys
 import numpy as np
 
 from .errors import InputError, RegistrationError
+from .options import DEFAULT_SLICE_REFINEMENT
 
 COLUMNS = ("fixed", "moving", "fixed_labels", "moving_labels")
 RESULT_FIELDS = ("fixed", "moving", "dice_affine", "dice_after", "folding_percent", "jacobian_min",
-                 "jacobian_max", "log_jacobian_std", "seconds", "device")
+                 "jacobian_max", "log_jacobian_std", "seconds", "device", "slices_refined", "io_steps_run")
 
 
 def read_pairs(path):
@@ -66,20 +67,22 @@ def check_pair(pair):
             load_label_map_on_grid(pair[role + "_labels"], image, pair[role], role)
 
 
-def _check_options(pairs_csv, out_csv, device, io_steps, prealign, contrast_matching):
+def _check_options(pairs_csv, out_csv, device, io_steps, prealign, contrast_matching, slice_refinement):
     from .arguments import check_choice, check_device, check_flag, check_io_steps
-    from .options import CONTRAST_MATCHING
+    from .options import CONTRAST_MATCHING, SLICE_REFINEMENT
     from .outputs import check_output_file
 
     check_output_file(out_csv, inputs=(pairs_csv,))
     check_io_steps(io_steps)
     check_flag(prealign, "prealign")
     check_choice(contrast_matching, "contrast_matching", CONTRAST_MATCHING)
+    check_choice(slice_refinement, "slice_refinement", SLICE_REFINEMENT)
     check_device(device)
 
 
 def evaluate_pairs(pairs_csv, out_csv, device="auto", io_steps=0, weights=None, prealign=True,
-                   show_progress=True, contrast_matching="auto", allow_unverified=False):
+                   show_progress=True, contrast_matching="auto", allow_unverified=False,
+                   slice_refinement=DEFAULT_SLICE_REFINEMENT):
     """Register every pair, write one result row each to ``out_csv``, print the means; returns rows.
 
     Raises :class:`InputError` (a bad option, weights file or pair, before any registration) or
@@ -90,7 +93,7 @@ def evaluate_pairs(pairs_csv, out_csv, device="auto", io_steps=0, weights=None, 
     from .pipeline import register
     from .weights import load_model
 
-    _check_options(pairs_csv, out_csv, device, io_steps, prealign, contrast_matching)
+    _check_options(pairs_csv, out_csv, device, io_steps, prealign, contrast_matching, slice_refinement)
     pairs = read_pairs(pairs_csv)
     for pair in pairs:
         try:
@@ -103,7 +106,7 @@ def evaluate_pairs(pairs_csv, out_csv, device="auto", io_steps=0, weights=None, 
         try:
             report = register(pair["fixed"], pair["moving"], pair["fixed_labels"], pair["moving_labels"],
                               prealign=prealign, io_steps=io_steps, device=device, model=model,
-                              contrast_matching=contrast_matching).report
+                              contrast_matching=contrast_matching, slice_refinement=slice_refinement).report
         except (InputError, RegistrationError) as error:
             _end_progress_line(show_progress and results)
             raise type(error)("%s: %s" % (_where(pairs_csv, pair, len(pairs)), error)) from None
@@ -125,7 +128,8 @@ def _result_row(pair, report):
             "dice_affine": report.get("dice_affine", ""), "dice_after": report.get("dice_after", ""),
             "folding_percent": report["folding_percent"], "jacobian_min": report["jacobian_min"],
             "jacobian_max": report["jacobian_max"], "log_jacobian_std": report["log_jacobian_std"],
-            "seconds": report["seconds"]["total"], "device": report["device"]}
+            "seconds": report["seconds"]["total"], "device": report["device"],
+            "slices_refined": report["slice_refinement"]["applied"], "io_steps_run": report["io_steps_run"]}
 
 
 def _write_rows(path, rows):
