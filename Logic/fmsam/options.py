@@ -18,9 +18,9 @@ SLICE_REFINEMENT = ("off", "auto")
 #: The default of ``slice_refinement`` (the command line's, the API's, the Slicer module's).
 DEFAULT_SLICE_REFINEMENT = "auto"
 #: The modes and their instance-optimisation steps: 'fast' is the network alone (symmetric
-#: inference, smoothed), 'accurate' refines the network's fields on the pair for 18 steps (on a
-#: stack that slice refinement refines, the refinement takes their place) (Adam at
-#: fmsam.instance_optimisation.DEFAULT_LEARNING_RATE, 5e-3). On the first 10 pairs of
+#: inference, smoothed), 'accurate' refines the network's fields on the pair for 18 steps (Adam at
+#: fmsam.instance_optimisation.DEFAULT_LEARNING_RATE, 5e-3); on a stack that slice refinement
+#: refines, the refinement takes their place. On the first 10 pairs of
 #: Testing/Benchmarks/ixi_val_pairs30.csv 20 such steps reached Dice 0.687 in 31 s where 50 steps
 #: at 2e-3 had reached 0.691 in about 85 s; 18 keep accurate mode within 30 s on two cores
 #: (docs/benchmarks.md, "Speed and scale").

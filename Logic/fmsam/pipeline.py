@@ -298,18 +298,18 @@ def run_network(stages, network, config, inputs, affine, contrast, io_steps, dev
     Instance optimisation compares the moving image in its own contrast when the contrasts differ
     (a contrast-independent similarity), else the image the network saw. Fast mode (and accurate
     mode on a refined stack) makes the model's ``network_passes`` only when the two images show
-    about as much (:func:`fmsam.prealign.foregrounds_comparable`), else one. A fixed image that is a stack of
-    thick slices (:func:`fmsam.slice_refinement.slice_planes`) then has its slices refined in plane
-    one by one, with the same similarity, when ``slice_refinement`` is 'auto'; accurate mode runs
-    fast mode's fields there instead of instance optimisation
-    (:data:`fmsam.slice_refinement.INSTANCE_OPTIMISATION_ON_STACKS`). The report's ``io_steps_run``
-    says how many steps ran."""
+    about as much (:func:`fmsam.prealign.foregrounds_comparable`), else one. A fixed image that is a
+    stack of thick slices (:func:`fmsam.slice_refinement.planes_to_refine`) then has its slices
+    refined in plane one by one, with the same similarity, when ``slice_refinement`` is 'auto';
+    accurate mode runs fast mode's fields there instead of instance optimisation
+    (:func:`fmsam.slice_refinement.instance_optimisation_steps`). The report's ``io_steps_run`` says
+    how many steps ran."""
     from . import slice_refinement as refinement
     from .inference import choose_device, grid_for, network_fields, secant_strides
 
     fixed = inputs.fixed_normalised
     stack = refinement.planes_to_refine(fixed, slice_refinement)
-    io_steps = refinement.instance_optimisation_steps(io_steps, stack)  # 0: fast mode's fields, then the slices
+    io_steps = refinement.instance_optimisation_steps(io_steps, stack)  # 0 on a refined stack: fast mode's fields
     if not io_steps and config.get("network_passes", 1) > 1 and not foregrounds_comparable(
             fixed, inputs.moving_normalised):
         config = dict(config, network_passes=1)

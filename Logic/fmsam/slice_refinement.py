@@ -83,8 +83,9 @@ def slice_planes(size_kji, spacing_kji):
 
 
 def planes_to_refine(image, slice_refinement):
-    """:func:`slice_planes` of a SimpleITK image (any axis layout: the result is None or not alike
-    for every permutation of its axes) when ``slice_refinement`` is 'auto', else None."""
+    """:func:`slice_planes` of a SimpleITK image when ``slice_refinement`` is 'auto', else None.
+    Whether it is None does not depend on the order of the image's axes, so the pipeline's
+    reoriented image and the image as given (the Slicer module's) get the same answer."""
     if slice_refinement != "auto":
         return None
     return slice_planes(image.GetSize()[::-1], image.GetSpacing()[::-1])
