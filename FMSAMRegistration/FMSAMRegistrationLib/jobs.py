@@ -72,8 +72,6 @@ def steps_that_run(request):
     slice refinement refines instead: :func:`fmsam.slice_refinement.instance_optimisation_steps`)."""
     from fmsam.slice_refinement import instance_optimisation_steps, planes_to_refine
 
-    if request.fixed_image is None:
-        return request.io_steps
     planes = planes_to_refine(request.fixed_image, request.slice_refinement)
     return instance_optimisation_steps(request.io_steps, planes)
 

@@ -111,8 +111,7 @@ def slice_refinement(args):
 
     torch.set_num_threads(args.threads)
     rows = []
-    for number in selected(args):
-        pair = cardiac_benchmark.read_csv(args.pairs)[number]
+    for number, pair in selected(args):
         code, _, warped, _ = cardiac_benchmark.run_fmsam(pair, args.threads, 0)
         if code:
             raise SystemExit("fmsam register failed on pair %d" % number)
@@ -141,8 +140,7 @@ def demons(args):
 
     demons_variant(args.variant)
     values = []
-    for number in selected(args):
-        pair = cardiac_benchmark.read_csv(args.pairs)[number]
+    for number, pair in selected(args):
         code, _, warped, field = cardiac_benchmark.run_demons(pair, args.threads)
         if code:
             raise SystemExit("demons failed on pair %d" % number)
@@ -183,8 +181,7 @@ def engine(args):
     torch.set_num_threads(args.threads)
     changed = engine_settings(args.set)
     values = {"inter": [], "cross": []}
-    for number in selected(args):
-        pair = cardiac_benchmark.read_csv(args.pairs)[number]
+    for number, pair in selected(args):
         result = register(pair["fixed"], pair["moving"], device="cpu")
         fixed = sitk.ReadImage(pair["fixed"], sitk.sitkFloat32)
         warped = sitk.Cast(result.warped, sitk.sitkFloat32)
@@ -198,8 +195,10 @@ def engine(args):
 
 
 def selected(args):
-    count = len(cardiac_benchmark.read_csv(args.pairs))
-    return [int(n) for n in args.only.split(",")] if args.only else list(range(count))
+    """``(number, pair)`` of the pairs ``--only`` names (0-based), or of every pair, the pairs file read once."""
+    pairs = cardiac_benchmark.read_csv(args.pairs)
+    numbers = [int(n) for n in args.only.split(",")] if args.only else range(len(pairs))
+    return [(number, pairs[number]) for number in numbers]
 
 
 def main():

@@ -161,13 +161,20 @@ def test_accurate_mode_on_a_stack_refines_the_slices_instead_of_the_volume():
     assert not fast.report["affine_both_ways"]  # so the check above tells the modes apart
 
 
-def test_the_command_line_says_when_the_refinement_replaced_instance_optimisation(tmp_path, capsys):
-    from fmsam.cli import main
+def shifted_phantom_files(folder):
+    """The stack phantom and a copy moved (3, -2) mm in plane, written as NIfTI: ``[fixed, moving]``."""
     from test_thin_stacks import phantom
 
-    paths = [str(tmp_path / "fixed.nii.gz"), str(tmp_path / "moving.nii.gz")]
+    paths = [str(folder / "fixed.nii.gz"), str(folder / "moving.nii.gz")]
     sitk.WriteImage(phantom(), paths[0])
     sitk.WriteImage(phantom(shift_mm=(3.0, -2.0)), paths[1])
+    return paths
+
+
+def test_the_command_line_says_when_the_refinement_replaced_instance_optimisation(tmp_path, capsys):
+    from fmsam.cli import main
+
+    paths = shifted_phantom_files(tmp_path)
     assert main(["register", *paths, "--out", str(tmp_path / "accurate"), "--quiet", "--mode", "accurate"]) == 0
     assert "; slices refined in place of instance optimisation; outputs in" in capsys.readouterr().out
     assert main(["register", *paths, "--out", str(tmp_path / "fast"), "--quiet"]) == 0
@@ -202,11 +209,8 @@ def test_evaluate_takes_the_option_and_says_what_ran(tmp_path):
     import csv
 
     from fmsam.cli import main
-    from test_thin_stacks import phantom
 
-    paths = [str(tmp_path / "fixed.nii.gz"), str(tmp_path / "moving.nii.gz")]
-    sitk.WriteImage(phantom(), paths[0])
-    sitk.WriteImage(phantom(shift_mm=(3.0, -2.0)), paths[1])
+    paths = shifted_phantom_files(tmp_path)
     pairs = tmp_path / "pairs.csv"
     pairs.write_text("fixed,moving\n%s,%s\n" % tuple(paths))
     rows = {}
