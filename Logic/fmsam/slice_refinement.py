@@ -22,10 +22,10 @@ of the nearest fixed slice (the field between slices is never sampled by a fixed
 
 On by default (``fmsam register --slice-refinement off`` turns it off) for stacks of 2 to
 :data:`MAX_SLICES` slices: on the 16 cardiac selection pairs it raised fast mode's NMI on every pair
-for 3-5 s more on a 5-6-slice stack, within the 10 s its decision rule allowed (each slice a batch
-item of PyTorch's 2-D sampler, box means by cumulative sums; docs/training-log.md). In accurate
-mode it replaces the 3-D instance optimisation on the stacks it refines
-(:data:`INSTANCE_OPTIMISATION_ON_STACKS`).
+for 3-7 s more on a 5-6-slice stack (idle 2-core machine), within the 10 s its decision rules
+allowed (each slice a batch item of PyTorch's 2-D sampler, box means by cumulative sums;
+docs/training-log.md). In accurate mode it replaces the 3-D instance optimisation on the stacks it
+refines (:data:`INSTANCE_OPTIMISATION_ON_STACKS`).
 """
 import math
 
@@ -45,10 +45,12 @@ MAX_SLICES = 32
 SPACING_MM = 1.5
 #: Refinement voxels between the correction's nodes along each in-plane axis (6 mm at 1.5 mm).
 NODE_STRIDE = 4
-#: Local NCC window within a slice, refinement voxels (25.5 mm). 9 (with REGULARISATION 1000) until
-#: 2026-12-04 evening: 17 with 300 was the best of four settings on the cardiac selection pairs
-#: (fast mode NMI 1.0332 / 1.0583 -> 1.0356 / 1.0629, inter / cross; docs/training-log.md).
-WINDOW = 17
+#: Local NCC window within a slice, refinement voxels (61.5 mm, about the size of the heart). 9 (with
+#: REGULARISATION 1000) until 2026-12-04 evening, then 17 with 300 (the best of four settings on the
+#: cardiac selection pairs: fast mode NMI 1.0332 / 1.0583 -> 1.0356 / 1.0629, inter / cross); 41
+#: since that night, the best of five wider settings (windows 25 to 41, weights 100 to 1000): 1.0379
+#: / 1.0688 (docs/training-log.md). The box means are cumulative sums: a wider window costs nothing.
+WINDOW = 41
 #: Adam steps and step size (normalised coordinates, as the network's fields).
 STEPS = 100
 LEARNING_RATE = 0.01
