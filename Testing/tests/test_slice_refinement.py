@@ -87,8 +87,9 @@ def test_a_stack_is_refined_by_default_and_not_when_off(tmp_path):
     difference 0.38 / 1.19 / 1.16 per slice), so the refinement (the default) runs, lowers its loss
     and folds nothing, and must not undo that: measured 1.16 / 1.67 / 1.47 with window 9 and weight
     1000, 1.09 / 1.78 / 1.30 with 17 and 300 (it follows local NCC, which is blind in the phantom's
-    flat regions). What it gains on real stacks is measured on cardiac
-    selection pairs (docs/training-log.md, "Session of 2026-12-04")."""
+    flat regions), 0.30 / 1.12 / 0.73 with 41 and 300 (a window that spans the phantom's edges). What
+    it gains on real stacks is measured on cardiac selection pairs (docs/training-log.md, "Session of
+    2026-12-04")."""
     from fmsam.cli import main
     from test_thin_stacks import phantom
 
