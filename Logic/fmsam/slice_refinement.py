@@ -17,8 +17,9 @@ optimised with Adam so that the moving image sampled at ``x + u_s(x) + forward(x
 the fixed slice in local NCC within the slice (:data:`WINDOW` voxels square), plus
 :data:`REGULARISATION` times the mean squared difference of neighbouring nodes. All slices are
 refined together, as one (K, h, w) stack of planes. No displacement across slices is added. The
-corrections then join the network's field on its own grid, each network plane taking the correction
-of the nearest fixed slice (the field between slices is never sampled by a fixed voxel).
+corrections then join the network's field on its own grid: the network planes next to a fixed slice
+take its correction, those between two slices a linear blend of theirs (:data:`BLEND_BETWEEN_SLICES`;
+no fixed voxel samples them, but the fold removal that follows reads them).
 
 On by default (``fmsam register --slice-refinement off`` turns it off) for stacks of 2 to
 :data:`MAX_SLICES` slices: on the 16 cardiac selection pairs it raised fast mode's NMI on every pair
@@ -56,6 +57,15 @@ STEPS = 100
 LEARNING_RATE = 0.01
 #: Weight of the nodes' smoothness term (mean squared difference of neighbouring nodes, normalised).
 REGULARISATION = 300.0
+#: How the slices' corrections fill the network planes between two slices: the fraction of the gap
+#: over which they blend linearly (0: each plane takes the nearest slice's correction, so the field
+#: jumps half way between slices; 1: linear across the gap). The planes next to a slice, those a
+#: fixed voxel of that slice samples, always hold its own correction (:func:`between_slices`). 0 until
+#: 2026-12-04 night: the jumps read as folds (selection pair 3: 37428 network voxels to unfold with the
+#: refinement, 2021 without), and removing them smoothed the field near the slices too; 1 gave fast
+#: mode NMI 1.0385 / 1.0696 on the cardiac selection pairs instead of 1.0379 / 1.0688, better on 15 of
+#: 16, no fold (docs/training-log.md, trial 7).
+BLEND_BETWEEN_SLICES = 1.0
 #: Whether accurate mode's 3-D instance optimisation runs before the refinement on a stack it
 #: refines. False since 2026-12-04 evening: accurate mode computes fast mode's fields there (with its
 #: own two-way affine), then the refinement. The 18 steps, regularised across slices the stack's
@@ -125,6 +135,24 @@ def from_stack_layout(volume, axis, displacement=False):
     if displacement:  # channel c of the stack layout lies along its axis 2 - c, i.e. original axis order[2 - c]
         volume = volume[:, [2 - order.index(2 - c) for c in range(3)]]
     return volume.permute(0, 1, *[2 + n for n in back]).contiguous()
+
+
+def between_slices(count, depth, device=None):
+    """For each of ``depth`` network planes spanning a stack of ``count`` slices (first and last at
+    the first and last slice): ``(lower, weight)``, the plane's correction being ``(1 - weight)``
+    times slice ``lower``'s plus ``weight`` times slice ``lower + 1``'s (:data:`BLEND_BETWEEN_SLICES`).
+    A plane less than one plane spacing from a slice takes that slice's correction alone, so the
+    fixed voxels of a slice, which sample only the two planes around them, get exactly it."""
+    import torch
+
+    position = torch.linspace(0.0, count - 1.0, depth, device=device)      # in slices
+    if BLEND_BETWEEN_SLICES <= 0.0:
+        return torch.round(position).long(), torch.zeros(depth, device=device)
+    lower = position.floor().clamp(max=count - 2).long()
+    fraction = position - lower
+    held = (count - 1.0) / max(depth - 1.0, 1.0)                            # one plane, in slices
+    width = max(min(float(BLEND_BETWEEN_SLICES), 1.0 - 2.0 * held), 1e-6)
+    return lower, ((fraction - 0.5) / width + 0.5).clamp(0.0, 1.0)
 
 
 def without_slice_displacement(in_plane, shape):
@@ -202,8 +230,14 @@ def refine_slices(forward, fixed, moving, planes, axis=0, similarity="lncc", ste
     with torch.no_grad():
         losses.append(float(loss_now()))
         depth = forward.shape[2]
-        nearest = torch.round(torch.linspace(0.0, count - 1.0, depth, device=forward.device)).long()
-        correction = without_slice_displacement(in_plane.detach()[:, :, nearest], forward.shape[2:])
+        lower, weight = between_slices(count, depth, forward.device)
+        solved = in_plane.detach()
+        if BLEND_BETWEEN_SLICES <= 0.0:
+            per_plane = solved[:, :, lower]
+        else:
+            weight = weight.view(1, 1, depth, 1, 1)
+            per_plane = solved[:, :, lower] * (1.0 - weight) + solved[:, :, lower + 1] * weight
+        correction = without_slice_displacement(per_plane, forward.shape[2:])
         correction = from_stack_layout(correction, axis, displacement=True)
     report = {"slice_refinement": {"applied": True, "steps": int(steps), "planes": list(planes), "axis": int(axis),
                                    "loss_before": round(losses[0], 5), "loss_after": round(losses[-1], 5)}}

@@ -8,9 +8,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from fmsam.layers import normalised_to_voxels, warp
-from fmsam.slice_refinement import (from_stack_layout, plane_shape, refine_slices, slice_planes, stack_axis,
-                                    to_stack_layout)
+import fmsam.slice_refinement as slice_refinement
+from fmsam.layers import normalised_to_voxels, resize, warp
+from fmsam.slice_refinement import (between_slices, from_stack_layout, plane_shape, refine_slices, slice_planes,
+                                    stack_axis, to_stack_layout)
 
 
 def test_stacks_are_told_by_the_ratio_of_slice_to_in_plane_spacing():
@@ -43,6 +44,47 @@ def test_stack_layout_round_trips_and_commutes_with_warping(axis):
     assert torch.equal(from_stack_layout(moved_displacement, axis, True), displacement)
     # a displacement in the stack layout moves the permuted volume as the original moves the original
     assert torch.allclose(warp(moved, moved_displacement), to_stack_layout(warp(volume, displacement), axis), atol=1e-6)
+
+
+@pytest.mark.parametrize("count, depth", [(2, 9), (3, 12), (6, 30), (5, 7)])
+def test_between_slices_nearest_jumps_blended_holds_each_slice_and_blends(monkeypatch, count, depth):
+    """Each network plane's correction as (lower slice, weight of the next): with blending 0 the
+    nearest slice's (a jump of a whole slice half way); with 1 every plane less than one plane
+    spacing from a slice holds that slice's alone, and in between the slice coordinate rises in
+    steps of at most one plane over the blended part of the gap, never back."""
+    position = np.linspace(0.0, count - 1.0, depth)
+    monkeypatch.setattr(slice_refinement, "BLEND_BETWEEN_SLICES", 0.0)
+    lower, weight = between_slices(count, depth)
+    assert lower.tolist() == np.round(position).astype(int).tolist() and float(weight.abs().max()) == 0.0
+    assert np.diff(lower.numpy()).max() == 1
+    monkeypatch.setattr(slice_refinement, "BLEND_BETWEEN_SLICES", 1.0)
+    lower, weight = between_slices(count, depth)
+    coordinate = lower.numpy() + weight.numpy().astype(np.float64)      # 2.4: 60 % slice 2, 40 % slice 3
+    held = (count - 1.0) / (depth - 1.0)
+    near = np.abs(position - np.round(position)) <= held + 1e-6
+    assert np.allclose(coordinate[near], np.round(position[near]), atol=1e-5)
+    steps = np.diff(coordinate)
+    assert steps.min() >= -1e-6
+    if held < 0.5:  # room to blend between the planes held at each slice
+        assert steps.max() <= held / (1.0 - 2.0 * held) + 1e-5 < 1.0
+    assert lower.min() >= 0 and lower.max() <= count - 2
+
+
+def test_blending_between_slices_leaves_the_correction_at_every_slice_unchanged(monkeypatch):
+    """Blending fills only the planes between slices: the correction resampled onto the fixed
+    stack's own slices is the same with and without it, and between them it varies by less."""
+    shifts = (3.0, -3.0, 0.0)
+    fixed = torch.from_numpy(np.stack([blobs() for _ in shifts]))[None, None]
+    moving = torch.from_numpy(np.stack([blobs(shift=s) for s in shifts]))[None, None]
+    corrections = {}
+    for blend in (0.0, 1.0):
+        monkeypatch.setattr(slice_refinement, "BLEND_BETWEEN_SLICES", blend)
+        corrections[blend], _ = refine_slices(torch.zeros(1, 3, 12, 40, 40), fixed, moving, (3, 64, 64), 0)
+    on_slices = {blend: resize(c, (3, 40, 40)) for blend, c in corrections.items()}
+    assert torch.allclose(on_slices[0.0], on_slices[1.0], atol=1e-6)
+    assert float(on_slices[0.0][:, 0, :, 10:30, 10:30].abs().max()) > 0.05   # the slices were corrected
+    jumps = {blend: float(c[:, :2].diff(dim=2).abs().max()) for blend, c in corrections.items()}
+    assert jumps[1.0] < 0.5 * jumps[0.0]
 
 
 def blobs(size=64, shift=0.0):
@@ -87,9 +129,9 @@ def test_a_stack_is_refined_by_default_and_not_when_off(tmp_path):
     difference 0.38 / 1.19 / 1.16 per slice), so the refinement (the default) runs, lowers its loss
     and folds nothing, and must not undo that: measured 1.16 / 1.67 / 1.47 with window 9 and weight
     1000, 1.09 / 1.78 / 1.30 with 17 and 300 (it follows local NCC, which is blind in the phantom's
-    flat regions), 0.30 / 1.12 / 0.73 with 41 and 300 (a window that spans the phantom's edges). What
-    it gains on real stacks is measured on cardiac selection pairs (docs/training-log.md, "Session of
-    2026-12-04")."""
+    flat regions), 0.30 / 1.12 / 0.73 with 41 and 300 (a window that spans the phantom's edges),
+    blended between slices or not. What it gains on real stacks is measured on cardiac selection
+    pairs (docs/training-log.md, "Session of 2026-12-04")."""
     from fmsam.cli import main
     from test_thin_stacks import phantom
 
