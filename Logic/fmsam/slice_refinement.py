@@ -23,7 +23,7 @@ no fixed voxel samples them, but the fold removal that follows reads them).
 
 On by default (``fmsam register --slice-refinement off`` turns it off) for stacks of 2 to
 :data:`MAX_SLICES` slices: on the 16 cardiac selection pairs it raised fast mode's NMI on every pair
-for 4.5-7.2 s more on a 5-6-slice stack (idle 2-core machine), within the 10 s its decision rules
+for about 4-7 s more on a 5-6-slice stack (idle 2-core machine), within the 10 s its decision rules
 allowed (each slice a batch item of PyTorch's 2-D sampler, box means by cumulative sums;
 docs/training-log.md). In accurate mode it replaces the 3-D instance optimisation on the stacks it
 refines (:data:`INSTANCE_OPTIMISATION_ON_STACKS`).
