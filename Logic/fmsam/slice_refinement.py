@@ -139,20 +139,23 @@ def from_stack_layout(volume, axis, displacement=False):
 
 def between_slices(count, depth, device=None):
     """For each of ``depth`` network planes spanning a stack of ``count`` slices (first and last at
-    the first and last slice): ``(lower, weight)``, the plane's correction being ``(1 - weight)``
-    times slice ``lower``'s plus ``weight`` times slice ``lower + 1``'s (:data:`BLEND_BETWEEN_SLICES`).
-    A plane less than one plane spacing from a slice takes that slice's correction alone, so the
-    fixed voxels of a slice, which sample only the two planes around them, get exactly it."""
+    the first and last slice): ``(lower, upper, weight)``, the plane's correction being
+    ``(1 - weight)`` times slice ``lower``'s plus ``weight`` times slice ``upper``'s
+    (:data:`BLEND_BETWEEN_SLICES`; without blending ``upper`` is ``lower``, the nearest slice, and
+    ``weight`` 0). A plane less than one plane spacing from a slice takes that slice's correction
+    alone, so the fixed voxels of a slice, which sample only the two planes around them, get
+    exactly it."""
     import torch
 
     position = torch.linspace(0.0, count - 1.0, depth, device=device)      # in slices
     if BLEND_BETWEEN_SLICES <= 0.0:
-        return torch.round(position).long(), torch.zeros(depth, device=device)
+        nearest = torch.round(position).long()
+        return nearest, nearest, torch.zeros(depth, device=device)
     lower = position.floor().clamp(max=count - 2).long()
     fraction = position - lower
     held = (count - 1.0) / max(depth - 1.0, 1.0)                            # one plane, in slices
     width = max(min(float(BLEND_BETWEEN_SLICES), 1.0 - 2.0 * held), 1e-6)
-    return lower, ((fraction - 0.5) / width + 0.5).clamp(0.0, 1.0)
+    return lower, lower + 1, ((fraction - 0.5) / width + 0.5).clamp(0.0, 1.0)
 
 
 def without_slice_displacement(in_plane, shape):
@@ -230,13 +233,9 @@ def refine_slices(forward, fixed, moving, planes, axis=0, similarity="lncc", ste
     with torch.no_grad():
         losses.append(float(loss_now()))
         depth = forward.shape[2]
-        lower, weight = between_slices(count, depth, forward.device)
-        solved = in_plane.detach()
-        if BLEND_BETWEEN_SLICES <= 0.0:
-            per_plane = solved[:, :, lower]
-        else:
-            weight = weight.view(1, 1, depth, 1, 1)
-            per_plane = solved[:, :, lower] * (1.0 - weight) + solved[:, :, lower + 1] * weight
+        lower, upper, weight = between_slices(count, depth, forward.device)
+        solved, weight = in_plane.detach(), weight.view(1, 1, depth, 1, 1)
+        per_plane = solved[:, :, lower] * (1.0 - weight) + solved[:, :, upper] * weight
         correction = without_slice_displacement(per_plane, forward.shape[2:])
         correction = from_stack_layout(correction, axis, displacement=True)
     report = {"slice_refinement": {"applied": True, "steps": int(steps), "planes": list(planes), "axis": int(axis),

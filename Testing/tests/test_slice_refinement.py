@@ -48,17 +48,19 @@ def test_stack_layout_round_trips_and_commutes_with_warping(axis):
 
 @pytest.mark.parametrize("count, depth", [(2, 9), (3, 12), (6, 30), (5, 7)])
 def test_between_slices_nearest_jumps_blended_holds_each_slice_and_blends(monkeypatch, count, depth):
-    """Each network plane's correction as (lower slice, weight of the next): with blending 0 the
-    nearest slice's (a jump of a whole slice half way); with 1 every plane less than one plane
-    spacing from a slice holds that slice's alone, and in between the slice coordinate rises in
-    steps of at most one plane over the blended part of the gap, never back."""
+    """Each network plane's correction as (lower slice, upper slice, weight of the upper): with
+    blending 0 the nearest slice's (a jump of a whole slice half way); with 1 every plane less than
+    one plane spacing from a slice holds that slice's alone, and in between the slice coordinate
+    rises in steps of at most one plane over the blended part of the gap, never back."""
     position = np.linspace(0.0, count - 1.0, depth)
     monkeypatch.setattr(slice_refinement, "BLEND_BETWEEN_SLICES", 0.0)
-    lower, weight = between_slices(count, depth)
+    lower, upper, weight = between_slices(count, depth)
     assert lower.tolist() == np.round(position).astype(int).tolist() and float(weight.abs().max()) == 0.0
+    assert torch.equal(upper, lower)
     assert np.diff(lower.numpy()).max() == 1
     monkeypatch.setattr(slice_refinement, "BLEND_BETWEEN_SLICES", 1.0)
-    lower, weight = between_slices(count, depth)
+    lower, upper, weight = between_slices(count, depth)
+    assert torch.equal(upper, lower + 1)
     coordinate = lower.numpy() + weight.numpy().astype(np.float64)      # 2.4: 60 % slice 2, 40 % slice 3
     held = (count - 1.0) / (depth - 1.0)
     near = np.abs(position - np.round(position)) <= held + 1e-6
