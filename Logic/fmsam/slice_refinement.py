@@ -72,6 +72,15 @@ BLEND_BETWEEN_SLICES = 1.0
 #: acquisition does not couple, lowered NMI on the cardiac selection pairs (1.0357 / 1.0633 without
 #: them, 1.0338 / 1.0614 with, inter / cross) and took 30 s more (docs/training-log.md).
 INSTANCE_OPTIMISATION_ON_STACKS = False
+#: Weight of the refinement's fold term (0: none): the mean over the planes' voxels of
+#: ``max(0, FOLD_MARGIN - det J)**2``, det J being that of the refined map ``x + c(x) + forward(x + c(x))``
+#: at the slices, the least of its 8 one-sided corner determinants (:func:`fmsam.jacobian.grid_determinant`;
+#: across the slices over one slice gap, as the fold removal that follows differentiates).
+FOLD_WEIGHT = 0.0
+#: det J below which the fold term acts (above the fold removal's 0.1 margin on the network grid).
+FOLD_MARGIN = 0.3
+#: The fold term's determinant is taken on every FOLD_STRIDE-th voxel of the planes in plane.
+FOLD_STRIDE = 2
 
 
 def stack_axis(spacing_kji):
@@ -194,6 +203,7 @@ def refine_slices(forward, fixed, moving, planes, axis=0, similarity="lncc", ste
     import torch.nn.functional as F
 
     from .instance_optimisation import adam_steps
+    from .jacobian import grid_determinant
     from .layers import identity_grid, resize, sample_at
     from .losses import local_ncc_loss
 
@@ -215,7 +225,20 @@ def refine_slices(forward, fixed, moving, planes, axis=0, similarity="lncc", ste
     with torch.no_grad():  # each slice of the moving image as the network's field maps it
         on_planes = points + sample_at(forward, points, padding_mode="border").permute(0, 2, 3, 4, 1)
         warped_planes = sample_at(moving_planes, on_planes)[0].transpose(0, 1).contiguous()  # (K, 1, h, w)
+        network_planes = sample_at(forward, points, padding_mode="border")[0].transpose(0, 1).contiguous()  # (K, 3, h, w)
     in_slice = points[:, 0, ..., :2]                                  # (1, h, w, 2): x, y of every slice
+    to_voxels = torch.tensor([(width - 1) / 2.0 / FOLD_STRIDE, (height - 1) / 2.0 / FOLD_STRIDE, (count - 1) / 2.0],
+                             device=forward.device).view(1, 3, 1, 1, 1)  # normalised -> fold-term voxels, slices
+
+    def fold_term(correction, moved):
+        # det J of p -> p + c(p) + forward(p + c(p)) on the (K, h, w) grid of the planes, in its voxels
+        # (the determinant of a map is the same in any grid's units).
+        correction = correction[:, :, ::FOLD_STRIDE, ::FOLD_STRIDE]
+        network_at = F.grid_sample(network_planes, moved[:, ::FOLD_STRIDE, ::FOLD_STRIDE], mode="bilinear",
+                                   padding_mode="border", align_corners=True)               # (K, 3, h', w')
+        composed = network_at + torch.cat([correction, torch.zeros_like(correction[:, :1])], dim=1)
+        determinant = grid_determinant(composed.transpose(0, 1)[None] * to_voxels, "corners")
+        return torch.relu(FOLD_MARGIN - determinant).pow(2).mean()
 
     def loss_now():
         # The corrections move points within their slice, where warped_planes already holds
@@ -224,10 +247,12 @@ def refine_slices(forward, fixed, moving, planes, axis=0, similarity="lncc", ste
         # the 3-D sampler at the slice's own z, at a fraction of its cost.
         correction = F.interpolate(in_plane[0].transpose(0, 1), size=(height, width), mode="bilinear",
                                    align_corners=True)                                     # (K, 2, h, w)
-        warped = F.grid_sample(warped_planes, in_slice + correction.permute(0, 2, 3, 1), mode="bilinear",
-                               padding_mode="border", align_corners=True)                  # (K, 1, h, w)
-        return (local_ncc_loss(fixed_planes, warped.transpose(0, 1)[None], window, squared=squared)
+        moved = in_slice + correction.permute(0, 2, 3, 1)
+        warped = F.grid_sample(warped_planes, moved, mode="bilinear", padding_mode="border",
+                               align_corners=True)                                         # (K, 1, h, w)
+        loss = (local_ncc_loss(fixed_planes, warped.transpose(0, 1)[None], window, squared=squared)
                 + REGULARISATION * node_roughness(in_plane))
+        return loss + FOLD_WEIGHT * fold_term(correction, moved) if FOLD_WEIGHT > 0 else loss
 
     losses = adam_steps(loss_now, optimiser, steps, progress)
     with torch.no_grad():

@@ -24,7 +24,8 @@ independent, at 0.7 mm in plane. The subcommands measure NMI exactly as
 * ``engine-settings --set NAME=VALUE ...``: the engine's own slice refinement (on by default since
   2026-12-04 afternoon) with constants of :mod:`fmsam.slice_refinement` changed in this process
   (``WINDOW``, ``REGULARISATION``, ``SPACING_MM``, ``STEPS``, ...), fast mode, ``fmsam.register``
-  in-process; NMI as the benchmark measures it, folding from the report::
+  in-process; NMI as the benchmark measures it, folding and the least det J on the fixed grid and the
+  fold removal's figures (network voxels, rounds, largest change) from the report::
 
     python3 Testing/Benchmarks/cardiac_benchmark.py pairs --splits Testing/Benchmarks/data_splits.json \\
         --role selection --out out/i15/cardiac_selection_pairs.csv
@@ -186,9 +187,12 @@ def engine(args):
         fixed = sitk.ReadImage(pair["fixed"], sitk.sitkFloat32)
         warped = sitk.Cast(result.warped, sitk.sitkFloat32)
         values[pair["kind"]].append(cardiac_benchmark.nmi_on_fixed(fixed, warped))
-        print("%03d %-5s %s NMI %.5f folding %.4f %% refined %s" % (
-            number, pair["kind"], changed, values[pair["kind"]][-1], result.report["folding_percent"],
-            result.report["slice_refinement"]["applied"]), flush=True)
+        report = result.report
+        print("%03d %-5s %s NMI %.5f folding %.4f %% min det J %.3f refined %s unfolded %d voxels in %d rounds "
+              "(largest change %.2f voxels)" % (
+                  number, pair["kind"], changed, values[pair["kind"]][-1], report["folding_percent"],
+                  report["jacobian_min"], report["slice_refinement"]["applied"], report["unfold_voxels"],
+                  report["unfold_rounds"], report["unfold_max_change_voxels"]), flush=True)
     for kind, found in values.items():
         if found:
             print("%s: %d pairs, mean NMI %.4f with %s" % (kind, len(found), np.mean(found), changed))
