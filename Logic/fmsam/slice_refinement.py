@@ -15,7 +15,10 @@ fixed slice gets an in-plane displacement ``u_s`` (a coarse grid of nodes every 
 refinement voxels, upsampled linearly; the refinement voxels are :data:`SPACING_MM` in plane),
 optimised with Adam so that the moving image sampled at ``x + u_s(x) + forward(x + u_s(x))`` matches
 the fixed slice in local NCC within the slice (:data:`WINDOW` voxels square), plus
-:data:`REGULARISATION` times the mean squared difference of neighbouring nodes. All slices are
+:data:`REGULARISATION` times the mean squared difference of neighbouring nodes, plus
+:data:`FOLD_WEIGHT` times a fold term: how far the refined map's det J at the slices falls below
+:data:`FOLD_MARGIN` (so that the fold removal that follows, which smooths a folded field locally and
+with it the slices' corrections, has little left to do). All slices are
 refined together, as one (K, h, w) stack of planes. No displacement across slices is added. The
 corrections then join the network's field on its own grid: the network planes next to a fixed slice
 take its correction, those between two slices a linear blend of theirs (:data:`BLEND_BETWEEN_SLICES`;
@@ -23,7 +26,7 @@ no fixed voxel samples them, but the fold removal that follows reads them).
 
 On by default (``fmsam register --slice-refinement off`` turns it off) for stacks of 2 to
 :data:`MAX_SLICES` slices: on the 16 cardiac selection pairs it raised fast mode's NMI on every pair
-for about 4-7 s more on a 5-6-slice stack (idle 2-core machine), within the 10 s its decision rules
+for about 5-8 s more on a 5-6-slice stack (idle 2-core machine), within the 10 s its decision rules
 allowed (each slice a batch item of PyTorch's 2-D sampler, box means by cumulative sums;
 docs/training-log.md). In accurate mode it replaces the 3-D instance optimisation on the stacks it
 refines (:data:`INSTANCE_OPTIMISATION_ON_STACKS`).
@@ -46,12 +49,13 @@ MAX_SLICES = 32
 SPACING_MM = 1.5
 #: Refinement voxels between the correction's nodes along each in-plane axis (6 mm at 1.5 mm).
 NODE_STRIDE = 4
-#: Local NCC window within a slice, refinement voxels (61.5 mm, about the size of the heart). 9 (with
-#: REGULARISATION 1000) until 2026-12-04 evening, then 17 with 300 (the best of four settings on the
-#: cardiac selection pairs: fast mode NMI 1.0332 / 1.0583 -> 1.0356 / 1.0629, inter / cross); 41
-#: since that night, the best of five wider settings (windows 25 to 41, weights 100 to 1000): 1.0379
-#: / 1.0688 (docs/training-log.md). The box means are cumulative sums: a wider window costs nothing.
-WINDOW = 41
+#: Local NCC window within a slice, refinement voxels (121.5 mm: the heart and what surrounds it). 9
+#: (with REGULARISATION 1000) until 2026-12-04 evening, then 17 with 300 (the best of four settings on
+#: the cardiac selection pairs: fast mode NMI 1.0332 / 1.0583 -> 1.0356 / 1.0629, inter / cross); 41
+#: that night, the best of five wider settings (windows 25 to 41, weights 100 to 1000): 1.0379 /
+#: 1.0688; 81 since late that night, with the fold term (:data:`FOLD_WEIGHT`; docs/training-log.md,
+#: trial 8). The box means are cumulative sums: a wider window costs nothing.
+WINDOW = 81
 #: Adam steps and step size (normalised coordinates, as the network's fields).
 STEPS = 100
 LEARNING_RATE = 0.01
@@ -75,8 +79,14 @@ INSTANCE_OPTIMISATION_ON_STACKS = False
 #: Weight of the refinement's fold term (0: none): the mean over the planes' voxels of
 #: ``max(0, FOLD_MARGIN - det J)**2``, det J being that of the refined map ``x + c(x) + forward(x + c(x))``
 #: at the slices, the least of its 8 one-sided corner determinants (:func:`fmsam.jacobian.grid_determinant`;
-#: across the slices over one slice gap, as the fold removal that follows differentiates).
-FOLD_WEIGHT = 0.0
+#: across the slices over one slice gap, as the fold removal that follows differentiates). 0 until
+#: 2026-12-04 late night: the refinement ignored folding, and the fold removal ended at its margin on
+#: every cardiac selection pair after 4-17 rounds that changed the field by up to 14 network voxels
+#: (with the removal off, for a diagnosis, NMI 1.0469 / 1.0797 but 0.13-1.70 % of fixed voxels folded).
+#: 10 with WINDOW 81 was the best of six settings (weights 3, 10, 30, windows 41 and 81): fast mode NMI
+#: 1.0385 / 1.0696 -> 1.0436 / 1.0770, better on 16 of 16, no fold, 0-2000 network voxels left to unfold
+#: (docs/training-log.md, trial 8).
+FOLD_WEIGHT = 10.0
 #: det J below which the fold term acts (above the fold removal's 0.1 margin on the network grid).
 FOLD_MARGIN = 0.3
 #: The fold term's determinant is taken on every FOLD_STRIDE-th voxel of the planes in plane.

@@ -9,7 +9,8 @@ import SimpleITK as sitk
 import torch
 
 import fmsam.slice_refinement as slice_refinement
-from fmsam.layers import normalised_to_voxels, resize, warp
+from fmsam.jacobian import grid_determinant
+from fmsam.layers import compose, normalised_to_voxels, resize, voxels_to_normalised, warp
 from fmsam.slice_refinement import (between_slices, from_stack_layout, plane_shape, refine_slices, slice_planes,
                                     stack_axis, to_stack_layout)
 
@@ -87,6 +88,25 @@ def test_blending_between_slices_leaves_the_correction_at_every_slice_unchanged(
     assert float(on_slices[0.0][:, 0, :, 10:30, 10:30].abs().max()) > 0.05   # the slices were corrected
     jumps = {blend: float(c[:, :2].diff(dim=2).abs().max()) for blend, c in corrections.items()}
     assert jumps[1.0] < 0.5 * jumps[0.0]
+
+
+def test_the_fold_term_moves_the_slices_points_out_of_a_fold(monkeypatch):
+    """The network's field folds in a band across every slice (du_x/dx = -1.5 at its centre); the
+    images are flat, so there is nothing to match. Without the fold term the correction stays zero;
+    with it each slice's points are moved so that the refined map folds less deeply there."""
+    x = torch.arange(40, dtype=torch.float32)
+    network_voxels = torch.zeros(1, 3, 12, 40, 40)
+    network_voxels[0, 0] = (-4.5 * torch.tanh((x - 19.5) / 3.0)).view(1, 1, 40)
+    forward = voxels_to_normalised(network_voxels)
+    flat = torch.ones(1, 1, 3, 64, 64)
+    least, largest = {}, {}
+    for weight in (0.0, 10.0):
+        monkeypatch.setattr(slice_refinement, "FOLD_WEIGHT", weight)
+        correction, _ = refine_slices(forward, flat, flat, (3, 64, 64), 0)
+        least[weight] = float(grid_determinant(normalised_to_voxels(compose(forward, correction)), "central").min())
+        largest[weight] = float(normalised_to_voxels(correction).abs().max())
+    assert largest[0.0] == 0.0 and -0.45 < least[0.0] < -0.35    # the network's own fold, untouched
+    assert largest[10.0] > 1.0 and least[10.0] > least[0.0] + 0.08
 
 
 def blobs(size=64, shift=0.0):
