@@ -76,16 +76,17 @@ BLEND_BETWEEN_SLICES = 1.0
 #: acquisition does not couple, lowered NMI on the cardiac selection pairs (1.0357 / 1.0633 without
 #: them, 1.0338 / 1.0614 with, inter / cross) and took 30 s more (docs/training-log.md).
 INSTANCE_OPTIMISATION_ON_STACKS = False
-#: Weight of the refinement's fold term (0: none): the mean over the planes' voxels of
-#: ``max(0, FOLD_MARGIN - det J)**2``, det J being that of the refined map ``x + c(x) + forward(x + c(x))``
-#: at the slices, the least of its 8 one-sided corner determinants (:func:`fmsam.jacobian.grid_determinant`;
-#: across the slices over one slice gap, as the fold removal that follows differentiates). 0 until
-#: 2026-12-04 late night: the refinement ignored folding, and the fold removal ended at its margin on
-#: every cardiac selection pair after 4-17 rounds that changed the field by up to 14 network voxels
-#: (with the removal off, for a diagnosis, NMI 1.0469 / 1.0797 but 0.13-1.70 % of fixed voxels folded).
-#: 10 with WINDOW 81 was the best of six settings (weights 3, 10, 30, windows 41 and 81): fast mode NMI
-#: 1.0385 / 1.0696 -> 1.0436 / 1.0770, better on 16 of 16, no fold, 0-2000 network voxels left to unfold
-#: (docs/training-log.md, trial 8).
+#: Weight of the refinement's fold term (0: none): the mean, over every FOLD_STRIDE-th voxel of the
+#: planes in plane, of ``max(0, FOLD_MARGIN - det J)**2``, det J being that of the refined map
+#: ``x + c(x) + forward(x + c(x))`` at the slices, the least of its 8 one-sided corner determinants
+#: (:func:`fmsam.jacobian.grid_determinant`; across the slices over one slice gap, as the fold removal
+#: that follows differentiates). A penalty, not a bound: the fold removal still runs where the field
+#: folds. 0 until 2026-12-04 late night: the refinement ignored folding, and the fold removal ended at
+#: its margin on every cardiac selection pair after 4-17 rounds that changed the field by up to 14
+#: network voxels (with the removal off, for a diagnosis, NMI 1.0469 / 1.0797 but 0.13-1.70 % of fixed
+#: voxels folded). 10 with WINDOW 81 was the best of six settings (weights 3, 10, 30, windows 41 and
+#: 81): fast mode NMI 1.0385 / 1.0696 -> 1.0436 / 1.0770, better on 16 of 16, no fold, 0-2000 network
+#: voxels for the fold removal to unfold (1694-24379 before) (docs/training-log.md, trial 8).
 FOLD_WEIGHT = 10.0
 #: det J below which the fold term acts (above the fold removal's 0.1 margin on the network grid).
 FOLD_MARGIN = 0.3
@@ -206,7 +207,8 @@ def refine_slices(forward, fixed, moving, planes, axis=0, similarity="lncc", ste
 
     The correction is a (1, 3, D, H, W) normalised displacement ``c`` with no component along the
     slice axis; the refined field is ``compose(forward, c)``. ``report``: the loss before the first
-    step and after the last, the steps, the planes' shape and the axis. ``progress(fraction)`` after
+    step and after the last (the fold term included since 2026-12-04 late night: not comparable with
+    reports from before), the steps, the planes' shape and the axis. ``progress(fraction)`` after
     every step.
     """
     import torch
@@ -233,9 +235,10 @@ def refine_slices(forward, fixed, moving, planes, axis=0, similarity="lncc", ste
     window = (1, WINDOW, WINDOW)
 
     with torch.no_grad():  # each slice of the moving image as the network's field maps it
-        on_planes = points + sample_at(forward, points, padding_mode="border").permute(0, 2, 3, 4, 1)
+        network_at_planes = sample_at(forward, points, padding_mode="border")            # (1, 3, K, h, w)
+        on_planes = points + network_at_planes.permute(0, 2, 3, 4, 1)
         warped_planes = sample_at(moving_planes, on_planes)[0].transpose(0, 1).contiguous()  # (K, 1, h, w)
-        network_planes = sample_at(forward, points, padding_mode="border")[0].transpose(0, 1).contiguous()  # (K, 3, h, w)
+        network_planes = network_at_planes[0].transpose(0, 1).contiguous()                 # (K, 3, h, w)
     in_slice = points[:, 0, ..., :2]                                  # (1, h, w, 2): x, y of every slice
     to_voxels = torch.tensor([(width - 1) / 2.0 / FOLD_STRIDE, (height - 1) / 2.0 / FOLD_STRIDE, (count - 1) / 2.0],
                              device=forward.device).view(1, 3, 1, 1, 1)  # normalised -> fold-term voxels, slices

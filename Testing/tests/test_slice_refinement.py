@@ -1,6 +1,7 @@
 """Slice refinement (fmsam.slice_refinement): each slice of a thick-slice stack gets its own
 in-plane correction after the network."""
 import json
+import math
 import os
 
 import numpy as np
@@ -8,9 +9,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+import fmsam.jacobian as jacobian
 import fmsam.slice_refinement as slice_refinement
 from fmsam.jacobian import grid_determinant
-from fmsam.layers import compose, normalised_to_voxels, resize, voxels_to_normalised, warp
+from fmsam.layers import compose, identity_grid, normalised_to_voxels, resize, voxels_to_normalised, warp
 from fmsam.slice_refinement import (between_slices, from_stack_layout, plane_shape, refine_slices, slice_planes,
                                     stack_axis, to_stack_layout)
 
@@ -90,23 +92,53 @@ def test_blending_between_slices_leaves_the_correction_at_every_slice_unchanged(
     assert jumps[1.0] < 0.5 * jumps[0.0]
 
 
-def test_the_fold_term_moves_the_slices_points_out_of_a_fold(monkeypatch):
-    """The network's field folds in a band across every slice (du_x/dx = -1.5 at its centre); the
-    images are flat, so there is nothing to match. Without the fold term the correction stays zero;
-    with it each slice's points are moved so that the refined map folds less deeply there."""
-    x = torch.arange(40, dtype=torch.float32)
-    network_voxels = torch.zeros(1, 3, 12, 40, 40)
-    network_voxels[0, 0] = (-4.5 * torch.tanh((x - 19.5) / 3.0)).view(1, 1, 40)
-    forward = voxels_to_normalised(network_voxels)
-    flat = torch.ones(1, 1, 3, 64, 64)
-    least, largest = {}, {}
-    for weight in (0.0, 10.0):
+@pytest.mark.parametrize("axis, planes", [(0, (4, 20, 31)), (1, (4, 20, 31)), (2, (4, 20, 31)), (2, (2, 9, 8))])
+def test_the_fold_terms_determinant_is_that_of_the_map_in_any_layout(monkeypatch, axis, planes):
+    """A linear network field x -> x + A x (normalised, stack layout) has det J = det(I + A) everywhere,
+    in any units: the fold term finds exactly that for every slice axis, odd and even plane sizes and
+    two slices (its scaling to voxels with FOLD_STRIDE, channels x, y, z against W, H, D)."""
+    found = []
+    original = jacobian.grid_determinant
+    monkeypatch.setattr(jacobian, "grid_determinant", lambda *a, **k: found.append(original(*a, **k)) or found[-1])
+    monkeypatch.setattr(slice_refinement, "FOLD_WEIGHT", 10.0)
+    matrix = torch.tensor([[-0.5, 0.3, 0.2], [0.1, -0.2, -0.3], [0.05, 0.1, 0.4]])
+    linear = torch.einsum("ij,khwj->ikhw", matrix, identity_grid(planes)[0])[None]
+    order = [axis] + [n for n in range(3) if n != axis]
+    image = torch.rand(1, 1, *[planes[order.index(n)] for n in range(3)])
+    refine_slices(from_stack_layout(linear, axis, displacement=True), image, image, planes, axis, steps=0)
+    assert found, "the fold term did not run"
+    assert torch.allclose(found[-1], torch.det(torch.eye(3) + matrix).expand_as(found[-1]), atol=1e-5)
+
+
+def ripples(size=64, shift=0.0):
+    """(size, size) pattern of ripples moved by ``shift`` voxels along i (the last axis)."""
+    j, i = np.meshgrid(np.arange(size), np.arange(size) - shift, indexing="ij")
+    return (np.sin(i / 4.0) * np.cos(j / 5.0) + 0.5 * np.sin((i + j) / 7.0)).astype(np.float32)
+
+
+@pytest.mark.parametrize("axis", [0, 2])
+def test_the_fold_term_keeps_opposite_slice_shifts_from_folding_across_the_slices(monkeypatch, axis):
+    """Fixed slices shifted +-5 voxels in turn, the moving ones not: the corrections alternate, a shear
+    across the slices which, with the network's through-slice displacement varying in plane (0.6 of
+    a slice gap), folds the refined map (secants across one slice gap, as the fold removal reads it).
+    The fold term (as bundled) keeps it from folding."""
+    count, height, width, depth = 4, 40, 56, 13                     # 4 network planes per slice gap
+    fixed = torch.from_numpy(np.stack([ripples(shift=5.0 if k % 2 else -5.0)[:height, :width] for k in range(count)]))
+    moving = torch.from_numpy(np.stack([ripples()[:height, :width]] * count))
+    network = torch.zeros(1, 3, depth, 20, 28)
+    network[0, 2] = 0.6 * 4 * torch.sin(2 * math.pi * torch.arange(28.0) / 14.0).view(1, 1, 28)
+    forward = voxels_to_normalised(network)
+    least, folded = {}, {}
+    bundled = slice_refinement.FOLD_WEIGHT
+    for weight in (0.0, bundled):
         monkeypatch.setattr(slice_refinement, "FOLD_WEIGHT", weight)
-        correction, _ = refine_slices(forward, flat, flat, (3, 64, 64), 0)
-        least[weight] = float(grid_determinant(normalised_to_voxels(compose(forward, correction)), "central").min())
-        largest[weight] = float(normalised_to_voxels(correction).abs().max())
-    assert largest[0.0] == 0.0 and -0.45 < least[0.0] < -0.35    # the network's own fold, untouched
-    assert largest[10.0] > 1.0 and least[10.0] > least[0.0] + 0.08
+        correction, _ = refine_slices(from_stack_layout(forward, axis, True), from_stack_layout(fixed[None, None], axis),
+                                      from_stack_layout(moving[None, None], axis), (count, height, width), axis)
+        refined = compose(forward, to_stack_layout(correction, axis, True))
+        determinant = grid_determinant(normalised_to_voxels(refined), "corners", strides=(4, 1, 1))
+        least[weight], folded[weight] = float(determinant.min()), int((determinant <= 0).sum())
+    assert folded[0.0] > 1000 and least[0.0] < -0.3                  # folds without the term
+    assert folded[bundled] == 0 and least[bundled] > 0.1
 
 
 def blobs(size=64, shift=0.0):
