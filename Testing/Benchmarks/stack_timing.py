@@ -1,0 +1,51 @@
+"""What the slice refinement costs on a stack with more slices than the MyoPS stacks (2-6): the two sample brains
+resampled to thick slices along k (1.5 x 1.5 mm in plane, ``SLICE_MM`` across, blurred across as a thick acquisition
+is), then the whole ``fmsam register`` in fast mode with ``--slice-refinement off`` and ``auto``, twice each, in turn;
+prints the report's seconds (total, network stage), the refinement's planes, folding and the fold removal's voxels.
+Run it on an idle machine::
+
+    python3 Testing/Benchmarks/stack_timing.py 10
+
+Results: docs/benchmarks.md, "Slice refinement"."""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import SimpleITK as sitk
+
+SAMPLE = os.path.join(os.path.dirname(__file__), "..", "Data", "ixi_sample", "T1")
+
+
+def thick_slices(path, slice_mm, out):
+    image = sitk.ReadImage(path, sitk.sitkFloat32)
+    spacing = (1.5, 1.5, slice_mm)
+    size = [int(round(n * s / t)) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing)]
+    blurred = sitk.SmoothingRecursiveGaussian(image, [0.01, 0.01, slice_mm / 2.355])
+    sitk.WriteImage(sitk.Resample(blurred, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), spacing,
+                                  image.GetDirection()), out)
+    return size
+
+
+def main():
+    slice_mm = float(sys.argv[1]) if len(sys.argv) > 1 else 10.0
+    with tempfile.TemporaryDirectory() as work:
+        paths = []
+        for name in ("IXI012-HH-1211_T1.nii.gz", "IXI013-HH-1212_T1.nii.gz"):
+            paths.append(os.path.join(work, name))
+            print(name, "->", thick_slices(os.path.join(SAMPLE, name), slice_mm, paths[-1]), "voxels")
+        for mode in ("off", "auto", "off", "auto"):
+            out = os.path.join(work, "out_" + mode)
+            subprocess.run([sys.executable, "-m", "fmsam.cli", "register", paths[0], paths[1], "--out", out, "--quiet",
+                            "--device", "cpu", "--slice-refinement", mode], check=True, stdout=subprocess.DEVNULL,
+                           env=dict(os.environ, OMP_NUM_THREADS="2"))
+            with open(os.path.join(out, "report.json")) as handle:
+                report = json.load(handle)
+            print(mode, "total %.2f s, network stage %.2f s, planes %s, folding %.4f %%, unfolded %d" % (
+                report["seconds"]["total"], report["seconds"]["network"], report["slice_refinement"].get("planes"),
+                report["folding_percent"], report["unfold_voxels"]))
+
+
+if __name__ == "__main__":
+    main()
