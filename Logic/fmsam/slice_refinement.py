@@ -265,7 +265,7 @@ def refine_slices(forward, fixed, moving, planes, axis=0, similarity="lncc", ste
                                align_corners=True)                                         # (K, 1, h, w)
         loss = (local_ncc_loss(fixed_planes, warped.transpose(0, 1)[None], window, squared=squared)
                 + REGULARISATION * node_roughness(in_plane))
-        return loss + FOLD_WEIGHT * fold_term(correction, moved) if FOLD_WEIGHT > 0 else loss
+        return (loss + FOLD_WEIGHT * fold_term(correction, moved)) if FOLD_WEIGHT > 0 else loss
 
     losses = adam_steps(loss_now, optimiser, steps, progress)
     with torch.no_grad():
