@@ -195,7 +195,7 @@ def node_roughness(in_plane):
                 - in_plane.narrow(dim, 0, in_plane.shape[dim] - 1)).pow(2).mean() for dim in (3, 4))
 
 
-def refine_slices(forward, fixed, moving, planes, axis=0, similarity="lncc", steps=STEPS, progress=None):
+def refine_slices(forward, fixed, moving, planes, axis=0, similarity="lncc", steps=None, progress=None):
     """In-plane corrections of every fixed slice: ``(correction on the network grid, report)``.
 
     ``forward``: (1, 3, D, H, W) normalised fixed-to-moving displacement on the network grid;
@@ -209,7 +209,8 @@ def refine_slices(forward, fixed, moving, planes, axis=0, similarity="lncc", ste
     slice axis; the refined field is ``compose(forward, c)``. ``report``: the loss before the first
     step and after the last (the fold term included since 2026-12-04 late night: not comparable with
     reports from before), the steps, the planes' shape and the axis. ``progress(fraction)`` after
-    every step.
+    every step. ``steps``: Adam steps, default :data:`STEPS` as it is at the call (so that a caller
+    that changes the constant, as ``cardiac_diagnostics.py engine-settings`` does, changes them).
     """
     import torch
     import torch.nn.functional as F
@@ -219,6 +220,7 @@ def refine_slices(forward, fixed, moving, planes, axis=0, similarity="lncc", ste
     from .layers import identity_grid, resize, sample_at
     from .losses import local_ncc_loss
 
+    steps = STEPS if steps is None else int(steps)
     count, height, width = planes
     if fixed.shape[2 + axis] != count or count < 2:
         raise ValueError("refine_slices needs the fixed stack's %d slices (at least 2), not %d"

@@ -110,6 +110,19 @@ def test_the_fold_terms_determinant_is_that_of_the_map_in_any_layout(monkeypatch
     assert torch.allclose(found[-1], torch.det(torch.eye(3) + matrix).expand_as(found[-1]), atol=1e-5)
 
 
+def test_the_steps_are_the_constant_as_it_is_at_the_call(monkeypatch):
+    """``STEPS`` changed after import (as ``cardiac_diagnostics.py engine-settings --set STEPS=N`` does) changes
+    the steps run; an explicit ``steps`` overrides it. (Until 2026-12-05 the default was bound when the module
+    was read, so changing the constant changed nothing.)"""
+    fixed = torch.from_numpy(np.stack([blobs(size=16) for _ in range(3)]))[None, None]
+    calls = []
+    monkeypatch.setattr(slice_refinement, "STEPS", 3)
+    _, report = refine_slices(torch.zeros(1, 3, 6, 10, 10), fixed, fixed, (3, 16, 16), 0, progress=calls.append)
+    assert report["slice_refinement"]["steps"] == 3 and len(calls) == 3
+    _, report = refine_slices(torch.zeros(1, 3, 6, 10, 10), fixed, fixed, (3, 16, 16), 0, steps=5)
+    assert report["slice_refinement"]["steps"] == 5
+
+
 def ripples(size=64, shift=0.0):
     """(size, size) pattern of ripples moved by ``shift`` voxels along i (the last axis)."""
     j, i = np.meshgrid(np.arange(size), np.arange(size) - shift, indexing="ij")
