@@ -45,9 +45,10 @@ def thick_grid(image, thickness_mm=6.0, in_plane_mm=2.0):
     return grid
 
 
-def thick(image, labels=False):
-    """Thick slices: blurred along the slice axis (as a thick acquisition averages), then sampled."""
-    grid = thick_grid(image)
+def thick(image, labels=False, thickness_mm=6.0, in_plane_mm=2.0):
+    """Thick slices (:func:`thick_grid`): blurred along the slice axis (as a thick acquisition
+    averages), then sampled."""
+    grid = thick_grid(image, thickness_mm, in_plane_mm)
     if labels:
         return sitk.Resample(image, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, image.GetPixelID())
     sigma = [max(0.01, (g - s) / 2.355) for g, s in zip(grid.GetSpacing(), image.GetSpacing())]

@@ -1,8 +1,8 @@
 """What the slice refinement costs on a stack with more slices than the MyoPS stacks (2-6): the two sample brains
-resampled to thick slices along k (1.5 x 1.5 mm in plane, ``SLICE_MM`` across, blurred across as a thick acquisition
-is), then the whole ``fmsam register`` in fast mode with ``--slice-refinement off`` and ``auto``, twice each, in turn;
-prints the report's seconds (total, network stage), the refinement's planes, folding and the fold removal's voxels.
-Run it on an idle machine::
+resampled to thick slices (1.5 x 1.5 mm in plane, ``SLICE_MM`` along the axis nearest superior-inferior, blurred as a
+thick acquisition is: ``make_unfamiliar.thick``), then the whole ``fmsam register`` in fast mode with
+``--slice-refinement off`` and ``auto``, twice each, in turn; prints the report's seconds (total, network stage), the
+refinement's planes, folding and the fold removal's voxels. Run it on an idle machine::
 
     python3 Testing/Benchmarks/stack_timing.py 10
 
@@ -15,17 +15,9 @@ import tempfile
 
 import SimpleITK as sitk
 
+from make_unfamiliar import thick
+
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "Data", "ixi_sample", "T1")
-
-
-def thick_slices(path, slice_mm, out):
-    image = sitk.ReadImage(path, sitk.sitkFloat32)
-    spacing = (1.5, 1.5, slice_mm)
-    size = [int(round(n * s / t)) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing)]
-    blurred = sitk.SmoothingRecursiveGaussian(image, [0.01, 0.01, slice_mm / 2.355])
-    sitk.WriteImage(sitk.Resample(blurred, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), spacing,
-                                  image.GetDirection()), out)
-    return size
 
 
 def main():
@@ -33,8 +25,10 @@ def main():
     with tempfile.TemporaryDirectory() as work:
         paths = []
         for name in ("IXI012-HH-1211_T1.nii.gz", "IXI013-HH-1212_T1.nii.gz"):
+            stack = thick(sitk.ReadImage(os.path.join(SAMPLE, name)), thickness_mm=slice_mm, in_plane_mm=1.5)
             paths.append(os.path.join(work, name))
-            print(name, "->", thick_slices(os.path.join(SAMPLE, name), slice_mm, paths[-1]), "voxels")
+            sitk.WriteImage(stack, paths[-1])
+            print(name, "->", stack.GetSize(), "voxels")
         for mode in ("off", "auto", "off", "auto"):
             out = os.path.join(work, "out_" + mode)
             subprocess.run([sys.executable, "-m", "fmsam.cli", "register", paths[0], paths[1], "--out", out, "--quiet",
