@@ -283,8 +283,20 @@ def iterated_fields(network, fixed_net, moving_net, passes, smoothing=None):
     return forward, inverse
 
 
+#: The grid on which accurate mode's instance optimisation compares the images, per axis a multiple of
+#: the network grid's voxels, at most the fixed image's own (1.0: the network grid).
+IO_IMAGE_SCALE = 1.0
+
+
+def instance_optimisation_grid(grid, fixed_shape):
+    """(D, H, W) on which instance optimisation compares the images: the network ``grid`` times
+    :data:`IO_IMAGE_SCALE` per axis, rounded, but no finer than the fixed image's ``fixed_shape``
+    (k, j, i) and no coarser than ``grid``."""
+    return tuple(max(int(n), min(int(f), int(round(n * IO_IMAGE_SCALE)))) for n, f in zip(grid, fixed_shape))
+
+
 def accurate_fields(network, config, fixed_net, moving_net, steps, similarity="lncc", io_moving=None,
-                    progress=None):
+                    progress=None, io_fixed=None):
     """Accurate mode: the network's two fields refined together on this pair for ``steps`` steps
     (:func:`fmsam.instance_optimisation.instance_optimise`) with ``similarity``; ``io_moving`` is
     the moving image the similarity compares (default ``moving_net``; the moving image in its own
@@ -297,7 +309,8 @@ def accurate_fields(network, config, fixed_net, moving_net, steps, similarity="l
 
     forward, backward = both_directions(network, fixed_net, moving_net)
     forward, backward, losses = instance_optimise(
-        forward, backward, fixed_net, moving_net if io_moving is None else io_moving, steps, config,
+        forward, backward, fixed_net if io_fixed is None else io_fixed, moving_net if io_moving is None else io_moving,
+        steps, config,
         progress=progress, similarity=similarity)
     return NetworkFields(forward, refine_inverse(forward, backward, *BENDING_FIELD_REFINEMENT),
                          {"io_loss_before": losses[0], "io_loss_after": losses[-1], "io_similarity": similarity},
@@ -354,9 +367,12 @@ def network_fields(network, config, device, fixed, moving, grid, io_steps=0, sim
         else:
             if on_instance_optimisation is not None:
                 on_instance_optimisation()
-            io_net = None if io_moving is None else to_network_grid(io_moving, grid, run_device)
+            io_grid = instance_optimisation_grid(grid, np.shape(fixed))
+            io_fixed = None if io_grid == tuple(grid) else to_network_grid(fixed, io_grid, run_device)
+            compared = moving if io_moving is None else io_moving
+            io_net = None if io_moving is None and io_fixed is None else to_network_grid(compared, io_grid, run_device)
             computed = accurate_fields(network, config, fixed_net, moving_net, io_steps, similarity,
-                                       io_net, progress)
+                                       io_net, progress, io_fixed)
         if slice_planes is not None:
             compared = io_moving if io_moving is not None else moving
             computed = refine_stack_slices(computed, fixed, compared, *slice_planes, similarity, run_device,
