@@ -73,17 +73,24 @@ CROSS = (("C0", "DE"), ("DE", "T2"), ("T2", "C0"), ("C0", "T2"), ("DE", "C0"), (
 FOREGROUND = 0.05
 
 
-def make_pairs(patients, data=DATA):
+def make_pairs(patients, data=DATA, second=False):
     """Rows ``{kind, fixed, moving}`` (absolute paths): one inter-patient and one cross-sequence
-    pair per patient, in the order of ``patients``."""
+    pair per patient, in the order of ``patients``: each patient's image against the next patient's
+    in one sequence (the sequences in turn), and against its own in another sequence.
+
+    ``second``: a second set from the same patients that shares no pair with the first (either
+    way round, for 5 patients or more): each patient against the one two places after it, the
+    sequences one further along, and the cross-sequence combinations three further along
+    :data:`CROSS`, for choosing again without reusing pairs already chosen with."""
     rows = []
+    step, shift = (2, 1) if second else (1, 0)
     for n, patient in enumerate(patients):
-        other = patients[(n + 1) % len(patients)]
-        sequence = SEQUENCES[n % 3]
+        other = patients[(n + step) % len(patients)]
+        sequence = SEQUENCES[(n + shift) % 3]
         rows.append({"kind": "inter", "fixed": os.path.join(data, "%d_%s.nii.gz" % (patient, sequence)),
                      "moving": os.path.join(data, "%d_%s.nii.gz" % (other, sequence))})
     for n, patient in enumerate(patients):
-        fixed, moving = CROSS[n % len(CROSS)]
+        fixed, moving = CROSS[(n + 3 * shift) % len(CROSS)]
         rows.append({"kind": "cross", "fixed": os.path.join(data, "%d_%s.nii.gz" % (patient, fixed)),
                      "moving": os.path.join(data, "%d_%s.nii.gz" % (patient, moving))})
     return rows
@@ -235,7 +242,7 @@ def split_patients(splits=None, role=None, issue14_set=None):
 
 
 def pairs_command(args):
-    rows = make_pairs(split_patients(args.splits, args.role, args.set))
+    rows = make_pairs(split_patients(args.splits, args.role, args.set), second=args.second)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", newline="") as handle:
         writer = csv.DictWriter(handle, ("kind", "fixed", "moving"))
@@ -342,6 +349,8 @@ def main():
     split.add_argument("--set", choices=("selection", "report"), help="a set of issue 14's cardiac_split.json")
     split.add_argument("--splits", help="an issue-15 split file (data_splits.json): pairs of its cardiac --role")
     pairs_parser.add_argument("--role", choices=("selection", "report"), help="with --splits")
+    pairs_parser.add_argument("--second", action="store_true",
+                              help="a second pair set of the same patients, sharing no pair with the first")
     pairs_parser.add_argument("--out", required=True)
     run_parser = sub.add_parser("run", help="register the pairs with some methods")
     run_parser.add_argument("--pairs", required=True)

@@ -59,6 +59,30 @@ def test_pairs_of_an_issue15_role_stay_in_the_role(tmp_path, role):
         assert fixed == moving == patient and first != second
 
 
+def test_a_second_selection_set_shares_no_pair_with_the_first(tmp_path):
+    from cardiac_benchmark import make_pairs
+
+    with open(SPLITS) as handle:
+        patients = json.load(handle)["cardiac"]["selection"]
+    first = _pairs(tmp_path, "--splits", SPLITS, "--role", "selection")
+    second = _pairs(tmp_path, "--splits", SPLITS, "--role", "selection", "--second")
+    # the first set as before
+    assert first == [{key: str(value) for key, value in row.items()} for row in make_pairs(patients)]
+    assert len(second) == 16 and [row["kind"] for row in second] == ["inter"] * 8 + ["cross"] * 8
+
+    def unordered(rows):
+        return {frozenset((_patient(row["fixed"]), _patient(row["moving"]))) for row in rows}
+
+    assert len(unordered(second)) == 16 and not unordered(first) & unordered(second)
+    for n, row in enumerate(second[:8]):  # n fixed, n + 2 moving, the sequences one further along
+        sequence = ("C0", "DE", "T2")[(n + 1) % 3]
+        assert _patient(row["fixed"]) == (patients[n], sequence)
+        assert _patient(row["moving"]) == (patients[(n + 2) % 8], sequence)
+    for row, patient in zip(second[8:], patients):  # each patient once, two different sequences
+        (fixed, one), (moving, other) = _patient(row["fixed"]), _patient(row["moving"])
+        assert fixed == moving == patient and one != other
+
+
 def test_issue14_sets_still_give_their_pairs(tmp_path):
     from cardiac_benchmark import make_pairs
 
