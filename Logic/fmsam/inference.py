@@ -300,7 +300,8 @@ def accurate_fields(network, config, fixed_net, moving_net, steps, similarity="l
     """Accurate mode: the network's two fields refined together on this pair for ``steps`` steps
     (:func:`fmsam.instance_optimisation.instance_optimise`) with ``similarity``; ``io_moving`` is
     the moving image the similarity compares (default ``moving_net``; the moving image in its own
-    contrast for 'squared_lncc'). ``progress(fraction)`` after every step. (Refining on a grid 0.6
+    contrast for 'squared_lncc'), ``io_fixed`` the fixed one (default ``fixed_net``); both (1, 1, ...)
+    on the network grid or on a finer one (:func:`instance_optimisation_grid`). ``progress(fraction)`` after every step. (Refining on a grid 0.6
     times the network's per axis was tried: a quarter of the cost per step, but Dice 0.05 lower on
     4 IXI pairs; fewer steps on the full grid cost 0.005: docs/benchmarks.md, "Speed".) It starts
     from one symmetric batch whatever the model's ``network_passes`` (starting from two iterated
@@ -346,7 +347,9 @@ def network_fields(network, config, device, fixed, moving, grid, io_steps=0, sim
     through the affine; ``grid``: the network grid (D, H, W) (:func:`grid_for`). ``io_steps`` 0 is
     fast mode (:func:`fast_fields`), more is accurate mode (:func:`accurate_fields`, which calls
     ``on_instance_optimisation()`` first, then ``progress(fraction)`` after each step; ``io_moving``
-    is the (k, j, i) moving image its similarity compares, default ``moving``). ``slice_planes``,
+    is the (k, j, i) moving image its similarity compares, default ``moving``; the images it compares
+    are on :func:`instance_optimisation_grid`, the network grid at the default
+    :data:`IO_IMAGE_SCALE`). ``slice_planes``,
     ``(axis, planes)`` of a stack of thick slices (:func:`fmsam.slice_refinement.slice_planes`):
     every fixed slice then gets its own in-plane correction (:func:`refine_stack_slices`, which
     calls ``progress(fraction)`` after each of its steps too, so that a caller can stop it); without

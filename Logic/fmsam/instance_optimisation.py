@@ -51,7 +51,10 @@ def instance_optimise(forward, backward, fixed, moving, steps, config,
     independent, for pairs whose contrasts differ; :data:`fmsam.losses.SIMILARITIES`).
 
     ``forward``/``backward``: the network's displacements for (fixed, moving) and (moving, fixed);
-    ``fixed``/``moving``: (1, 1, D, H, W) images on the network grid. ``losses`` holds the loss
+    ``fixed``/``moving``: (1, 1, D', H', W') images on the network grid or a finer one over the same
+    extent (:func:`fmsam.inference.instance_optimisation_grid`): the fields, which stay on their own
+    grid, are then sampled at the images' points. The corrections live on a grid
+    :data:`CORRECTION_SCALE` times the fields' per axis (at least 2 voxels). ``losses`` holds the loss
     before each step and after the last. ``progress(fraction)`` is called after every step and may
     raise :class:`fmsam.errors.Cancelled`.
     """

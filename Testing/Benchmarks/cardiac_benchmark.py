@@ -78,10 +78,16 @@ def make_pairs(patients, data=DATA, second=False):
     pair per patient, in the order of ``patients``: each patient's image against the next patient's
     in one sequence (the sequences in turn), and against its own in another sequence.
 
-    ``second``: a second set from the same patients that shares no pair with the first (either
-    way round, for 5 patients or more): each patient against the one two places after it, the
-    sequences one further along, and the cross-sequence combinations three further along
-    :data:`CROSS`, for choosing again without reusing pairs already chosen with."""
+    ``second``: a second set from the same patients that shares no pair of images with the first
+    (either way round): each patient against the one two places after it, the sequences one further
+    along, and the cross-sequence combinations three further along :data:`CROSS` (always another
+    two of a patient's sequences), for choosing again without reusing pairs already chosen with.
+    It needs at least 5 patients: with 3 its inter-patient rows pair the same patients as the first
+    set's (in other sequences), with 4 they pair each two patients twice, with 2 or fewer a patient
+    with itself; fewer raise ValueError. The images are the same patients' as the first set's, so
+    the second set is not independent of it."""
+    if second and len(patients) < 5:
+        raise ValueError("a second pair set needs at least 5 patients, not %d" % len(patients))
     rows = []
     step, shift = (2, 1) if second else (1, 0)
     for n, patient in enumerate(patients):

@@ -1,13 +1,13 @@
 """Accurate mode's instance optimisation on an image grid finer than the network's (issue 15,
 trial A1): the grid it compares the images on, and refinement of network-grid fields against images
 on a finer grid."""
-import math
-
 import pytest
 import torch
 
 import fmsam.inference as inference
 import fmsam.instance_optimisation as io
+from fmsam.layers import resize
+from fmsam.losses import symmetric_registration_loss
 
 
 @pytest.fixture
@@ -29,10 +29,25 @@ def test_image_grid_is_the_network_grid_times_the_scale_capped_by_the_image(imag
     assert inference.instance_optimisation_grid((32, 160, 160), (4, 480, 480)) == (32, 240, 240)
 
 
-def test_corrections_are_half_the_fields_grid_by_default():
-    # (n + 1) // 2 per axis, as before the scale became a constant (outputs byte-identical)
+def test_corrections_are_half_the_fields_grid_by_default(monkeypatch):
+    """The corrections' grid, read where instance_optimise upsamples them: (n + 1) // 2 per axis, at
+    least 2, as before the scale became a constant (outputs byte-identical)."""
     assert io.CORRECTION_SCALE == 0.5
-    assert [max(2, math.ceil(n * io.CORRECTION_SCALE)) for n in (3, 5, 40, 41, 81)] == [2, 3, 20, 21, 41]
+    seen = []
+    real_resize = io.resize
+
+    def recording_resize(volume, shape):
+        if volume.shape[:2] == (2, 3):  # the two fields' corrections
+            seen.append(tuple(volume.shape[2:]))
+        return real_resize(volume, shape)
+
+    monkeypatch.setattr(io, "resize", recording_resize)
+    for shape in ((3, 4, 5), (5, 40, 41), (81, 4, 7)):
+        zero = torch.zeros((1, 3) + shape)
+        image = torch.rand((1, 1) + shape)
+        io.instance_optimise(zero, zero, image, image, 1, {"ncc_window": 3})  # 3 x 4 x 5: corrections 2 x 2 x 3
+        assert seen[-1] == tuple(max(2, (n + 1) // 2) for n in shape)
+    assert seen[-1] == (41, 2, 4)
 
 
 def _blob(shape, centre_x):
@@ -53,6 +68,39 @@ def test_fields_on_the_network_grid_are_refined_against_images_on_a_finer_grid()
                                                      learning_rate=5e-3)
     assert forward.shape == backward.shape == (1, 3) + fields_shape
     assert losses[-1] < losses[0] - 0.03  # measured 1.311 -> 1.265 (mostly background, where LNCC stays)
-    centre = (slice(None), 0, 7, 7, 7)  # x component, the node nearest the fixed ball's centre
+    # the loss reported after the last step is the similarity on the 32-voxel images (sampled at their
+    # points, no shift), not on images brought to the fields' grid
+    after = symmetric_registration_loss(fixed, moving, forward, backward, io.GRADICON_WEIGHT, 5, torch.zeros(3))[0]
+    assert abs(losses[-1] - float(after)) < 1e-5
+    coarse = symmetric_registration_loss(resize(fixed, fields_shape), resize(moving, fields_shape), forward, backward,
+                                         io.GRADICON_WEIGHT, 5)[0]
+    assert abs(losses[-1] - float(coarse)) > 0.1  # measured 1.265 against 0.864
+    centre = (slice(None), 0, 7, 7, 7)  # x component, one of the two nodes nearest the fixed ball's centre (x = -0.067)
     assert 0.06 < float(forward[centre]) < 0.14  # measured 0.108
     assert -0.14 < float(backward[(slice(None), 0, 7, 7, 8)]) < -0.06  # measured -0.095
+
+
+@pytest.mark.parametrize("scale, io_shape", [(1.0, None), (1.5, (12, 15, 18))])
+def test_accurate_mode_is_given_images_on_the_instance_optimisation_grid(monkeypatch, image_scale, scale, io_shape):
+    """network_fields hands accurate mode images on the grid of instance_optimisation_grid, and none
+    (the network grid's own images, as before) at 1.0; both the fixed and the compared moving image."""
+    image_scale(scale)
+    seen = {}
+
+    def recording_accurate_fields(network, config, fixed_net, moving_net, steps, similarity, io_moving, progress,
+                                  io_fixed):
+        seen.update(net=tuple(fixed_net.shape[2:]), io_fixed=io_fixed, io_moving=io_moving)
+        zero = torch.zeros((1, 3) + tuple(fixed_net.shape[2:]))
+        return inference.NetworkFields(zero, zero, {})
+
+    monkeypatch.setattr(inference, "accurate_fields", recording_accurate_fields)
+    fixed, moving = torch.rand(20, 30, 24).numpy(), torch.rand(20, 30, 24).numpy()
+    fields, _ = inference.network_fields(torch.nn.Identity(), {}, torch.device("cpu"), fixed, moving, (8, 10, 12),
+                                         io_steps=3)
+    assert seen["net"] == (8, 10, 12) and tuple(fields.forward.shape[2:]) == (8, 10, 12)
+    if io_shape is None:
+        assert seen["io_fixed"] is None and seen["io_moving"] is None
+    else:
+        assert tuple(seen["io_fixed"].shape[2:]) == tuple(seen["io_moving"].shape[2:]) == io_shape
+        assert torch.allclose(seen["io_fixed"], resize(torch.from_numpy(fixed)[None, None], io_shape))
+        assert torch.allclose(seen["io_moving"], resize(torch.from_numpy(moving)[None, None], io_shape))
