@@ -17,7 +17,10 @@ NumPy < 2.4), so they run from a separate virtual environment, the fmsam rows fr
 Threads: ``--threads`` (default 2, the machine's cores) for ITK and torch alike. ``--modality ct``
 (or ``mr``) normalises the images of the methods that normalise them (affine, demons, fmsam) that way
 instead of ``fmsam``'s automatic choice, as ``fmsam register --modality`` does; give such rows a
-``--label`` (rendered abdomen pairs have no air, so ``auto`` takes them for MR).
+``--label`` (rendered abdomen pairs have no air, so ``auto`` takes them for MR). ``--set
+MODULE.NAME=VALUE`` (repeatable, with ``--label``) changes a numeric constant of an ``fmsam``
+module for this run's fmsam rows, e.g. ``--set inference.IO_IMAGE_SCALE=1.5`` (a diagnostic: the
+engine's defaults are what a user gets).
 """
 import argparse
 import contextlib
@@ -299,6 +302,32 @@ def appending_results(out, fields):
         yield write, finished
 
 
+def engine_constants(settings, module=None):
+    """Set numeric constants of ``fmsam`` modules, in this process, from ``MODULE.NAME=VALUE``
+    strings (``NAME=VALUE`` when ``module`` names the module, e.g. 'slice_refinement'); each value
+    of its constant's type (int or float; booleans and other types are refused). Returns
+    ``{NAME or MODULE.NAME: value}`` as given. A setting that does not fit raises SystemExit with one
+    line."""
+    import importlib
+
+    changed = {}
+    for setting in settings:
+        key, _, value = setting.partition("=")
+        where, _, name = key.rpartition(".") if module is None else (module, ".", key)
+        try:
+            target = importlib.import_module("fmsam." + where) if where.isidentifier() else None
+            current = getattr(target, name, None)
+            if not name.isupper() or isinstance(current, bool) or not isinstance(current, (int, float)):
+                raise ValueError(name)
+            changed[key] = float(value) if isinstance(current, float) else int(value)
+        except (ValueError, ImportError):
+            raise SystemExit("--set takes %s=VALUE with NAME a number of %s (and VALUE one of its type), not %r"
+                             % ("NAME" if module else "MODULE.NAME", "fmsam." + module if module else
+                                "the fmsam module MODULE", setting)) from None
+        setattr(target, name, changed[key])
+    return changed
+
+
 def run(args):
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
     methods = args.methods.split(",")
@@ -306,6 +335,10 @@ def run(args):
     unknown = [method for method in methods if method not in RUNNERS]
     if unknown:
         raise SystemExit("unknown method(s) %s; choose from %s" % (unknown, ", ".join(METHODS)))
+    if args.set:
+        if not args.label:
+            raise SystemExit("--set needs --label, so that its rows are not taken for the engine's defaults")
+        print("fmsam rows with %s" % engine_constants(args.set), flush=True)
     if any(method.startswith("fmsam") for method in methods):
         import torch
         torch.set_num_threads(args.threads)
@@ -401,6 +434,9 @@ def main():
     run_parser.add_argument("--label", help="suffix for the method name, e.g. adam -> fmsam-fast[adam]")
     run_parser.add_argument("--modality", choices=("auto", "mr", "ct"), default="auto",
                             help="normalisation of affine, demons and fmsam (default: fmsam's automatic choice)")
+    run_parser.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
+                            help="a numeric constant of an fmsam module for the fmsam rows, e.g. "
+                                 "inference.IO_IMAGE_SCALE=1.5 (repeatable; needs --label)")
     report_parser = commands.add_parser("report")
     report_parser.add_argument("--out", required=True)
     report_parser.add_argument("--title")

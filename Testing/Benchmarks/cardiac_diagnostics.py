@@ -155,22 +155,8 @@ def demons(args):
 
 def engine_settings(settings):
     """Set constants of :mod:`fmsam.slice_refinement` from ``NAME=VALUE`` strings (each value of its
-    constant's type), in this process; returns them as a dict."""
-    import fmsam.slice_refinement as refinement
-
-    changed = {}
-    for setting in settings:
-        name, _, value = setting.partition("=")
-        current = getattr(refinement, name, None)
-        try:
-            if not name.isupper() or isinstance(current, bool) or not isinstance(current, (int, float)):
-                raise ValueError(name)
-            changed[name] = float(value) if isinstance(current, float) else int(value)
-        except ValueError:
-            raise SystemExit("--set takes NAME=VALUE with NAME a number of fmsam.slice_refinement (and "
-                             "VALUE one of its type), not %r" % setting) from None
-        setattr(refinement, name, changed[name])
-    return changed
+    constant's type), in this process; returns them as a dict (:func:`benchmark.engine_constants`)."""
+    return benchmark.engine_constants(settings, "slice_refinement")
 
 
 def engine(args):

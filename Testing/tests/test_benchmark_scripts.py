@@ -347,3 +347,25 @@ def test_engine_settings_change_slice_refinement_constants_and_refuse_others(mon
         with pytest.raises(SystemExit, match="NAME=VALUE"):
             engine_settings([bad])
 
+
+
+def test_benchmark_set_changes_fmsam_constants_and_refuses_others(monkeypatch, tmp_path):
+    import fmsam.inference as inference
+    import fmsam.instance_optimisation as io
+    from benchmark import engine_constants
+
+    monkeypatch.setattr(inference, "IO_IMAGE_SCALE", inference.IO_IMAGE_SCALE)  # restored after the test
+    monkeypatch.setattr(io, "GRADICON_WEIGHT", io.GRADICON_WEIGHT)
+    assert engine_constants(["inference.IO_IMAGE_SCALE=1.5", "instance_optimisation.GRADICON_WEIGHT=1"]) == {
+        "inference.IO_IMAGE_SCALE": 1.5, "instance_optimisation.GRADICON_WEIGHT": 1.0}
+    assert inference.IO_IMAGE_SCALE == 1.5 and isinstance(io.GRADICON_WEIGHT, float)
+    for bad in ("IO_IMAGE_SCALE=1.5", "inference.IO_IMAGE_SCALE", "inference.IO_IMAGE_SCALE=x", "nosuch.X=1",
+                "inference.grid_for=1", "inference.NOSUCH=1", "os.path.SEP=1", "slice_refinement.STEPS=1.5"):
+        with pytest.raises(SystemExit, match="MODULE.NAME=VALUE"):
+            engine_constants([bad])
+    # without a label the rows would pass for the defaults': refused before any pair is read
+    out = tmp_path / "out"
+    finished = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "benchmark.py"), "run", "--pairs", "nosuch.csv",
+                               "--out", str(out), "--methods", "fmsam-fast", "--set", "inference.IO_IMAGE_SCALE=1.5"],
+                              capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert finished.returncode != 0 and "--set needs --label" in finished.stderr and not out.exists()
