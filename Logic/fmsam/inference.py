@@ -301,18 +301,18 @@ def accurate_fields(network, config, fixed_net, moving_net, steps, similarity="l
     (:func:`fmsam.instance_optimisation.instance_optimise`) with ``similarity``; ``io_moving`` is
     the moving image the similarity compares (default ``moving_net``; the moving image in its own
     contrast for 'squared_lncc'), ``io_fixed`` the fixed one (default ``fixed_net``); both (1, 1, ...)
-    on the network grid or on a finer one (:func:`instance_optimisation_grid`). ``progress(fraction)`` after every step. (Refining on a grid 0.6
-    times the network's per axis was tried: a quarter of the cost per step, but Dice 0.05 lower on
-    4 IXI pairs; fewer steps on the full grid cost 0.005: docs/benchmarks.md, "Speed".) It starts
-    from one symmetric batch whatever the model's ``network_passes`` (starting from two iterated
-    passes each way gave 0.6525 against 0.6509 on the sample pair, not measured further)."""
+    on the network grid or on a finer one (:func:`instance_optimisation_grid`). ``progress(fraction)``
+    after every step. (Refining on a grid 0.6 times the network's per axis was tried: a quarter of
+    the cost per step, but Dice 0.05 lower on 4 IXI pairs; fewer steps on the full grid cost 0.005:
+    docs/benchmarks.md, "Speed".) It starts from one symmetric batch whatever the model's
+    ``network_passes`` (starting from two iterated passes each way gave 0.6525 against 0.6509 on the
+    sample pair, not measured further)."""
     from .instance_optimisation import instance_optimise
 
     forward, backward = both_directions(network, fixed_net, moving_net)
     forward, backward, losses = instance_optimise(
-        forward, backward, fixed_net if io_fixed is None else io_fixed, moving_net if io_moving is None else io_moving,
-        steps, config,
-        progress=progress, similarity=similarity)
+        forward, backward, fixed_net if io_fixed is None else io_fixed,
+        moving_net if io_moving is None else io_moving, steps, config, progress=progress, similarity=similarity)
     return NetworkFields(forward, refine_inverse(forward, backward, *BENDING_FIELD_REFINEMENT),
                          {"io_loss_before": losses[0], "io_loss_after": losses[-1], "io_similarity": similarity},
                          BENDING_FIELD_REFINEMENT)
@@ -349,11 +349,11 @@ def network_fields(network, config, device, fixed, moving, grid, io_steps=0, sim
     ``on_instance_optimisation()`` first, then ``progress(fraction)`` after each step; ``io_moving``
     is the (k, j, i) moving image its similarity compares, default ``moving``; the images it compares
     are on :func:`instance_optimisation_grid`, the network grid at the default
-    :data:`IO_IMAGE_SCALE`). ``slice_planes``,
-    ``(axis, planes)`` of a stack of thick slices (:func:`fmsam.slice_refinement.slice_planes`):
-    every fixed slice then gets its own in-plane correction (:func:`refine_stack_slices`, which
-    calls ``progress(fraction)`` after each of its steps too, so that a caller can stop it); without
-    it the report's ``slice_refinement`` is ``{"applied": False}``. The forward field then goes
+    :data:`IO_IMAGE_SCALE`). ``slice_planes``, ``(axis, planes)`` of a stack of thick slices
+    (:func:`fmsam.slice_refinement.slice_planes`): every fixed slice then gets its own in-plane
+    correction (:func:`refine_stack_slices`, which calls ``progress(fraction)`` after each of its
+    steps too, so that a caller can stop it); without it the report's ``slice_refinement`` is
+    ``{"applied": False}``. The forward field then goes
     through :func:`remove_folds` with ``strides`` (:func:`secant_strides`; its figures join the
     report; the inverse is refined again when it changed). A CUDA run out of memory is repeated on
     the CPU."""
@@ -373,7 +373,8 @@ def network_fields(network, config, device, fixed, moving, grid, io_steps=0, sim
             io_grid = instance_optimisation_grid(grid, np.shape(fixed))
             io_fixed = None if io_grid == tuple(grid) else to_network_grid(fixed, io_grid, run_device)
             compared = moving if io_moving is None else io_moving
-            io_net = None if io_moving is None and io_fixed is None else to_network_grid(compared, io_grid, run_device)
+            io_net = (None if io_moving is None and io_fixed is None
+                      else to_network_grid(compared, io_grid, run_device))
             computed = accurate_fields(network, config, fixed_net, moving_net, io_steps, similarity,
                                        io_net, progress, io_fixed)
         if slice_planes is not None:
