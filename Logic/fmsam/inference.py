@@ -365,6 +365,7 @@ def network_fields(network, config, device, fixed, moving, grid, io_steps=0, sim
             network.to(memory_format=torch.channels_last_3d)
         fixed_net = to_network_grid(fixed, grid, run_device)
         moving_net = to_network_grid(moving, grid, run_device)
+        compared = moving if io_moving is None else io_moving  # the moving image the similarity compares
         if not io_steps:
             computed = fast_fields(network, config, fixed_net, moving_net)
         else:
@@ -372,13 +373,11 @@ def network_fields(network, config, device, fixed, moving, grid, io_steps=0, sim
                 on_instance_optimisation()
             io_grid = instance_optimisation_grid(grid, np.shape(fixed))
             io_fixed = None if io_grid == tuple(grid) else to_network_grid(fixed, io_grid, run_device)
-            compared = moving if io_moving is None else io_moving
             io_net = (None if io_moving is None and io_fixed is None
                       else to_network_grid(compared, io_grid, run_device))
             computed = accurate_fields(network, config, fixed_net, moving_net, io_steps, similarity,
                                        io_net, progress, io_fixed)
         if slice_planes is not None:
-            compared = io_moving if io_moving is not None else moving
             computed = refine_stack_slices(computed, fixed, compared, *slice_planes, similarity, run_device,
                                            progress)
         else:
