@@ -73,30 +73,40 @@ CROSS = (("C0", "DE"), ("DE", "T2"), ("T2", "C0"), ("C0", "T2"), ("DE", "C0"), (
 FOREGROUND = 0.05
 
 
-def make_pairs(patients, data=DATA, second=False):
+def make_pairs(patients, data=DATA, pair_set=1):
     """Rows ``{kind, fixed, moving}`` (absolute paths): one inter-patient and one cross-sequence
     pair per patient, in the order of ``patients``: each patient's image against the next patient's
     in one sequence (the sequences in turn), and against its own in another sequence.
 
-    ``second``: a second set from the same patients that shares no pair of images with the first
-    (either way round): each patient against the one two places after it, the sequences one further
-    along, and the cross-sequence combinations three further along :data:`CROSS` (always another
-    two of a patient's sequences), for choosing again without reusing pairs already chosen with.
-    It needs at least 5 patients: with 3 its inter-patient rows pair the same patients as the first
-    set's (in other sequences), with 4 they pair each two patients twice, with 2 or fewer a patient
-    with itself; fewer raise ValueError. The images are the same patients' as the first set's, so
-    the second set is not independent of it."""
-    if second and len(patients) < 5:
-        raise ValueError("a second pair set needs at least 5 patients, not %d" % len(patients))
+    ``pair_set`` 2 and 3: further sets from the same patients, for choosing again without reusing
+    pairs already chosen with; no set shares a pair of images with another (either way round).
+    Set 2: each patient against the one two places after it, the sequences one further along, and
+    the cross-sequence combinations three further along :data:`CROSS` (always another two of a
+    patient's sequences). Set 3: the patient three places after, the sequences two further along,
+    and the one combination of a patient's sequences that sets 1 and 2 leave out (its first
+    ordering in :data:`CROSS` from the patient's place on). Set 2 needs at least 5 patients, set 3
+    at least 7: with fewer, inter-patient rows pair the same two patients as an earlier set (or
+    twice, or a patient with itself); fewer raise ValueError. The images are the same patients' in
+    every set, so the sets are not independent of one another."""
+    if pair_set not in (1, 2, 3):
+        raise ValueError("pair_set is 1, 2 or 3, not %r" % (pair_set,))
+    least = {1: 1, 2: 5, 3: 7}[pair_set]
+    if len(patients) < least:
+        raise ValueError("pair set %d needs at least %d patients, not %d" % (pair_set, least, len(patients)))
     rows = []
-    step, shift = (2, 1) if second else (1, 0)
+    step, shift = pair_set, pair_set - 1
     for n, patient in enumerate(patients):
         other = patients[(n + step) % len(patients)]
         sequence = SEQUENCES[(n + shift) % 3]
         rows.append({"kind": "inter", "fixed": os.path.join(data, "%d_%s.nii.gz" % (patient, sequence)),
                      "moving": os.path.join(data, "%d_%s.nii.gz" % (other, sequence))})
     for n, patient in enumerate(patients):
-        fixed, moving = CROSS[(n + 3 * shift) % len(CROSS)]
+        if pair_set < 3:
+            fixed, moving = CROSS[(n + 3 * shift) % len(CROSS)]
+        else:
+            earlier = {frozenset(CROSS[n % len(CROSS)]), frozenset(CROSS[(n + 3) % len(CROSS)])}
+            fixed, moving = next(CROSS[(n + k) % len(CROSS)] for k in range(len(CROSS))
+                                 if frozenset(CROSS[(n + k) % len(CROSS)]) not in earlier)
         rows.append({"kind": "cross", "fixed": os.path.join(data, "%d_%s.nii.gz" % (patient, fixed)),
                      "moving": os.path.join(data, "%d_%s.nii.gz" % (patient, moving))})
     return rows
@@ -248,7 +258,7 @@ def split_patients(splits=None, role=None, issue14_set=None):
 
 
 def pairs_command(args):
-    rows = make_pairs(split_patients(args.splits, args.role, args.set), second=args.second)
+    rows = make_pairs(split_patients(args.splits, args.role, args.set), pair_set=args.pair_set)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", newline="") as handle:
         writer = csv.DictWriter(handle, ("kind", "fixed", "moving"))
@@ -355,8 +365,10 @@ def main():
     split.add_argument("--set", choices=("selection", "report"), help="a set of issue 14's cardiac_split.json")
     split.add_argument("--splits", help="an issue-15 split file (data_splits.json): pairs of its cardiac --role")
     pairs_parser.add_argument("--role", choices=("selection", "report"), help="with --splits")
-    pairs_parser.add_argument("--second", action="store_true",
-                              help="a second pair set of the same patients, sharing no pair with the first")
+    which = pairs_parser.add_mutually_exclusive_group()
+    which.add_argument("--pair-set", type=int, choices=(1, 2, 3), default=1,
+                       help="which pair set of the patients (2 and 3 share no pair with another set)")
+    which.add_argument("--second", dest="pair_set", action="store_const", const=2, help="--pair-set 2")
     pairs_parser.add_argument("--out", required=True)
     run_parser = sub.add_parser("run", help="register the pairs with some methods")
     run_parser.add_argument("--pairs", required=True)

@@ -82,8 +82,37 @@ def test_a_second_selection_set_shares_no_pair_with_the_first(tmp_path):
         assert (_patient(row["fixed"]), _patient(row["moving"])) == ((patient, one), (patient, other))
     for few in ([101, 102], [101, 102, 103], [101, 102, 103, 104]):  # these would repeat or self-pair patients
         with pytest.raises(ValueError, match="at least 5 patients"):
-            make_pairs(few, second=True)
-    assert len(make_pairs([101, 102, 103, 104, 111], second=True)) == 10
+            make_pairs(few, pair_set=2)
+    assert len(make_pairs([101, 102, 103, 104, 111], pair_set=2)) == 10
+    assert _pairs(tmp_path, "--splits", SPLITS, "--role", "selection", "--pair-set", "2") == second
+
+
+def test_a_third_selection_set_shares_no_pair_with_the_first_two(tmp_path):
+    from cardiac_benchmark import make_pairs
+
+    with open(SPLITS) as handle:
+        patients = json.load(handle)["cardiac"]["selection"]
+    sets = [_pairs(tmp_path, "--splits", SPLITS, "--role", "selection", "--pair-set", str(k)) for k in (1, 2, 3)]
+    third = sets[2]
+    assert len(third) == 16 and [row["kind"] for row in third] == ["inter"] * 8 + ["cross"] * 8
+    unordered = [frozenset((_patient(row["fixed"]), _patient(row["moving"]))) for rows in sets for row in rows]
+    assert len(unordered) == len(set(unordered)) == 48  # no pair twice, either way round, across the three sets
+    for n, row in enumerate(third[:8]):  # n fixed, n + 3 moving, the sequences two further along
+        sequence = ("C0", "DE", "T2")[(n + 2) % 3]
+        assert _patient(row["fixed"]) == (patients[n], sequence)
+        assert _patient(row["moving"]) == (patients[(n + 3) % 8], sequence)
+    for n, patient in enumerate(patients):  # each patient's three cross pairs cover its three sequence pairs
+        mine = [frozenset(s for _, s in (_patient(row["fixed"]), _patient(row["moving"])))
+                for rows in sets for row in rows[8:] if _patient(row["fixed"])[0] == patient]
+        assert len(mine) == 3 and set(mine) == {frozenset(p) for p in (("C0", "DE"), ("DE", "T2"), ("C0", "T2"))}
+    assert [(_patient(row["fixed"])[1], _patient(row["moving"])[1]) for row in third[8:11]] == [
+        ("DE", "T2"), ("T2", "C0"), ("DE", "C0")]
+    for few in ([101, 102, 103, 104, 111], [101, 102, 103, 104, 111, 116]):
+        with pytest.raises(ValueError, match="at least 7 patients"):
+            make_pairs(few, pair_set=3)
+    assert len(make_pairs(patients[:7], pair_set=3)) == 14
+    with pytest.raises(ValueError, match="pair_set is 1, 2 or 3"):
+        make_pairs(patients, pair_set=4)
 
 
 def test_issue14_sets_still_give_their_pairs(tmp_path):
