@@ -22,6 +22,7 @@ from slicer.util import VTKObservationMixin
 
 from FMSAMRegistrationLib import RegistrationLogic
 from FMSAMRegistrationLib import ProcessingState
+from FMSAMRegistrationLib.grid_interpolation import keep_linear_on_load
 from FMSAMRegistrationLib.sample_data import register_sample_data
 from FMSAMRegistrationLib.torch_support import MISSING, cuda_usable, torch_problem
 
@@ -55,8 +56,13 @@ class FMSAMRegistration(ScriptedLoadableModule):
             "IJCNN 2025 (arXiv 2505.06527). Network in the style of uniGradICON. Bundled model trained "
             "on IXI brain MRI (CC BY-SA 3.0; DLMUSE labels for validation), MyoPS 2020 cardiac MR and "
             "Learn2Reg/BTCV abdominal CT organ label maps (both research use, via DeepReg's demo data).")
-        # The sample pair in the Sample Data module, once the application is up.
-        slicer.app.connect("startupCompleted()", lambda: register_sample_data(os.path.dirname(self.parent.path)))
+        slicer.app.connect("startupCompleted()", self.onStartupCompleted)
+
+    def onStartupCompleted(self):
+        """Once the application is up: the sample pair in the Sample Data module, and the module's
+        grid transforms linear again in every scene read (Slicer's reader makes them cubic)."""
+        register_sample_data(os.path.dirname(self.parent.path))
+        keep_linear_on_load(slicer.mrmlScene)
 
 
 @parameterNodeWrapper

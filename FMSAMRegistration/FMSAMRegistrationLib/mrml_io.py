@@ -18,6 +18,8 @@ from fmsam.errors import InputError
 from fmsam.fields import affine_matrix
 from fmsam.geometry import LPS_TO_RAS, flip_lps_ras, grid_from_ijk_to_ras, index_to_ras
 
+from .grid_interpolation import mark_linear
+
 
 def world_ijk_to_ras(node, what):
     """The node's IJK-to-world (RAS) matrix, through its linear parent transforms (4x4 array)."""
@@ -184,13 +186,14 @@ def _linear_ras(matrix_lps):
 
 def _set_from_parent(transform_node, *parts):
     """Store ``parts`` (VTK transforms, applied in the order given) as one ``vtkGeneralTransform``,
-    the node's FromParent transform."""
+    the node's FromParent transform, and mark the node's grids linear
+    (:mod:`FMSAMRegistrationLib.grid_interpolation`: Slicer reads them back cubic otherwise)."""
     composite = vtk.vtkGeneralTransform()
     composite.PostMultiply()  # each transform concatenated is applied after the ones before
     for part in parts:
         composite.Concatenate(part)
     transform_node.SetAndObserveTransformFromParent(composite)
-    return transform_node
+    return mark_linear(transform_node)
 
 
 def set_registration_transform(transform_node, affine, deformation):

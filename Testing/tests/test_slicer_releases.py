@@ -11,6 +11,7 @@ import xml.etree.ElementTree as ElementTree
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 slicer = pytest.importorskip("slicer", reason="needs slicer-core (pip install slicer-core)")
 
@@ -269,3 +270,37 @@ def test_the_widget_binds_and_unbinds_the_parameter_node_in_every_release(releas
     ui.prealignWidget.stateChanged.emit()
     ui.prealignWidget.toggled.emit()
     assert parameters.prealign is True            # an unbound widget writes nothing
+
+
+def test_the_module_keeps_its_grids_linear_in_scenes_read_after_startup(release, tmp_path):
+    """Slicer instantiates the module class at startup with Slicer's ScriptedLoadableModule and
+    calls what it connected to ``startupCompleted()``: from then on every scene read into
+    ``slicer.mrmlScene`` has the module's grid transforms linear (Slicer's reader makes them cubic).
+    What only the application can show: that ``startupCompleted()`` is emitted (Qt)."""
+    import types
+
+    from fmsam.fields import Deformation, network_grid
+    from FMSAMRegistrationLib import grid_interpolation, mrml_io
+    from FMSAMRegistrationLib.scene import new_scene
+
+    connected = {}
+    slicer.app.connect = lambda signal, slot: connected.setdefault(signal, slot)
+    parent = types.SimpleNamespace(path=release.module.__file__)
+    module = release.module.FMSAMRegistration(parent)
+    assert parent.title == "FM-SAM Registration" and set(connected) == {"startupCompleted()"}
+    connected["startupCompleted()"]()  # in Slicer: once the application is up (no Sample Data module here)
+
+    writer = new_scene()
+    fixed = sitk.Image([20, 18, 16], sitk.sitkFloat32)
+    grid = network_grid(fixed, (8, 9, 10))
+    field = np.zeros((8, 9, 10, 3), np.float32)
+    field[..., 0] = 2.0 * np.sin(np.arange(10, dtype=np.float32))  # bends between the grid's nodes
+    node = writer.scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "registration")
+    mrml_io.set_registration_transform(node, None, Deformation(grid, field))
+    path = writer.write_bundle(str(tmp_path / "scene.mrb"))
+    for scene in (release.headless.scene, writer.scene):
+        scene.Clear(0)
+    release.headless.scene.ReadFromMRB(path)  # slicer.mrmlScene, which the module's startup observes
+    read = release.headless.scene.GetFirstNodeByName("registration")
+    grids = grid_interpolation.grid_parts(read.GetTransformFromParent())
+    assert [grid.GetInterpolationModeAsString() for grid in grids] == ["Linear"], module
