@@ -59,10 +59,13 @@ class FMSAMRegistration(ScriptedLoadableModule):
         slicer.app.connect("startupCompleted()", self.onStartupCompleted)
 
     def onStartupCompleted(self):
-        """Once the application is up: the sample pair in the Sample Data module, and the module's
-        grid transforms linear again in every scene read (Slicer's reader makes them cubic)."""
-        register_sample_data(os.path.dirname(self.parent.path))
+        """Once the application is up: the module's grid transforms linear again in every scene read
+        (Slicer's reader makes them cubic), and the sample pair in the Sample Data module."""
         keep_linear_on_load(slicer.mrmlScene)
+        try:
+            register_sample_data(os.path.dirname(self.parent.path))
+        except Exception:  # the Sample Data module's API is not ours: its failure costs the sample only
+            logging.exception("FM-SAM Registration: the sample pair could not be added to Sample Data")
 
 
 @parameterNodeWrapper

@@ -7,6 +7,8 @@ steps of JACOBIAN_STEP, so that det J = 0 falls exactly on a table-entry boundar
 """
 import slicer
 
+from .mrml_io import nodes_of_class
+
 JACOBIAN_COLOR_NODE_NAME = "FM-SAM Jacobian (folding green)"
 JACOBIAN_MIN, JACOBIAN_MAX, JACOBIAN_STEP = -0.25, 2.25, 0.01
 FOLDING_RGB = (0.0, 0.9, 0.0)
@@ -31,7 +33,7 @@ def jacobian_color(value):
 
 def jacobian_color_node(scene):
     """The scene's Jacobian colour table, created on first use (one per scene, saved with it)."""
-    for node in scene.GetNodesByClass("vtkMRMLColorTableNode"):
+    for node in nodes_of_class(scene, "vtkMRMLColorTableNode"):
         if node.GetAttribute(_ATTRIBUTE) == "1":
             return node
     entries = int(round((JACOBIAN_MAX - JACOBIAN_MIN) / JACOBIAN_STEP))
@@ -77,7 +79,7 @@ def ensure_slice_views(scene):
     composites = {}
     for name in SLICE_VIEWS:
         composite = None
-        for node in scene.GetNodesByClass("vtkMRMLSliceCompositeNode"):
+        for node in nodes_of_class(scene, "vtkMRMLSliceCompositeNode"):
             if node.GetLayoutName() == name:
                 composite = node
         if composite is None:

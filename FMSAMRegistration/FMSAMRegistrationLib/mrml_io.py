@@ -18,8 +18,6 @@ from fmsam.errors import InputError
 from fmsam.fields import affine_matrix
 from fmsam.geometry import LPS_TO_RAS, flip_lps_ras, grid_from_ijk_to_ras, index_to_ras
 
-from .grid_interpolation import mark_linear
-
 
 def world_ijk_to_ras(node, what):
     """The node's IJK-to-world (RAS) matrix, through its linear parent transforms (4x4 array)."""
@@ -152,6 +150,21 @@ def set_volume_from_image(node, image):
     return node
 
 
+#: Set to "linear" on every transform node this module fills: its grids interpolate linearly, as ITK
+#: and the engine read them, which Slicer's reader of transform files does not keep
+#: (:mod:`FMSAMRegistrationLib.grid_interpolation` restores it when a scene is read).
+GRID_INTERPOLATION_ATTRIBUTE = "FMSAMRegistration.GridInterpolation"
+
+
+def nodes_of_class(scene, class_name):
+    """The scene's nodes of ``class_name`` (subclasses too) as a list. The collection the scene
+    returns is new and owned by the caller; released here, or every node in it would be kept alive
+    (one reference per call), as ``slicer.util.getNodesByClass`` releases it."""
+    collection = scene.GetNodesByClass(class_name)
+    collection.UnRegister(None)
+    return [collection.GetItemAsObject(index) for index in range(collection.GetNumberOfItems())]
+
+
 def _oriented_grid_transform(field_lps, reference):
     """A ``vtkOrientedGridTransform`` (RAS, linear interpolation as ITK) of a displacement field:
     ``field_lps`` (k, j, i, 3) LPS millimetres on ``reference``'s grid (SimpleITK image)."""
@@ -187,13 +200,14 @@ def _linear_ras(matrix_lps):
 def _set_from_parent(transform_node, *parts):
     """Store ``parts`` (VTK transforms, applied in the order given) as one ``vtkGeneralTransform``,
     the node's FromParent transform, and mark the node's grids linear
-    (:mod:`FMSAMRegistrationLib.grid_interpolation`: Slicer reads them back cubic otherwise)."""
+    (:data:`GRID_INTERPOLATION_ATTRIBUTE`)."""
     composite = vtk.vtkGeneralTransform()
     composite.PostMultiply()  # each transform concatenated is applied after the ones before
     for part in parts:
         composite.Concatenate(part)
     transform_node.SetAndObserveTransformFromParent(composite)
-    return mark_linear(transform_node)
+    transform_node.SetAttribute(GRID_INTERPOLATION_ATTRIBUTE, "linear")  # saved with the scene
+    return transform_node
 
 
 def set_registration_transform(transform_node, affine, deformation):
@@ -225,6 +239,6 @@ def map_points_from_parent(transform_node, points_lps):
     return flip_lps_ras(np.array([transform.TransformPoint(*map(float, point)) for point in ras]))
 
 
-__all__ = ["image_from_volume_node", "label_image_from_node", "shared_segment_values",
+__all__ = ["GRID_INTERPOLATION_ATTRIBUTE", "nodes_of_class", "image_from_volume_node", "label_image_from_node", "shared_segment_values",
            "set_volume_from_image", "set_registration_transform", "set_inverse_registration_transform", "map_points_from_parent",
            "world_ijk_to_ras", "segment_names"]

@@ -43,13 +43,20 @@ def saved_scene(tmp_path):
     other = headless.scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "someone else's")
     mrml_io.set_registration_transform(other, affine, Deformation(grid, curved_field(grid)))
     other.RemoveAttribute(grid_interpolation.ATTRIBUTE)
+    # a marked node holding its grid as ToParent (as after the Transforms module's Invert)
+    inverted = headless.scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "stored to parent")
+    inverted.SetAndObserveTransformToParent(mrml_io._oriented_grid_transform(curved_field(grid), grid))
+    inverted.SetAttribute(grid_interpolation.ATTRIBUTE, "linear")
     rng = np.random.default_rng(5)
     size = np.array(fixed.GetSize(), np.float64)
     points = np.array([fixed.TransformContinuousIndexToPhysicalPoint(rng.uniform(2.0, size - 3.0).tolist())
                        for _ in range(400)])
     expected = mrml_io.map_points_from_parent(made, points)
+    inverse_points = points[:40]  # VTK inverts that grid point by point (iteratively)
+    expected_inverted = mrml_io.map_points_from_parent(inverted, inverse_points)
     path = headless.write_bundle(str(tmp_path / "scene.mrb"))
-    return {"path": path, "points": points, "expected": expected}
+    return {"path": path, "points": points, "expected": expected, "inverse_points": inverse_points,
+            "expected_inverted": expected_inverted}
 
 
 def interpolation_modes(node):
@@ -81,6 +88,11 @@ def test_slicer_reads_grids_cubic_and_the_module_makes_its_own_linear_again(save
     assert np.abs(mrml_io.map_points_from_parent(made, points) - expected).max() < 1e-3  # float32 file
     assert np.abs(expected - points).max() > 2.0  # the transform moves points
     assert interpolation_modes(observed.scene.GetFirstNodeByName("someone else's")) == ["Cubic"]  # left alone
+    inverted = observed.scene.GetFirstNodeByName("stored to parent")
+    assert [grid.GetInterpolationModeAsString() for grid in grid_interpolation.grid_parts(
+        inverted.GetTransformToParent())] == ["Linear"]
+    assert np.abs(mrml_io.map_points_from_parent(inverted, saved_scene["inverse_points"])
+                  - saved_scene["expected_inverted"]).max() < 1e-3
 
     observed.scene.Clear(0)  # File > Close Scene, then the scene read again: still observed
     observed.read_bundle(saved_scene["path"])
@@ -91,11 +103,17 @@ def test_slicer_reads_grids_cubic_and_the_module_makes_its_own_linear_again(save
     assert interpolation_modes(observed.scene.GetFirstNodeByName("made by the module")) == ["Cubic"]
 
 
-def test_restoring_counts_grids_and_is_idempotent(saved_scene):
+def test_restoring_counts_nodes_says_so_and_keeps_no_node_alive(saved_scene):
     headless = new_scene()
     headless.read_bundle(saved_scene["path"])
-    assert grid_interpolation.restore_linear_in_scene(headless.scene) == 1  # the marked node's one grid
-    assert grid_interpolation.restore_linear_in_scene(headless.scene) == 0
+    made = headless.scene.GetFirstNodeByName("made by the module")
+    references = [node.GetReferenceCount() for node in mrml_io.nodes_of_class(headless.scene, "vtkMRMLTransformNode")]
+    modified = []
+    made.AddObserver(slicer.vtkMRMLTransformableNode.TransformModifiedEvent, lambda caller, event: modified.append(1))
+    assert grid_interpolation.restore_linear_in_scene(headless.scene) == 2  # the two marked nodes
+    assert modified and grid_interpolation.restore_linear_in_scene(headless.scene) == 0
+    assert [node.GetReferenceCount() for node in mrml_io.nodes_of_class(headless.scene, "vtkMRMLTransformNode")] \
+        == references  # the scene's collections were released
     inverse_parts = grid_interpolation.grid_parts(headless.scene.GetFirstNodeByName("made by the module")
                                                   .GetTransformToParent())
     assert [grid.GetInterpolationModeAsString() for grid in inverse_parts] == ["Linear"]

@@ -288,7 +288,11 @@ def test_the_module_keeps_its_grids_linear_in_scenes_read_after_startup(release,
     parent = types.SimpleNamespace(path=release.module.__file__)
     module = release.module.FMSAMRegistration(parent)
     assert parent.title == "FM-SAM Registration" and set(connected) == {"startupCompleted()"}
-    connected["startupCompleted()"]()  # in Slicer: once the application is up (no Sample Data module here)
+    def no_sample_data(module_dir):
+        raise RuntimeError("Sample Data changed its API")
+
+    release.module.register_sample_data = no_sample_data  # must not keep the grids cubic
+    connected["startupCompleted()"]()  # in Slicer: once the application is up
 
     writer = new_scene()
     fixed = sitk.Image([20, 18, 16], sitk.sitkFloat32)
