@@ -237,18 +237,25 @@ def fast_fields(network, config, fixed_net, moving_net):
 
 
 #: ``(iterations, step)`` of :func:`refine_inverse` for fields that bend fast: iterated passes'
-#: (from the estimate of :func:`iterated_fields`) and accurate mode's. The composed field bends
+#: (from the estimate of :func:`iterated_fields`) and slice-refined stacks'. The composed field bends
 #: faster than one pass's: at step 0.7 (:data:`INVERSE_STEP`) the iteration oscillates (round trip
 #: up to 3 network voxels on the sample pair with two passes of the bundled model's weights, however
 #: many iterations). At 0.5 it converges; round trip max / 99th percentile in network voxels there,
 #: each iteration about 0.04 s on two cores (0.02 s since :func:`fmsam.layers.sample_at` uses both):
 #: 6 iterations 0.55 / 0.032, 8 0.46 / 0.014, 10 0.37 / 0.006, 12 0.27 / 0.003. Ten keep the
 #: largest error under a millimetre. Accurate mode's field, after instance optimisation and fold
-#: removal, bends as fast: at 0.7 its round trip on the sample pair reached 11.4 mm (mean 0.002 mm),
-#: with these settings 0.41 mm (mean 0.0006 mm), so it is refined with them too. (Measured with
+#: removal, bends faster: at 0.7 its round trip on the sample pair reached 11.4 mm (mean 0.002 mm),
+#: with these settings 0.41 mm (mean 0.0006 mm): :data:`ACCURATE_FIELD_REFINEMENT`. (Measured with
 #: :func:`iterated_fields` as it is; the withdrawn design of two plain forward passes gave 13 mm at
 #: 0.7 and 0.31 voxels with ten at 0.5: docs/training-log.md, "Session of 2026-12-03 (night)".)
 BENDING_FIELD_REFINEMENT = (10, 0.5)
+
+#: ``(iterations, step)`` of :func:`refine_inverse` for accurate mode's instance-optimised fields,
+#: which bend faster still where fold removal has unfolded them: at 0.5 the iteration kept
+#: oscillating at one point of the sample pair (round trip max 0.41 mm with the bundled model, 2.37
+#: mm with the weights of trial C1, 2.39 mm with 20 iterations); 20 iterations at 0.3: 0.117 and 0.120
+#: mm (means 0.0004 / 0.0003 mm), for about 0.2 s more (`out/i18/inverse_diag.py`, 2026-12-05).
+ACCURATE_FIELD_REFINEMENT = (20, 0.3)
 
 
 def iterated_fields(network, fixed_net, moving_net, passes, smoothing=None):
@@ -313,9 +320,9 @@ def accurate_fields(network, config, fixed_net, moving_net, steps, similarity="l
     forward, backward, losses = instance_optimise(
         forward, backward, fixed_net if io_fixed is None else io_fixed,
         moving_net if io_moving is None else io_moving, steps, config, progress=progress, similarity=similarity)
-    return NetworkFields(forward, refine_inverse(forward, backward, *BENDING_FIELD_REFINEMENT),
+    return NetworkFields(forward, refine_inverse(forward, backward, *ACCURATE_FIELD_REFINEMENT),
                          {"io_loss_before": losses[0], "io_loss_after": losses[-1], "io_similarity": similarity},
-                         BENDING_FIELD_REFINEMENT)
+                         ACCURATE_FIELD_REFINEMENT)
 
 
 def refine_stack_slices(computed, fixed, moving, axis, planes, similarity, device, progress=None):

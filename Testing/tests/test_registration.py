@@ -238,11 +238,12 @@ def test_evaluate_rejects_a_pairs_file_without_columns(tmp_path):
 def test_accurate_mode_inverse_is_a_close_round_trip(sample_paths):
     """Accurate mode's inverse maps points back where they came from: after instance optimisation and
     fold removal the field bends fast, and its refinement at step 0.7 oscillated (round trip up to
-    11.4 mm on the sample pair, mean 0.002 mm); at step 0.5 (the iterated passes' setting) 0.41 mm, mean 0.0006."""
+    11.4 mm on the sample pair, mean 0.002 mm); at step 0.5 (the iterated passes' setting) 0.41 mm, mean 0.0006
+    (2.37 mm with trial C1's weights: one point oscillating); 20 iterations at 0.3 0.117 mm, mean 0.0004."""
     from fmsam.options import MODES
 
     result = fmsam.register(sample_paths["fixed"], sample_paths["moving"], io_steps=MODES["accurate"], device="cpu")
     trip = result.report["inverse_round_trip_mm"]
     print(trip, result.report["unfold_rounds"])
     assert result.report["unfold_rounds"] >= 1  # the case this guards: the field was unfolded, then inverted
-    assert trip["max"] < 1.0 and trip["mean"] < 0.01
+    assert trip["max"] < 0.3 and trip["mean"] < 0.01  # 0.41 mm at (10, 0.5)
