@@ -239,6 +239,6 @@ def map_points_from_parent(transform_node, points_lps):
     return flip_lps_ras(np.array([transform.TransformPoint(*map(float, point)) for point in ras]))
 
 
-__all__ = ["GRID_INTERPOLATION_ATTRIBUTE", "nodes_of_class", "image_from_volume_node", "label_image_from_node", "shared_segment_values",
-           "set_volume_from_image", "set_registration_transform", "set_inverse_registration_transform", "map_points_from_parent",
+__all__ = ["GRID_INTERPOLATION_ATTRIBUTE", "nodes_of_class", "image_from_volume_node", "label_image_from_node",
+           "shared_segment_values", "set_volume_from_image", "set_registration_transform", "set_inverse_registration_transform", "map_points_from_parent",
            "world_ijk_to_ras", "segment_names"]

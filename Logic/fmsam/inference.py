@@ -252,9 +252,9 @@ BENDING_FIELD_REFINEMENT = (10, 0.5)
 
 #: ``(iterations, step)`` of :func:`refine_inverse` for accurate mode's instance-optimised fields,
 #: which bend faster still where fold removal has unfolded them: at 0.5 the iteration kept
-#: oscillating at one point of the sample pair (round trip max 0.41 mm with the bundled model, 2.37
-#: mm with the weights of trial C1, 2.39 mm with 20 iterations); 20 iterations at 0.3: 0.117 and 0.120
-#: mm (means 0.0004 / 0.0003 mm), for about 0.2 s more (`out/i18/inverse_diag.py`, 2026-12-05).
+#: oscillating at one point of the sample pair (round trip max 0.41 mm with fmsam_adam_v9b, 2.37 mm
+#: with fmsam_adam_v11's weights, 2.39 mm with 20 iterations); 20 iterations at 0.3: 0.117 and 0.120
+#: mm (means 0.0004 / 0.0003 mm), for about 0.2 s more (docs/training-log.md, 2026-12-05).
 ACCURATE_FIELD_REFINEMENT = (20, 0.3)
 
 
