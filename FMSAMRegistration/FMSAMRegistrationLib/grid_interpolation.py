@@ -40,10 +40,11 @@ def grid_parts(transform):
 
 def restore_linear(transform_node):
     """Linear interpolation on every grid of ``transform_node``, whichever direction it stores
-    (the grids it holds are in its ToParent when it stores that one, its FromParent otherwise);
+    (the grids it holds are in its FromParent, as the module stores them, or in its ToParent; the
+    other direction's are copies that follow them at their update, so the stored one goes first);
     True when something changed, and then the node says its transform was modified."""
     changed = False
-    for direction in (transform_node.GetTransformToParent, transform_node.GetTransformFromParent):
+    for direction in (transform_node.GetTransformFromParent, transform_node.GetTransformToParent):
         for grid in grid_parts(direction()):
             if grid.GetInterpolationMode() != vtk.VTK_LINEAR_INTERPOLATION:
                 grid.SetInterpolationModeToLinear()

@@ -103,10 +103,10 @@ def make_pairs(patients, data=DATA, pair_set=1):
     for n, patient in enumerate(patients):
         if pair_set < 3:
             fixed, moving = CROSS[(n + 3 * shift) % len(CROSS)]
-        else:
-            earlier = {frozenset(CROSS[n % len(CROSS)]), frozenset(CROSS[(n + 3) % len(CROSS)])}
-            fixed, moving = next(CROSS[(n + k) % len(CROSS)] for k in range(len(CROSS))
-                                 if frozenset(CROSS[(n + k) % len(CROSS)]) not in earlier)
+        else:  # the pair of sequences sets 1 and 2 (shifts 0 and 1) leave out, first ordering from n on
+            earlier = {frozenset(CROSS[(n + 3 * s) % len(CROSS)]) for s in (0, 1)}
+            start = n % len(CROSS)
+            fixed, moving = next(pair for pair in CROSS[start:] + CROSS[:start] if frozenset(pair) not in earlier)
         rows.append({"kind": "cross", "fixed": os.path.join(data, "%d_%s.nii.gz" % (patient, fixed)),
                      "moving": os.path.join(data, "%d_%s.nii.gz" % (patient, moving))})
     return rows

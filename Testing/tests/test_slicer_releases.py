@@ -288,6 +288,7 @@ def test_the_module_keeps_its_grids_linear_in_scenes_read_after_startup(release,
     parent = types.SimpleNamespace(path=release.module.__file__)
     module = release.module.FMSAMRegistration(parent)
     assert parent.title == "FM-SAM Registration" and set(connected) == {"startupCompleted()"}
+
     def no_sample_data(module_dir):
         raise RuntimeError("Sample Data changed its API")
 
