@@ -19,6 +19,7 @@ import slicer
 import vtk
 
 from .mrml_io import GRID_INTERPOLATION_ATTRIBUTE as ATTRIBUTE
+from .mrml_io import LINEAR_GRID_INTERPOLATION as LINEAR
 from .mrml_io import nodes_of_class
 
 
@@ -58,7 +59,7 @@ def restore_linear_in_scene(scene):
     """:func:`restore_linear` on every transform node of ``scene`` that the module marked;
     returns how many nodes changed."""
     return sum(restore_linear(node) for node in nodes_of_class(scene, "vtkMRMLTransformNode")
-               if node.GetAttribute(ATTRIBUTE) == "linear")
+               if node.GetAttribute(ATTRIBUTE) == LINEAR)
 
 
 def keep_linear_on_load(scene):

@@ -150,10 +150,11 @@ def set_volume_from_image(node, image):
     return node
 
 
-#: Set to "linear" on every transform node this module fills: its grids interpolate linearly, as ITK
-#: and the engine read them, which Slicer's reader of transform files does not keep
-#: (:mod:`FMSAMRegistrationLib.grid_interpolation` restores it when a scene is read).
+#: Set to :data:`LINEAR_GRID_INTERPOLATION` on every transform node this module fills: its grids
+#: interpolate linearly, as ITK and the engine read them, which Slicer's reader of transform files
+#: does not keep (:mod:`FMSAMRegistrationLib.grid_interpolation` restores it when a scene is read).
 GRID_INTERPOLATION_ATTRIBUTE = "FMSAMRegistration.GridInterpolation"
+LINEAR_GRID_INTERPOLATION = "linear"
 
 
 def nodes_of_class(scene, class_name):
@@ -206,7 +207,7 @@ def _set_from_parent(transform_node, *parts):
     for part in parts:
         composite.Concatenate(part)
     transform_node.SetAndObserveTransformFromParent(composite)
-    transform_node.SetAttribute(GRID_INTERPOLATION_ATTRIBUTE, "linear")  # saved with the scene
+    transform_node.SetAttribute(GRID_INTERPOLATION_ATTRIBUTE, LINEAR_GRID_INTERPOLATION)  # saved with the scene
     return transform_node
 
 
@@ -239,6 +240,6 @@ def map_points_from_parent(transform_node, points_lps):
     return flip_lps_ras(np.array([transform.TransformPoint(*map(float, point)) for point in ras]))
 
 
-__all__ = ["GRID_INTERPOLATION_ATTRIBUTE", "nodes_of_class", "image_from_volume_node", "label_image_from_node",
-           "shared_segment_values", "set_volume_from_image", "set_registration_transform", "set_inverse_registration_transform", "map_points_from_parent",
-           "world_ijk_to_ras", "segment_names"]
+__all__ = ["GRID_INTERPOLATION_ATTRIBUTE", "LINEAR_GRID_INTERPOLATION", "nodes_of_class", "image_from_volume_node",
+           "label_image_from_node", "shared_segment_values", "set_volume_from_image", "set_registration_transform",
+           "set_inverse_registration_transform", "map_points_from_parent", "world_ijk_to_ras", "segment_names"]
