@@ -54,7 +54,8 @@ class FMSAMRegistration(ScriptedLoadableModule):
         self.parent.acknowledgementText = _(
             "Method: Hu et al., Improving Generalization of Medical Image Registration Foundation Model, "
             "IJCNN 2025 (arXiv 2505.06527). Network in the style of uniGradICON. Bundled model trained "
-            "on IXI brain MRI (CC BY-SA 3.0; DLMUSE labels for validation), MyoPS 2020 cardiac MR and "
+            "on IXI brain MRI (brain-development.org, CC BY-SA 3.0; 2 mm resampling and DLMUSE labels by "
+            "CBICA (NiChart), the labels used for label supervision and validation), MyoPS 2020 cardiac MR and "
             "Learn2Reg/BTCV abdominal CT organ label maps (both research use, via DeepReg's demo data).")
         slicer.app.connect("startupCompleted()", self.onStartupCompleted)
 
