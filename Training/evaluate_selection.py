@@ -8,7 +8,7 @@ the pair's index, noise 15 HU), and registered by
 pre-alignment, network on its grid, fast mode), with the maps as label maps: Dice before, after the
 affine, and after registration, and the folding share.
 
-    python Training/evaluate_selection.py --models v11=Logic/fmsam/weights/fmsam_adam_v11.pt \\
+    python Training/evaluate_selection.py --models v12=Logic/fmsam/weights/fmsam_adam_v12.pt \\
         adam=Training/runs/i15_adam_mix/latest.pt --grid 64,80,80 --output-smoothing 0.8 --threads 1
 
 ``--grid``/``--output-smoothing`` override the models' own settings, so checkpoints and the bundled
