@@ -249,7 +249,7 @@ def fast_fields(network, config, fixed_net, moving_net):
 #: :func:`iterated_fields` as it is; the withdrawn design of two plain forward passes gave 13 mm at
 #: 0.7 and 0.31 voxels with ten at 0.5: docs/training-log.md, "Session of 2026-12-03 (night)".)
 #: Since 2026-12-05 20 iterations at 0.3, as accurate mode's: at 0.5 one point of the sample pair kept
-#: oscillating where fold removal had smoothed the field of a sharper continuation of fmsam_adam_v11
+#: oscillating where fold removal had smoothed the field of fmsam_adam_v12's weights, then a candidate
 #: (round trip max 2.08 mm with 10 or 20 iterations); at 0.3, 0.144 mm, and fmsam_adam_v11's own
 #: 0.61 -> 0.125 mm, for about 0.2 s more (`out/i19/fast_inverse_diag.py`, docs/training-log.md).
 BENDING_FIELD_REFINEMENT = (20, 0.3)
