@@ -239,11 +239,11 @@ def fast_fields(network, config, fixed_net, moving_net):
 #: ``(iterations, step)`` of :func:`refine_inverse` for fields that bend fast: iterated passes'
 #: (from the estimate of :func:`iterated_fields`) and slice-refined stacks'. The composed field bends
 #: faster than one pass's: at step 0.7 (:data:`INVERSE_STEP`) the iteration oscillates (round trip
-#: up to 3 network voxels on the sample pair with two passes of the bundled model's weights, however
-#: many iterations). At 0.5 it converges; round trip max / 99th percentile in network voxels there,
+#: up to 3 network voxels on the sample pair with two passes of v9b's weights, however many
+#: iterations). At 0.5 it converges there (measured with v9b); round trip max / 99th percentile in network voxels there,
 #: each iteration about 0.04 s on two cores (0.02 s since :func:`fmsam.layers.sample_at` uses both):
-#: 6 iterations 0.55 / 0.032, 8 0.46 / 0.014, 10 0.37 / 0.006, 12 0.27 / 0.003. Ten keep the
-#: largest error under a millimetre. Accurate mode's field, after instance optimisation and fold
+#: 6 iterations 0.55 / 0.032, 8 0.46 / 0.014, 10 0.37 / 0.006, 12 0.27 / 0.003. Ten kept the
+#: largest error under a millimetre for v9b (not for v12's weights: below). Accurate mode's field, after instance optimisation and fold
 #: removal, bends faster: at 0.7 its round trip on the sample pair reached 11.4 mm (mean 0.002 mm),
 #: with these settings 0.41 mm (mean 0.0006 mm): :data:`ACCURATE_FIELD_REFINEMENT`. (Measured with
 #: :func:`iterated_fields` as it is; the withdrawn design of two plain forward passes gave 13 mm at
@@ -251,7 +251,7 @@ def fast_fields(network, config, fixed_net, moving_net):
 #: Since 2026-12-05 20 iterations at 0.3, as accurate mode's: at 0.5 one point of the sample pair kept
 #: oscillating where fold removal had smoothed the field of fmsam_adam_v12's weights, then a candidate
 #: (round trip max 2.08 mm with 10 or 20 iterations); at 0.3, 0.144 mm, and fmsam_adam_v11's own
-#: 0.61 -> 0.125 mm, for about 0.2 s more (`out/i19/fast_inverse_diag.py`, docs/training-log.md).
+#: 0.61 -> 0.125 mm, for about 0.3 s more (`out/i19/fast_inverse_diag.py`, docs/training-log.md).
 BENDING_FIELD_REFINEMENT = (20, 0.3)
 
 #: ``(iterations, step)`` of :func:`refine_inverse` for accurate mode's instance-optimised fields,
