@@ -236,30 +236,21 @@ def fast_fields(network, config, fixed_net, moving_net):
     return NetworkFields(displacement, refine_inverse(displacement, backward), {"network_passes": 1})
 
 
-#: ``(iterations, step)`` of :func:`refine_inverse` for fields that bend fast: iterated passes'
-#: (from the estimate of :func:`iterated_fields`) and slice-refined stacks'. The composed field bends
-#: faster than one pass's: at step 0.7 (:data:`INVERSE_STEP`) the iteration oscillates (round trip
-#: up to 3 network voxels on the sample pair with two passes of v9b's weights, however many
-#: iterations). At 0.5 it converges there (measured with v9b); round trip max / 99th percentile in network voxels there,
-#: each iteration about 0.04 s on two cores (0.02 s since :func:`fmsam.layers.sample_at` uses both):
-#: 6 iterations 0.55 / 0.032, 8 0.46 / 0.014, 10 0.37 / 0.006, 12 0.27 / 0.003. Ten kept the
-#: largest error under a millimetre for v9b (not for v12's weights: below). Accurate mode's field, after instance optimisation and fold
-#: removal, bends faster: at 0.7 its round trip on the sample pair reached 11.4 mm (mean 0.002 mm),
-#: with these settings 0.41 mm (mean 0.0006 mm): :data:`ACCURATE_FIELD_REFINEMENT`. (Measured with
-#: :func:`iterated_fields` as it is; the withdrawn design of two plain forward passes gave 13 mm at
+#: ``(iterations, step)`` of :func:`refine_inverse` for fields that bend fast: iterated passes' (from
+#: the estimate of :func:`iterated_fields`), slice-refined stacks' and accurate mode's. The composed
+#: field bends faster than one pass's: at step 0.7 (:data:`INVERSE_STEP`) the iteration oscillates
+#: (round trip up to 3 network voxels on the sample pair with two passes of v9b's weights, however
+#: many iterations). At 0.5 it converged there for v9b; round trip max / 99th percentile in network
+#: voxels, each iteration about 0.02 s on two cores: 6 iterations 0.55 / 0.032, 8 0.46 / 0.014, 10
+#: 0.37 / 0.006, 12 0.27 / 0.003. Where fold removal has smoothed a field, one point can keep
+#: oscillating at 0.5 however many iterations run: accurate mode's field on the sample pair (round
+#: trip max 0.41 mm with fmsam_adam_v9b, 2.37 mm with fmsam_adam_v11's weights) and fast mode's with
+#: fmsam_adam_v12's weights (2.08 mm). 20 iterations at 0.3 converge in all these cases: accurate
+#: mode 0.117 / 0.120 mm (v9b / v11), fast mode 0.125 mm (v11) and 0.144 mm (v12), for about 0.3 s
+#: more than 10 at 0.5 (docs/training-log.md, 2026-12-05; `out/i18/inverse_diag.py`,
+#: `out/i19/fast_inverse_diag.py`). (The withdrawn design of two plain forward passes gave 13 mm at
 #: 0.7 and 0.31 voxels with ten at 0.5: docs/training-log.md, "Session of 2026-12-03 (night)".)
-#: Since 2026-12-05 20 iterations at 0.3, as accurate mode's: at 0.5 one point of the sample pair kept
-#: oscillating where fold removal had smoothed the field of fmsam_adam_v12's weights, then a candidate
-#: (round trip max 2.08 mm with 10 or 20 iterations); at 0.3, 0.144 mm, and fmsam_adam_v11's own
-#: 0.61 -> 0.125 mm, for about 0.3 s more (`out/i19/fast_inverse_diag.py`, docs/training-log.md).
 BENDING_FIELD_REFINEMENT = (20, 0.3)
-
-#: ``(iterations, step)`` of :func:`refine_inverse` for accurate mode's instance-optimised fields,
-#: which bend faster still where fold removal has unfolded them: at 0.5 the iteration kept
-#: oscillating at one point of the sample pair (round trip max 0.41 mm with fmsam_adam_v9b, 2.37 mm
-#: with fmsam_adam_v11's weights, 2.39 mm with 20 iterations); 20 iterations at 0.3: 0.117 and 0.120
-#: mm (means 0.0004 / 0.0003 mm), for about 0.2 s more (docs/training-log.md, 2026-12-05).
-ACCURATE_FIELD_REFINEMENT = (20, 0.3)
 
 
 def iterated_fields(network, fixed_net, moving_net, passes, smoothing=None):
@@ -324,9 +315,9 @@ def accurate_fields(network, config, fixed_net, moving_net, steps, similarity="l
     forward, backward, losses = instance_optimise(
         forward, backward, fixed_net if io_fixed is None else io_fixed,
         moving_net if io_moving is None else io_moving, steps, config, progress=progress, similarity=similarity)
-    return NetworkFields(forward, refine_inverse(forward, backward, *ACCURATE_FIELD_REFINEMENT),
+    return NetworkFields(forward, refine_inverse(forward, backward, *BENDING_FIELD_REFINEMENT),
                          {"io_loss_before": losses[0], "io_loss_after": losses[-1], "io_similarity": similarity},
-                         ACCURATE_FIELD_REFINEMENT)
+                         BENDING_FIELD_REFINEMENT)
 
 
 def refine_stack_slices(computed, fixed, moving, axis, planes, similarity, device, progress=None):
