@@ -105,6 +105,9 @@ def parse_args(argv):
                         help="chance that one image of a brain pair (fixed or moving, even odds) is "
                              "skull-stripped: zero beyond one voxel of its brain labels (a subject "
                              "against a stripped template or brain)")
+    parser.add_argument("--strip-both-fraction", type=float, default=0.0,
+                        help="chance that both images of a brain pair are skull-stripped, as in "
+                             "skull-stripped data sets (OASIS); drawn after --strip-fraction's draw")
     parser.add_argument("--mix", type=parse_mix, default=None,
                         help="multi-anatomy mix, e.g. brain=0.5,cardiac=0.2,abdomen=0.2,shapes=0.1 "
                              "(shares of steps, normalised to sum 1; cardiac and abdomen read --data "
@@ -136,6 +139,8 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if not 0.0 <= args.strip_fraction <= 1.0:
         parser.error("--strip-fraction must lie in 0..1")
+    if not 0.0 <= args.strip_both_fraction <= 1.0:
+        parser.error("--strip-both-fraction must lie in 0..1")
     if args.mix is not None and args.synth_fraction:
         parser.error("--mix replaces --synth-fraction: give the shapes' share as shapes= in --mix")
     if args.brain_labels < 0 or (args.brain_labels and not args.label_weight > 0):
@@ -178,7 +183,7 @@ def mix_source(mix, draw):
 #: Settings added after the first runs, with the value those runs had.
 DEFAULTS = {"synth_fraction": 0.0, "identity_fraction": 0.0, "thick_fraction": 0.0,
             "remap_fraction": 0.0, "init": None, "mix": None, "label_weight": 0.0,
-            "brain_labels": 0, "strip_fraction": 0.0}
+            "brain_labels": 0, "strip_fraction": 0.0, "strip_both_fraction": 0.0}
 
 
 def _choice_generator(args, step, rank):
@@ -227,9 +232,10 @@ def draw_pair(args, train_cache, step, rank, grid, anatomy_sets=None, with_label
     if draw < args.synth_fraction:
         return labelled(synth_pair(choice, grid, with_labels=True))
     brain_labels = with_labels and args.brain_labels > 0 and train_cache.labels is not None
-    stripping = args.strip_fraction > 0  # main() loads the label maps (the masks) for it
+    stripping = strips(args)  # main() loads the label maps (the masks) for it
     if stripping and train_cache.labels is None:
-        raise ValueError("--strip-fraction needs the cache's label maps (SubjectCache(training_labels=True))")
+        raise ValueError("--strip-fraction and --strip-both-fraction need the cache's label maps "
+                         "(SubjectCache(training_labels=True))")
     # whole_maps: the two full parcellations (the label subsets' source, the strip masks)
     fixed, moving, *whole_maps = sample_pair(train_cache, seed, step, augment=not args.no_augment,
                                              with_labels=brain_labels or stripping)
@@ -253,7 +259,14 @@ def draw_pair(args, train_cache, step, rank, grid, anatomy_sets=None, with_label
             fixed = skull_stripped(fixed, whole_maps[0])
         else:
             moving = skull_stripped(moving, whole_maps[1])
+    if args.strip_both_fraction and torch.rand(1, generator=choice).item() < args.strip_both_fraction:
+        fixed, moving = skull_stripped(fixed, whole_maps[0]), skull_stripped(moving, whole_maps[1])
     return labelled((fixed, moving) + tuple(maps))
+
+
+def strips(args):
+    """Whether brain pairs may be skull-stripped (the pairs then need their label maps as masks)."""
+    return args.strip_fraction > 0 or args.strip_both_fraction > 0
 
 
 def _ints(text):
@@ -444,7 +457,7 @@ def main(argv=None):
                                    "coarse_channels", "fine_channels", "gradicon_weight", "no_augment",
                                    "synth_fraction", "identity_fraction", "thick_fraction",
                                    "remap_fraction", "init", "mix", "label_weight", "brain_labels",
-                                   "strip_fraction")
+                                   "strip_fraction", "strip_both_fraction")
                        if previous.get(k, DEFAULTS.get(k)) != run_settings.get(k)]
             if changed:
                 print("error: %s was started with other settings (%s); use a new --run folder"
@@ -459,7 +472,7 @@ def main(argv=None):
     split = read_split(args.cache)
     grid = tuple(config["grid"])
     train_cache = SubjectCache(args.cache, split["train"], grid,
-                               training_labels=args.brain_labels > 0 or args.strip_fraction > 0)
+                               training_labels=args.brain_labels > 0 or strips(args))
     val_cache = SubjectCache(args.cache, split["val"], grid, with_labels=True) if rank == 0 else None
     pairs = validation_pairs(args.val_pairs, len(val_cache)) if rank == 0 else None
     anatomy_sets, selection_sets = load_anatomy(args, rank)

@@ -6,11 +6,27 @@
 All ordered pairs (fixed != moving) of the split's subjects, or with ``--offsets 1,2,3`` only the
 pairs (i, i + offset): each subject is then fixed and moving equally often. Paths are relative to
 the CSV.
+
+With ``--stripped DIR`` both images of every pair are skull-stripped copies written to DIR: the T1
+set to 0 farther than one voxel (26-neighbourhood) from the subject's own labels, as the trainer's
+``--strip-fraction`` strips one image (``Training/training_data.skull_stripped``): a brain pair as
+skull-stripped data sets such as OASIS give it, both images stripped.
 """
 import argparse
 import csv
 import os
 import sys
+
+
+def write_stripped(t1_path, labels_path, out_path):
+    """Write ``t1_path``'s image with every voxel farther than one voxel (3x3x3 cube) from a
+    labelled voxel (``labels_path`` > 0, same grid) set to 0; geometry and pixel type kept."""
+    import SimpleITK as sitk
+
+    image, labels = sitk.ReadImage(t1_path), sitk.ReadImage(labels_path)
+    brain = sitk.BinaryDilate(sitk.Cast(labels > 0, sitk.sitkUInt8), [1, 1, 1], sitk.sitkBox)
+    brain.CopyInformation(image)
+    sitk.WriteImage(sitk.Mask(image, brain), out_path)
 
 
 def main(argv=None):
@@ -19,6 +35,8 @@ def main(argv=None):
     parser.add_argument("--split", default="val")
     parser.add_argument("--out", required=True)
     parser.add_argument("--offsets", default="", help="e.g. 1,2,3: pairs (i, i+offset) only")
+    parser.add_argument("--stripped", help="folder for skull-stripped copies of the T1 images, which the "
+                                           "pairs then use (both images of a pair stripped)")
     args = parser.parse_args(argv)
     with open(os.path.join(args.data, args.split + ".txt")) as handle:
         subjects = [line.strip() for line in handle if line.strip()]
@@ -33,11 +51,19 @@ def main(argv=None):
                  for offset in args.offsets.split(",") for i in range(count)]
     else:
         pairs = [(f, m) for f in subjects for m in subjects if f != m]
+    t1 = {subject: relative("T1", subject + "_T1.nii.gz") for subject in subjects}
+    if args.stripped:
+        os.makedirs(args.stripped, exist_ok=True)
+        for subject in sorted({s for pair in pairs for s in pair}):
+            out_path = os.path.join(args.stripped, subject + "_T1_stripped.nii.gz")
+            write_stripped(os.path.join(args.data, "T1", subject + "_T1.nii.gz"),
+                           os.path.join(args.data, "labels", subject + "_labels.nii.gz"), out_path)
+            t1[subject] = os.path.relpath(os.path.abspath(out_path), base)
     with open(args.out, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["fixed", "moving", "fixed_labels", "moving_labels"])
         for fixed, moving in pairs:
-            writer.writerow([relative("T1", fixed + "_T1.nii.gz"), relative("T1", moving + "_T1.nii.gz"),
+            writer.writerow([t1[fixed], t1[moving],
                              relative("labels", fixed + "_labels.nii.gz"),
                              relative("labels", moving + "_labels.nii.gz")])
     print("wrote %d pairs to %s" % (len(pairs), args.out))

@@ -469,6 +469,44 @@ def test_strip_fraction_skull_strips_one_image_of_a_brain_pair(cache):
             train.parse_args(base + ["--strip-fraction", bad])
 
 
+def test_strip_both_fraction_skull_strips_both_images_after_the_older_draws(cache):
+    """--strip-both-fraction F: with chance F both images of a brain step are zero beyond one voxel of
+    their own subject's brain labels; drawn after every older draw, so at 0 (the default) the pairs
+    are the old ones, and with --strip-fraction too the one-image draw is the same as without it."""
+    import train
+    from training_data import SubjectCache, read_split, sample_pair, skull_stripped
+
+    grid = (16, 24, 24)
+    subjects = SubjectCache(cache, read_split(cache)["train"], grid, training_labels=True)
+    base = ["--cache", cache, "--run", "unused", "--mix", "brain=1", "--seed", "5"]
+    both = train.parse_args(base + ["--strip-both-fraction", "1"])
+    one = train.parse_args(base + ["--strip-fraction", "1"])
+    one_then_both = train.parse_args(base + ["--strip-fraction", "1", "--strip-both-fraction", "1"])
+    plain = train.parse_args(base)
+    for step in range(4):
+        whole = sample_pair(subjects, 5, step, with_labels=True)
+        old = train.draw_pair(plain, subjects, step, 0, grid, {}, with_labels=True)
+        fixed, moving, _ = train.draw_pair(both, subjects, step, 0, grid, {}, with_labels=True)
+        assert torch.equal(fixed, skull_stripped(old[0], whole[2]))
+        assert torch.equal(moving, skull_stripped(old[1], whole[3]))
+        for image, original in ((fixed, old[0]), (moving, old[1])):
+            assert float(image.sum()) < 0.9 * float(original.sum())  # skull and scalp gone
+        # with both options the pair is the one-image pair with the other image stripped as well:
+        # stripping is idempotent, so both equal the both-stripped pair
+        combined = train.draw_pair(one_then_both, subjects, step, 0, grid, {}, with_labels=True)
+        assert torch.equal(combined[0], fixed) and torch.equal(combined[1], moving)
+        single = train.draw_pair(one, subjects, step, 0, grid, {}, with_labels=True)
+        assert torch.equal(single[0], old[0]) != torch.equal(single[1], old[1])  # exactly one stripped
+    never = train.parse_args(base + ["--strip-both-fraction", "0"])
+    for step in range(3):
+        a = train.draw_pair(never, subjects, step, 0, grid, {}, with_labels=True)
+        b = train.draw_pair(plain, subjects, step, 0, grid, {}, with_labels=True)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    for bad in ("-0.1", "1.5"):
+        with pytest.raises(SystemExit):
+            train.parse_args(base + ["--strip-both-fraction", bad])
+
+
 MIX_RUN_STEPS = 24
 
 
