@@ -59,6 +59,7 @@ def main(argv=None):
             write_stripped(os.path.join(args.data, "T1", subject + "_T1.nii.gz"),
                            os.path.join(args.data, "labels", subject + "_labels.nii.gz"), out_path)
             t1[subject] = os.path.relpath(os.path.abspath(out_path), base)
+    os.makedirs(base, exist_ok=True)
     with open(args.out, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["fixed", "moving", "fixed_labels", "moving_labels"])

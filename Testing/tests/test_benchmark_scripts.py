@@ -309,6 +309,48 @@ def test_stripped_templates_are_zero_outside_their_labels(tmp_path):
     assert np.all(image[:2] == 0) and np.allclose(image[2:], 0.15, atol=1e-3)
 
 
+def test_stripped_pairs_zero_both_images_beyond_one_voxel_of_their_labels(tmp_path):
+    """make_pairs.py --stripped: each subject's T1 copied with every voxel farther than one voxel
+    (3x3x3 cube) from its labels set to 0, geometry kept; the pairs use the copies, labels as given."""
+    import SimpleITK as sitk
+
+    ixi = tmp_path / "ixi"
+    (ixi / "T1").mkdir(parents=True)
+    (ixi / "labels").mkdir()
+    subjects = ["S0", "S1", "S2"]
+    (ixi / "val.txt").write_text("\n".join(subjects) + "\n")
+    for n, subject in enumerate(subjects):
+        image = sitk.GetImageFromArray(np.full((7, 8, 9), 10.0 + n, np.float32))
+        labels = np.zeros((7, 8, 9), np.uint16)
+        labels[3, 4, 2 + n] = 5  # one labelled voxel, a different place per subject
+        labels_image = sitk.GetImageFromArray(labels)
+        for written in (image, labels_image):
+            written.SetSpacing((2.0, 2.0, 2.0))
+            written.SetOrigin((-3.0, 1.0, 5.0))
+        sitk.WriteImage(image, str(ixi / "T1" / (subject + "_T1.nii.gz")))
+        sitk.WriteImage(labels_image, str(ixi / "labels" / (subject + "_labels.nii.gz")))
+    out, stripped = tmp_path / "pairs" / "pairs.csv", tmp_path / "stripped"
+    finished = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "make_pairs.py"), "--data", str(ixi),
+                               "--offsets", "1", "--out", str(out), "--stripped", str(stripped)],
+                              capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    with open(out, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 3
+    for n, row in enumerate(rows):
+        fixed, moving = (os.path.normpath(os.path.join(str(out.parent), row[side])) for side in ("fixed", "moving"))
+        assert fixed == str(stripped / ("S%d_T1_stripped.nii.gz" % n))
+        assert moving == str(stripped / ("S%d_T1_stripped.nii.gz" % ((n + 1) % 3)))
+        labels = os.path.normpath(os.path.join(str(out.parent), row["fixed_labels"]))
+        assert labels == str(ixi / "labels" / ("S%d_labels.nii.gz" % n))
+        image = sitk.ReadImage(fixed)
+        assert image.GetSpacing() == (2.0, 2.0, 2.0) and image.GetOrigin() == (-3.0, 1.0, 5.0)
+        values = sitk.GetArrayFromImage(image)
+        assert np.count_nonzero(values) == 27 and values.sum() == pytest.approx(27 * (10.0 + n))
+        assert np.all(values[2:5, 3:6, 1 + n:4 + n] == 10.0 + n)  # the label and its one-voxel rim
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(ixi / "T1" / "S0_T1.nii.gz"))).min() == 10.0  # input kept
+
+
 def test_foreground_ratios_of_a_pairs_file(sample_paths, stripped_moving, tmp_path, capsys):
     """The ratio the fast mode's two-way affine is decided by, per pair, over a pairs file: the
     sample pair both ways, and its moving image skull-stripped (a brain alone, about a third of a head)."""
