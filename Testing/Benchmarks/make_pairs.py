@@ -8,19 +8,43 @@ pairs (i, i + offset): each subject is then fixed and moving equally often. Path
 the CSV.
 
 With ``--stripped DIR`` both images of every pair are skull-stripped copies written to DIR: the T1
-set to 0 farther than one voxel (26-neighbourhood) from the subject's own labels, as the trainer's
-``--strip-fraction`` strips one image (``Training/training_data.skull_stripped``): a brain pair as
-skull-stripped data sets such as OASIS give it, both images stripped.
+set to 0 farther than one voxel (26-neighbourhood) from the subject's own labels, the rule of the
+trainer's ``Training/training_data.skull_stripped`` (whose voxel is the training grid's, about 3 mm;
+here the image's own, 2 mm for IXI), and stripped before any normalisation, as a real
+skull-stripped data set such as OASIS gives both images of a pair.
 """
 import argparse
 import csv
 import os
 import sys
 
+import numpy as np
+
+
+def check_same_grid(t1_path, labels_path):
+    """Exit with one line unless the two files' headers give the same voxel grid (size, and origin,
+    spacing and direction within 1e-4)."""
+    import SimpleITK as sitk
+
+    headers = []
+    for path in (t1_path, labels_path):
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(path)
+        reader.ReadImageInformation()
+        headers.append(reader)
+    image, labels = headers
+    same_grid = (image.GetSize() == labels.GetSize()
+                 and np.allclose(image.GetOrigin(), labels.GetOrigin(), atol=1e-4)
+                 and np.allclose(image.GetSpacing(), labels.GetSpacing(), atol=1e-4)
+                 and np.allclose(image.GetDirection(), labels.GetDirection(), atol=1e-4))
+    if not same_grid:
+        raise SystemExit("error: %s is not on the grid of %s" % (labels_path, t1_path))
+
 
 def write_stripped(t1_path, labels_path, out_path):
     """Write ``t1_path``'s image with every voxel farther than one voxel (3x3x3 cube) from a
-    labelled voxel (``labels_path`` > 0, same grid) set to 0; geometry and pixel type kept."""
+    labelled voxel (``labels_path`` > 0, same grid: :func:`check_same_grid` first) set to 0;
+    geometry and pixel type kept."""
     import SimpleITK as sitk
 
     image, labels = sitk.ReadImage(t1_path), sitk.ReadImage(labels_path)
@@ -53,8 +77,12 @@ def main(argv=None):
         pairs = [(f, m) for f in subjects for m in subjects if f != m]
     t1 = {subject: relative("T1", subject + "_T1.nii.gz") for subject in subjects}
     if args.stripped:
+        used = sorted({s for pair in pairs for s in pair})
+        for subject in used:  # every grid checked before anything is written
+            check_same_grid(os.path.join(args.data, "T1", subject + "_T1.nii.gz"),
+                            os.path.join(args.data, "labels", subject + "_labels.nii.gz"))
         os.makedirs(args.stripped, exist_ok=True)
-        for subject in sorted({s for pair in pairs for s in pair}):
+        for subject in used:
             out_path = os.path.join(args.stripped, subject + "_T1_stripped.nii.gz")
             write_stripped(os.path.join(args.data, "T1", subject + "_T1.nii.gz"),
                            os.path.join(args.data, "labels", subject + "_labels.nii.gz"), out_path)

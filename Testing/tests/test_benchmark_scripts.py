@@ -311,28 +311,38 @@ def test_stripped_templates_are_zero_outside_their_labels(tmp_path):
 
 def test_stripped_pairs_zero_both_images_beyond_one_voxel_of_their_labels(tmp_path):
     """make_pairs.py --stripped: each subject's T1 copied with every voxel farther than one voxel
-    (3x3x3 cube) from its labels set to 0, geometry kept; the pairs use the copies, labels as given."""
+    (3x3x3 cube, clipped at the image's border) from its labels set to 0, voxel for voxel the
+    trainer's ``skull_stripped``; geometry kept; the pairs use the copies, labels as given; a label
+    map off its image's grid is refused."""
     import SimpleITK as sitk
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "Training"))
+    from training_data import skull_stripped
 
     ixi = tmp_path / "ixi"
     (ixi / "T1").mkdir(parents=True)
     (ixi / "labels").mkdir()
     subjects = ["S0", "S1", "S2"]
     (ixi / "val.txt").write_text("\n".join(subjects) + "\n")
+    rng = np.random.default_rng(3)
+    arrays = {}
     for n, subject in enumerate(subjects):
-        image = sitk.GetImageFromArray(np.full((7, 8, 9), 10.0 + n, np.float32))
+        values = rng.uniform(1.0, 2.0, (7, 8, 9)).astype(np.float32)
         labels = np.zeros((7, 8, 9), np.uint16)
-        labels[3, 4, 2 + n] = 5  # one labelled voxel, a different place per subject
-        labels_image = sitk.GetImageFromArray(labels)
+        labels[3, 4, 2 + n] = 5  # inside: the voxel and its 26 neighbours are kept
+        labels[0, 0, 0] = 2  # a corner: 8 voxels kept, the cube clipped at the border
+        arrays[subject] = values, labels
+        image, labels_image = sitk.GetImageFromArray(values), sitk.GetImageFromArray(labels)
         for written in (image, labels_image):
             written.SetSpacing((2.0, 2.0, 2.0))
             written.SetOrigin((-3.0, 1.0, 5.0))
         sitk.WriteImage(image, str(ixi / "T1" / (subject + "_T1.nii.gz")))
         sitk.WriteImage(labels_image, str(ixi / "labels" / (subject + "_labels.nii.gz")))
     out, stripped = tmp_path / "pairs" / "pairs.csv", tmp_path / "stripped"
-    finished = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "make_pairs.py"), "--data", str(ixi),
-                               "--offsets", "1", "--out", str(out), "--stripped", str(stripped)],
-                              capture_output=True, text=True, timeout=120)
+    script = os.path.join(BENCHMARKS, "make_pairs.py")
+    finished = subprocess.run([sys.executable, script, "--data", str(ixi), "--offsets", "1", "--out", str(out),
+                               "--stripped", str(stripped)], capture_output=True, text=True, timeout=120)
     assert finished.returncode == 0, finished.stderr
     with open(out, newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -341,14 +351,25 @@ def test_stripped_pairs_zero_both_images_beyond_one_voxel_of_their_labels(tmp_pa
         fixed, moving = (os.path.normpath(os.path.join(str(out.parent), row[side])) for side in ("fixed", "moving"))
         assert fixed == str(stripped / ("S%d_T1_stripped.nii.gz" % n))
         assert moving == str(stripped / ("S%d_T1_stripped.nii.gz" % ((n + 1) % 3)))
-        labels = os.path.normpath(os.path.join(str(out.parent), row["fixed_labels"]))
-        assert labels == str(ixi / "labels" / ("S%d_labels.nii.gz" % n))
+        labels_path = os.path.normpath(os.path.join(str(out.parent), row["fixed_labels"]))
+        assert labels_path == str(ixi / "labels" / ("S%d_labels.nii.gz" % n))
         image = sitk.ReadImage(fixed)
         assert image.GetSpacing() == (2.0, 2.0, 2.0) and image.GetOrigin() == (-3.0, 1.0, 5.0)
-        values = sitk.GetArrayFromImage(image)
-        assert np.count_nonzero(values) == 27 and values.sum() == pytest.approx(27 * (10.0 + n))
-        assert np.all(values[2:5, 3:6, 1 + n:4 + n] == 10.0 + n)  # the label and its one-voxel rim
-    assert sitk.GetArrayFromImage(sitk.ReadImage(str(ixi / "T1" / "S0_T1.nii.gz"))).min() == 10.0  # input kept
+        got = sitk.GetArrayFromImage(image)
+        values, labels = arrays["S%d" % n]
+        assert np.count_nonzero(got) == 27 + 8
+        assert np.array_equal(got[2:5, 3:6, 1 + n:4 + n], values[2:5, 3:6, 1 + n:4 + n])
+        expected = skull_stripped(torch.from_numpy(values)[None, None], torch.from_numpy(labels.astype(np.int64))[None, None])
+        assert np.array_equal(got, expected[0, 0].numpy())
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(ixi / "T1" / "S0_T1.nii.gz"))), arrays["S0"][0])
+    shifted = sitk.ReadImage(str(ixi / "labels" / "S1_labels.nii.gz"))
+    shifted.SetOrigin((-3.0, 1.0, 7.0))
+    sitk.WriteImage(shifted, str(ixi / "labels" / "S1_labels.nii.gz"))
+    refused = subprocess.run([sys.executable, script, "--data", str(ixi), "--offsets", "1", "--out",
+                              str(tmp_path / "again.csv"), "--stripped", str(tmp_path / "again")],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "S1_labels.nii.gz is not on the grid of" in refused.stderr
+    assert not (tmp_path / "again.csv").exists() and not (tmp_path / "again").exists()  # nothing written
 
 
 def test_foreground_ratios_of_a_pairs_file(sample_paths, stripped_moving, tmp_path, capsys):

@@ -471,8 +471,9 @@ def test_strip_fraction_skull_strips_one_image_of_a_brain_pair(cache):
 
 def test_strip_both_fraction_skull_strips_both_images_after_the_older_draws(cache):
     """--strip-both-fraction F: with chance F both images of a brain step are zero beyond one voxel of
-    their own subject's brain labels; drawn after every older draw, so at 0 (the default) the pairs
-    are the old ones, and with --strip-fraction too the one-image draw is the same as without it."""
+    their own subject's brain labels. At 0 (the default) no draw is made, so older runs keep their
+    pairs; the draw comes after every older one, so a run with it differs from the same run without
+    it only in the steps whose two images it strips."""
     import train
     from training_data import SubjectCache, read_split, sample_pair, skull_stripped
 
@@ -497,11 +498,22 @@ def test_strip_both_fraction_skull_strips_both_images_after_the_older_draws(cach
         assert torch.equal(combined[0], fixed) and torch.equal(combined[1], moving)
         single = train.draw_pair(one, subjects, step, 0, grid, {}, with_labels=True)
         assert torch.equal(single[0], old[0]) != torch.equal(single[1], old[1])  # exactly one stripped
-    never = train.parse_args(base + ["--strip-both-fraction", "0"])
-    for step in range(3):
-        a = train.draw_pair(never, subjects, step, 0, grid, {}, with_labels=True)
-        b = train.draw_pair(plain, subjects, step, 0, grid, {}, with_labels=True)
-        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    # at a fraction between 0 and 1, with the older draws in play, a step is either the pair drawn
+    # without the option or that pair with both images stripped, and both happen: the draw comes last
+    mixed = base + ["--remap-fraction", "0.5", "--thick-fraction", "0.5", "--strip-fraction", "0.5"]
+    older, newer = train.parse_args(mixed), train.parse_args(mixed + ["--strip-both-fraction", "0.5"])
+    outcomes = []
+    for step in range(24):
+        whole = sample_pair(subjects, 5, step, with_labels=True)
+        old = train.draw_pair(older, subjects, step, 0, grid, {})
+        new = train.draw_pair(newer, subjects, step, 0, grid, {})
+        if torch.equal(new[0], old[0]) and torch.equal(new[1], old[1]):
+            outcomes.append("as without")
+        else:
+            assert torch.equal(new[0], skull_stripped(old[0], whole[2]))
+            assert torch.equal(new[1], skull_stripped(old[1], whole[3]))
+            outcomes.append("both stripped")
+    assert set(outcomes) == {"as without", "both stripped"}, outcomes
     for bad in ("-0.1", "1.5"):
         with pytest.raises(SystemExit):
             train.parse_args(base + ["--strip-both-fraction", bad])
