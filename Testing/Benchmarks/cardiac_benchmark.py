@@ -147,11 +147,21 @@ def run_identity(pair, threads):
     return 0, 0.0, warped, np.zeros(sitk.GetArrayViewFromImage(fixed).shape + (3,))
 
 
-def fmsam_command(pair, out, io_steps, weights=None, slice_refinement=DEFAULT_SLICE_REFINEMENT):
+#: Runs ``fmsam`` with engine constants set first: argv[1] the JSON list of ``MODULE.NAME=VALUE``
+#: (:func:`benchmark.engine_constants`), the rest ``fmsam``'s own arguments.
+WITH_CONSTANTS = ("import json, sys; sys.path.insert(0, %r); from benchmark import engine_constants; "
+                  "engine_constants(json.loads(sys.argv[1])); from fmsam.cli import run_and_exit; "
+                  "run_and_exit(sys.argv[2:])" % HERE)
+
+
+def fmsam_command(pair, out, io_steps, weights=None, slice_refinement=DEFAULT_SLICE_REFINEMENT, settings=()):
     """The ``fmsam register`` command line of a pair (outputs into folder ``out``); ``weights``: a
     weights file instead of the bundled model, allowed unverified when it has no ``.sha256``;
-    ``slice_refinement``: ``fmsam register --slice-refinement``."""
-    command = [sys.executable, "-m", "fmsam.cli", "register", pair["fixed"], pair["moving"],
+    ``slice_refinement``: ``fmsam register --slice-refinement``; ``settings``: engine constants
+    ``MODULE.NAME=VALUE`` set in that process before it registers (``run --set``)."""
+    start = [sys.executable, "-c", WITH_CONSTANTS, json.dumps(list(settings))] if settings else \
+        [sys.executable, "-m", "fmsam.cli"]
+    command = start + ["register", pair["fixed"], pair["moving"],
                "--out", out, "--device", "cpu", "--quiet", "--io-steps", str(io_steps),
                "--slice-refinement", slice_refinement]
     if weights:
@@ -161,7 +171,7 @@ def fmsam_command(pair, out, io_steps, weights=None, slice_refinement=DEFAULT_SL
     return command
 
 
-def run_fmsam(pair, threads, io_steps, weights=None, slice_refinement=DEFAULT_SLICE_REFINEMENT):
+def run_fmsam(pair, threads, io_steps, weights=None, slice_refinement=DEFAULT_SLICE_REFINEMENT, settings=()):
     import SimpleITK as sitk
 
     from fmsam.fields import dense_field
@@ -170,7 +180,7 @@ def run_fmsam(pair, threads, io_steps, weights=None, slice_refinement=DEFAULT_SL
         out = os.path.join(folder, "out")
         environment = dict(os.environ, PYTHONPATH=LOGIC, OMP_NUM_THREADS=str(threads),
                            ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=str(threads))
-        command = fmsam_command(pair, out, io_steps, weights, slice_refinement)
+        command = fmsam_command(pair, out, io_steps, weights, slice_refinement, settings)
         finished = subprocess.run(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   universal_newlines=True)
         if finished.returncode != 0:
@@ -232,10 +242,10 @@ def run_demons(pair, threads):
 
 RUNNERS = {
     "identity": run_identity,
-    "fmsam-fast": lambda pair, threads, weights=None, slices=DEFAULT_SLICE_REFINEMENT: run_fmsam(
-        pair, threads, 0, weights, slices),
-    "fmsam-accurate": lambda pair, threads, weights=None, slices=DEFAULT_SLICE_REFINEMENT: run_fmsam(
-        pair, threads, MODES["accurate"], weights, slices),
+    "fmsam-fast": lambda pair, threads, weights=None, slices=DEFAULT_SLICE_REFINEMENT, settings=(): run_fmsam(
+        pair, threads, 0, weights, slices, settings),
+    "fmsam-accurate": lambda pair, threads, weights=None, slices=DEFAULT_SLICE_REFINEMENT, settings=(): run_fmsam(
+        pair, threads, MODES["accurate"], weights, slices, settings),
     "ants-affine": lambda pair, threads: run_ants(pair, threads, "Affine"),
     "ants-syn": lambda pair, threads: run_ants(pair, threads, "SyN"),
     "demons": run_demons,
@@ -280,6 +290,11 @@ def run_command(args):
     unknown = [method for method in methods if method not in RUNNERS]
     if unknown:
         raise SystemExit("unknown method(s) %s; choose from %s" % (unknown, ", ".join(METHODS)))
+    if args.set:  # checked here, set in each fmsam process
+        if not args.label:
+            raise SystemExit("--set needs --label, so that its rows are not taken for the engine's defaults")
+        from benchmark import engine_constants
+        print("fmsam rows with %s" % engine_constants(args.set), flush=True)
     pairs = read_csv(args.pairs)[: args.limit or None]
     only = {int(key) for key in args.only.split(",")} if args.only else None
     with appending_results(args.out, FIELDS) as (write, finished):
@@ -290,7 +305,7 @@ def run_command(args):
                     continue
                 if method.startswith("fmsam"):
                     code, seconds, warped, field = RUNNERS[method](pair, args.threads, args.weights,
-                                                                   args.slice_refinement)
+                                                                   args.slice_refinement, args.set)
                 else:
                     code, seconds, warped, field = RUNNERS[method](pair, args.threads)
                 fixed = sitk.ReadImage(pair["fixed"], sitk.sitkFloat32)
@@ -379,6 +394,9 @@ def main():
     run_parser.add_argument("--only", default="", help="comma-separated pair numbers (0-based) to run")
     run_parser.add_argument("--weights", help="fmsam weights file (default: the bundled model)")
     run_parser.add_argument("--label", help="suffix for the fmsam methods' name, e.g. adam -> fmsam-fast[adam]")
+    run_parser.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
+                            help="an fmsam module's numeric constant for this run's fmsam rows (a diagnostic, as "
+                                 "benchmark.py's --set); needs --label")
     run_parser.add_argument("--slice-refinement", choices=SLICE_REFINEMENT, default=DEFAULT_SLICE_REFINEMENT,
                             help="fmsam register --slice-refinement (give --label too, e.g. slices)")
     report_parser = sub.add_parser("report", help="summary table of a results folder")
