@@ -41,11 +41,6 @@ def choose_device(name="auto"):
 #: halves three more times, so 16 leaves it one voxel at the bottom.
 MIN_GRID = 16
 
-#: Finest network voxel, mm (0: none). A field of view smaller than a head's (a brain-only crop, as
-#: OASIS gives it) gets, at the voxel budget, a network grid finer than the one settings were chosen
-#: at on heads; with a limit the budget shrinks to the voxels of this spacing.
-MIN_NETWORK_SPACING_MM = 0.0
-
 
 def grid_for(fixed_image, config):
     """Network grid (D, H, W) for a fixed SimpleITK image, at the voxel budget of training.
@@ -59,8 +54,6 @@ def grid_for(fixed_image, config):
     size = np.array(fixed_image.GetSize()[::-1], dtype=np.float64)       # k, j, i
     spacing = np.array(fixed_image.GetSpacing()[::-1], dtype=np.float64)
     budget = int(np.prod(config.get("grid", (64, 80, 80))))
-    if MIN_NETWORK_SPACING_MM > 0:
-        budget = min(budget, max(1, int(np.prod(size * spacing) / MIN_NETWORK_SPACING_MM ** 3)))
     return tuple(max(MIN_GRID, n) for n in network_grid_shape(size * spacing, voxels=budget))
 
 
