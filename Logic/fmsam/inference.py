@@ -41,6 +41,12 @@ def choose_device(name="auto"):
 #: halves three more times, so 16 leaves it one voxel at the bottom.
 MIN_GRID = 16
 
+#: A fixed image with many voxels (a 1 mm brain) may get a finer network grid than the model's voxel
+#: budget: the budget rises to this fraction of the image's voxels (0: never), at most
+#: :data:`MAX_NETWORK_VOXELS`.
+NETWORK_VOXELS_PER_IMAGE_VOXEL = 0.0
+MAX_NETWORK_VOXELS = 1600000
+
 
 def grid_for(fixed_image, config):
     """Network grid (D, H, W) for a fixed SimpleITK image, at the voxel budget of training.
@@ -54,6 +60,8 @@ def grid_for(fixed_image, config):
     size = np.array(fixed_image.GetSize()[::-1], dtype=np.float64)       # k, j, i
     spacing = np.array(fixed_image.GetSpacing()[::-1], dtype=np.float64)
     budget = int(np.prod(config.get("grid", (64, 80, 80))))
+    if NETWORK_VOXELS_PER_IMAGE_VOXEL > 0:
+        budget = max(budget, min(MAX_NETWORK_VOXELS, int(NETWORK_VOXELS_PER_IMAGE_VOXEL * np.prod(size))))
     return tuple(max(MIN_GRID, n) for n in network_grid_shape(size * spacing, voxels=budget))
 
 
