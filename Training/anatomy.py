@@ -39,7 +39,8 @@ def network_grid(extent_mm_kji, budget_grid):
     """The engine's network grid (D, H, W) for an image of physical extent (k, j, i) in mm, at the
     voxel budget of ``budget_grid`` (the trainer's ``--grid``): :func:`fmsam.inference.grid_for` on
     a one-voxel probe image of that extent, so any rule the engine adds (such as a minimum number of
-    voxels per axis) applies to training too."""
+    voxels per axis) applies to training too; the raised budget of images with many voxels does not
+    (the probe has one voxel), so training keeps its ``--grid`` budget."""
     probe = sitk.Image([1, 1, 1], sitk.sitkUInt8)
     probe.SetSpacing([float(e) for e in reversed(extent_mm_kji)])
     return tuple(int(n) for n in grid_for(probe, {"grid": list(budget_grid)}))

@@ -1,0 +1,42 @@
+"""The network grid of a fixed image (:func:`fmsam.inference.grid_for`): the model's voxel budget,
+raised for images with many voxels (issue 15, trial G2), kept for 2 mm heads, cardiac stacks and the
+trainer's one-voxel probes."""
+import numpy as np
+import SimpleITK as sitk
+
+import fmsam.inference as inference
+
+BUDGET = {"grid": [80, 100, 100]}  # the bundled model's
+
+
+def image(size_ijk, spacing_ijk):
+    result = sitk.Image([int(n) for n in size_ijk], sitk.sitkUInt8)
+    result.SetSpacing([float(s) for s in spacing_ijk])
+    return result
+
+
+def spacing_mm(picture, grid):
+    return np.array(picture.GetSize()[::-1]) * np.array(picture.GetSpacing()[::-1]) / np.array(grid)
+
+
+def test_a_1mm_brain_gets_a_finer_grid_at_a_raised_budget():
+    oasis = image((160, 192, 144), (1.0, 1.0, 1.0))  # 4.4 M voxels, brain only
+    grid = inference.grid_for(oasis, BUDGET)
+    assert grid == (96, 128, 104)
+    assert np.prod(grid) <= 1.05 * inference.MAX_NETWORK_VOXELS
+    assert np.all(np.abs(spacing_mm(oasis, grid) - 1.5) < 0.06)  # 1.8 mm at the budget
+
+
+def test_heads_stacks_and_probes_keep_the_budget_grid():
+    head = image((120, 120, 90), (2.0, 2.0, 2.0))  # a 2 mm IXI head: 1.3 M voxels
+    assert inference.grid_for(head, BUDGET) == (80, 104, 104)
+    stack = image((480, 480, 4), (0.73, 0.73, 15.0))  # a short-axis stack: 0.9 M voxels
+    assert inference.grid_for(stack, BUDGET) == (32, 168, 168)
+    probe = image((1, 1, 1), (240.0, 240.0, 180.0))  # Training/anatomy.network_grid's probe
+    assert inference.grid_for(probe, {"grid": [64, 80, 80]}) == (64, 80, 80)
+
+
+def test_the_raised_budget_stops_at_its_cap():
+    ct = image((512, 512, 300), (0.8, 0.8, 1.0))  # 79 M voxels
+    grid = inference.grid_for(ct, BUDGET)
+    assert 0.9 * inference.MAX_NETWORK_VOXELS <= np.prod(grid) <= 1.1 * inference.MAX_NETWORK_VOXELS
