@@ -328,6 +328,15 @@ def engine_constants(settings, module=None):
     return changed
 
 
+def labelled_engine_constants(settings, label):
+    """``run --set``: the constants set in this process (:func:`engine_constants`) and printed, once a
+    ``label`` keeps their rows apart from the engine's defaults; nothing without settings."""
+    if settings:
+        if not label:
+            raise SystemExit("--set needs --label, so that its rows are not taken for the engine's defaults")
+        print("fmsam rows with %s" % engine_constants(settings), flush=True)
+
+
 def run(args):
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
     methods = args.methods.split(",")
@@ -335,10 +344,7 @@ def run(args):
     unknown = [method for method in methods if method not in RUNNERS]
     if unknown:
         raise SystemExit("unknown method(s) %s; choose from %s" % (unknown, ", ".join(METHODS)))
-    if args.set:
-        if not args.label:
-            raise SystemExit("--set needs --label, so that its rows are not taken for the engine's defaults")
-        print("fmsam rows with %s" % engine_constants(args.set), flush=True)
+    labelled_engine_constants(args.set, args.label)
     if any(method.startswith("fmsam") for method in methods):
         import torch
         torch.set_num_threads(args.threads)

@@ -59,7 +59,7 @@ LOGIC = os.path.join(ROOT, "Logic")
 # This checkout's engine, not an installed fmsam of another version (../venv-ants has none).
 sys.path.insert(0, LOGIC)
 
-from benchmark import appending_results  # noqa: E402  (this folder is on sys.path: the script's own)
+from benchmark import appending_results, labelled_engine_constants  # noqa: E402  (this folder is on sys.path: the script's own)
 from fmsam.options import DEFAULT_SLICE_REFINEMENT, MODES, SLICE_REFINEMENT  # noqa: E402
 
 DATA = os.path.join(ROOT, "..", "shared", "data", "cardiac_myops")
@@ -290,11 +290,7 @@ def run_command(args):
     unknown = [method for method in methods if method not in RUNNERS]
     if unknown:
         raise SystemExit("unknown method(s) %s; choose from %s" % (unknown, ", ".join(METHODS)))
-    if args.set:  # checked here, set in each fmsam process
-        if not args.label:
-            raise SystemExit("--set needs --label, so that its rows are not taken for the engine's defaults")
-        from benchmark import engine_constants
-        print("fmsam rows with %s" % engine_constants(args.set), flush=True)
+    labelled_engine_constants(args.set, args.label)  # checked here, set again in each fmsam process
     pairs = read_csv(args.pairs)[: args.limit or None]
     only = {int(key) for key in args.only.split(",")} if args.only else None
     with appending_results(args.out, FIELDS) as (write, finished):

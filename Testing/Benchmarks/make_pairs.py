@@ -18,13 +18,13 @@ import csv
 import os
 import sys
 
-import numpy as np
-
 
 def check_same_grid(t1_path, labels_path):
-    """Exit with one line unless the two files' headers give the same voxel grid (size, and origin,
-    spacing and direction within 1e-4)."""
+    """Exit with one line unless the two files' headers give the same voxel grid
+    (:func:`fmsam.geometry.same_geometry`)."""
     import SimpleITK as sitk
+
+    from fmsam.geometry import same_geometry
 
     headers = []
     for path in (t1_path, labels_path):
@@ -32,12 +32,7 @@ def check_same_grid(t1_path, labels_path):
         reader.SetFileName(path)
         reader.ReadImageInformation()
         headers.append(reader)
-    image, labels = headers
-    same_grid = (image.GetSize() == labels.GetSize()
-                 and np.allclose(image.GetOrigin(), labels.GetOrigin(), atol=1e-4)
-                 and np.allclose(image.GetSpacing(), labels.GetSpacing(), atol=1e-4)
-                 and np.allclose(image.GetDirection(), labels.GetDirection(), atol=1e-4))
-    if not same_grid:
+    if not same_geometry(*headers):
         raise SystemExit("error: %s is not on the grid of %s" % (labels_path, t1_path))
 
 
