@@ -128,4 +128,5 @@ def small_network_grid(monkeypatch):
     monkeypatch.setattr(weights, "bundled_config", lambda: small(bundled_config()))
     # 16 x 16 x 16 whatever the images' voxels: no budget raised for images with many of them
     monkeypatch.setattr("fmsam.inference.NETWORK_VOXELS_PER_IMAGE_VOXEL", 0.0)
+    monkeypatch.setattr("fmsam.inference.ACCURATE_NETWORK_VOXELS_PER_IMAGE_VOXEL", 0.0)
     monkeypatch.setattr(weights, "load_model", load_small)

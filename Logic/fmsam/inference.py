@@ -50,9 +50,12 @@ MIN_GRID = 16
 #: (The other way, a coarser grid there, lost: 2.0 mm -0.0085, 2.3 mm -0.0192; trial G1.)
 NETWORK_VOXELS_PER_IMAGE_VOXEL = 0.3
 MAX_NETWORK_VOXELS = 1600000
+#: The same fraction for accurate mode's grid (its network passes and instance optimisation). G2 chose
+#: the finer grid on fast mode only; whether accurate mode keeps it is trial H1 (docs/training-log.md).
+ACCURATE_NETWORK_VOXELS_PER_IMAGE_VOXEL = 0.3
 
 
-def grid_for(fixed_image, config):
+def grid_for(fixed_image, config, accurate=False):
     """Network grid (D, H, W) for a fixed SimpleITK image, at the voxel budget of training.
 
     The grid keeps the image's physical aspect ratio, so network voxels are cubes in millimetres as
@@ -61,12 +64,14 @@ def grid_for(fixed_image, config):
     23 mm slices (69 mm) becomes 32 x 160 x 160 voxels of 2.2 mm, its slices linearly interpolated,
     rather than 3 x 500 x 500 voxels 10 times thicker than wide, an anisotropy the network never
     saw. No axis gets fewer than :data:`MIN_GRID` voxels (a 2-slice 24 mm stack: 16). An image with many
-    voxels raises the budget (:data:`NETWORK_VOXELS_PER_IMAGE_VOXEL`)."""
+    voxels raises the budget (:data:`NETWORK_VOXELS_PER_IMAGE_VOXEL`; with ``accurate``, for accurate
+    mode's instance optimisation, :data:`ACCURATE_NETWORK_VOXELS_PER_IMAGE_VOXEL`)."""
     size = np.array(fixed_image.GetSize()[::-1], dtype=np.float64)       # k, j, i
     spacing = np.array(fixed_image.GetSpacing()[::-1], dtype=np.float64)
     budget = int(np.prod(config.get("grid", (64, 80, 80))))
-    if NETWORK_VOXELS_PER_IMAGE_VOXEL > 0:
-        budget = max(budget, min(MAX_NETWORK_VOXELS, int(NETWORK_VOXELS_PER_IMAGE_VOXEL * np.prod(size))))
+    fraction = ACCURATE_NETWORK_VOXELS_PER_IMAGE_VOXEL if accurate else NETWORK_VOXELS_PER_IMAGE_VOXEL
+    if fraction > 0:
+        budget = max(budget, min(MAX_NETWORK_VOXELS, int(fraction * np.prod(size))))
     return tuple(max(MIN_GRID, n) for n in network_grid_shape(size * spacing, voxels=budget))
 
 

@@ -313,7 +313,7 @@ def run_network(stages, network, config, inputs, affine, contrast, io_steps, dev
     if not io_steps and config.get("network_passes", 1) > 1 and not foregrounds_comparable(
             fixed, inputs.moving_normalised):
         config = dict(config, network_passes=1)
-    grid = grid_for(fixed, config)
+    grid = grid_for(fixed, config, accurate=bool(io_steps))
     strides = secant_strides(fixed.GetSpacing()[::-1], fields.network_grid(fixed, grid).GetSpacing()[::-1])
     similarity = IO_SIMILARITY_ACROSS_CONTRASTS if contrast.applied else "lncc"
     # Arrays, not views: a view would outlive the resampled image it shows.

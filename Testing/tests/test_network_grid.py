@@ -40,3 +40,22 @@ def test_the_raised_budget_stops_at_its_cap():
     ct = image((512, 512, 300), (0.8, 0.8, 1.0))  # 79 M voxels
     grid = inference.grid_for(ct, BUDGET)
     assert 0.9 * inference.MAX_NETWORK_VOXELS <= np.prod(grid) <= 1.1 * inference.MAX_NETWORK_VOXELS
+
+
+def test_fast_and_accurate_mode_each_raise_the_budget_by_their_own_fraction(small_pair, small_network_grid,
+                                                                            monkeypatch):
+    """Through the whole registration: the grid the report names follows the mode's own fraction
+    (the fixture's budget is 16 x 16 x 16 = 4096 voxels; the small images have 5760, so a fraction of 3
+    raises it)."""
+    import fmsam
+
+    def grid_of(fast_fraction, accurate_fraction, io_steps):
+        monkeypatch.setattr(inference, "NETWORK_VOXELS_PER_IMAGE_VOXEL", fast_fraction)
+        monkeypatch.setattr(inference, "ACCURATE_NETWORK_VOXELS_PER_IMAGE_VOXEL", accurate_fraction)
+        return tuple(fmsam.register(*small_pair, device="cpu", io_steps=io_steps).report["network_grid"])
+
+    raised = (32, 24, 24)  # the small fixed image's grid at 3 x 5760 voxels (16 x 16 x 16 with no raise)
+    assert grid_of(3.0, 0.0, 0) == raised
+    assert grid_of(3.0, 0.0, 2) == (16, 16, 16)
+    assert grid_of(0.0, 3.0, 0) == (16, 16, 16)
+    assert grid_of(0.0, 3.0, 2) == raised
