@@ -50,9 +50,12 @@ MIN_GRID = 16
 #: (The other way, a coarser grid there, lost: 2.0 mm -0.0085, 2.3 mm -0.0192; trial G1.)
 NETWORK_VOXELS_PER_IMAGE_VOXEL = 0.3
 MAX_NETWORK_VOXELS = 1600000
-#: The same fraction for accurate mode's grid (its network passes and instance optimisation). G2 chose
-#: the finer grid on fast mode only; whether accurate mode keeps it is trial H1 (docs/training-log.md).
-ACCURATE_NETWORK_VOXELS_PER_IMAGE_VOXEL = 0.3
+#: The same fraction for accurate mode's grid (its network pass and instance optimisation): 0, the
+#: model's budget grid whatever the image's voxels. G2 chose the finer grid on fast mode only; with it
+#: accurate mode took 1.7-2 times the seconds for the same Dice on selection data (abdomen, CT window,
+#: 12 pairs: 0.3911 -> 0.3967 without it; OASIS-like proxy, 10 pairs: 0.6548 -> 0.6538; trial H1,
+#: docs/training-log.md).
+ACCURATE_NETWORK_VOXELS_PER_IMAGE_VOXEL = 0.0
 
 
 def grid_for(fixed_image, config, accurate=False):

@@ -1,6 +1,6 @@
 """The network grid of a fixed image (:func:`fmsam.inference.grid_for`): the model's voxel budget,
-raised for images with many voxels (issue 15, trial G2), kept for 2 mm heads, cardiac stacks and the
-trainer's one-voxel probes."""
+raised for images with many voxels in fast mode (issue 15, trial G2; accurate mode keeps the budget, trial
+H1), kept for 2 mm heads, cardiac stacks and the trainer's one-voxel probes."""
 import numpy as np
 import SimpleITK as sitk
 
@@ -25,6 +25,9 @@ def test_a_1mm_brain_gets_a_finer_grid_at_a_raised_budget():
     assert grid == (96, 128, 104)
     assert np.prod(grid) <= 1.05 * inference.MAX_NETWORK_VOXELS
     assert np.all(np.abs(spacing_mm(oasis, grid) - 1.5) < 0.06)  # 1.8 mm at the budget
+    accurate = inference.grid_for(oasis, BUDGET, accurate=True)  # accurate mode keeps the budget (trial H1)
+    assert np.prod(accurate) <= 1.05 * np.prod(BUDGET["grid"])
+    assert np.all(np.abs(spacing_mm(oasis, accurate) - 1.8) < 0.1)
 
 
 def test_heads_stacks_and_probes_keep_the_budget_grid():
