@@ -62,3 +62,21 @@ def test_fast_and_accurate_mode_each_raise_the_budget_by_their_own_fraction(smal
     assert grid_of(3.0, 0.0, 2) == (16, 16, 16)
     assert grid_of(0.0, 3.0, 0) == (16, 16, 16)
     assert grid_of(0.0, 3.0, 2) == raised
+
+
+def test_accurate_mode_on_a_refined_stack_runs_fast_modes_fields_on_fast_modes_grid(small_network_grid,
+                                                                                      monkeypatch):
+    """Slice refinement replaces accurate mode's instance optimisation on a thick-slice stack, so the
+    fields there are fast mode's, on fast mode's grid; with the refinement off, accurate mode's grid."""
+    import fmsam
+    from test_thin_stacks import phantom
+
+    monkeypatch.setattr(inference, "NETWORK_VOXELS_PER_IMAGE_VOXEL", 3.0)  # 3 x 27 648 voxels: raised
+    monkeypatch.setattr(inference, "ACCURATE_NETWORK_VOXELS_PER_IMAGE_VOXEL", 0.0)
+    fixed, moving = phantom(), phantom(shift_mm=(3.0, -2.0))
+    fast = fmsam.register(fixed, moving, device="cpu").report
+    refined = fmsam.register(fixed, moving, device="cpu", io_steps=2).report
+    volume = fmsam.register(fixed, moving, device="cpu", io_steps=2, slice_refinement="off").report
+    assert refined["io_steps_run"] == 0 and volume["io_steps_run"] == 2
+    assert refined["network_grid"] == fast["network_grid"]
+    assert np.prod(fast["network_grid"]) > 10 * np.prod(volume["network_grid"])
